@@ -1,0 +1,25 @@
+//! The Synapse-compatible admin API, so existing provisioning scripts keep working.
+
+pub mod register;
+pub mod registration_tokens;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+
+use crate::error::Error;
+use crate::http::extract::Auth;
+use crate::state::AppState;
+
+/// An authenticated server administrator.
+pub struct AdminAuth(#[allow(dead_code)] pub Auth);
+
+impl FromRequestParts<AppState> for AdminAuth {
+    type Rejection = Error;
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        let auth = Auth::from_request_parts(parts, state).await?;
+        if !auth.is_admin {
+            return Err(Error::forbidden("You are not a server admin"));
+        }
+        Ok(AdminAuth(auth))
+    }
+}

@@ -1,0 +1,103 @@
+//! Discovery and what Element asks for at start-up: `/versions`, `.well-known`, capabilities,
+//! TURN credentials, third-party protocols.
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha1::Sha1;
+
+use crate::error::{ApiResult, Error};
+use crate::http::extract::Auth;
+use crate::state::AppState;
+
+/// The spec versions whose client-server API Parvis serves. Kept honest: v1.11 (authenticated
+/// media) and later are advertised only once those features exist, since clients switch
+/// behaviour on these numbers. The README lists what is implemented.
+pub const SPEC_VERSIONS: &[&str] =
+    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
+
+pub async fn versions() -> axum::Json<Value> {
+    axum::Json(json!({
+        "versions": SPEC_VERSIONS,
+        "unstable_features": {}
+    }))
+}
+
+pub async fn well_known_client(State(state): State<AppState>) -> Response {
+    let Some(base) = state.config.client_base_url() else {
+        return Error::not_found("No client discovery information configured").into_response();
+    };
+    let mut body = serde_json::Map::new();
+    body.insert("m.homeserver".into(), json!({ "base_url": base }));
+    for (k, v) in &state.config.well_known.client_extra {
+        body.insert(k.clone(), serde_json::to_value(v).unwrap_or(Value::Null));
+    }
+    axum::Json(Value::Object(body)).into_response()
+}
+
+pub async fn well_known_server(State(state): State<AppState>) -> Response {
+    match &state.config.well_known.server {
+        Some(s) => axum::Json(json!({ "m.server": s })).into_response(),
+        None => Error::not_found("No server delegation configured").into_response(),
+    }
+}
+
+pub async fn capabilities(_auth: Auth) -> axum::Json<Value> {
+    // Only capabilities that are true today; room versions appear with the room engine.
+    axum::Json(json!({
+        "capabilities": {
+            "m.change_password": { "enabled": true },
+            "m.set_displayname": { "enabled": true },
+            "m.set_avatar_url": { "enabled": true },
+            "m.3pid_changes": { "enabled": false },
+            "m.get_login_token": { "enabled": false },
+            "m.profile_fields": { "enabled": true }
+        }
+    }))
+}
+
+/// Time-limited TURN credentials in coturn's `use-auth-secret` scheme: the username is
+/// `<expiry unix time>:<user id>`, the password `base64(HMAC-SHA1(secret, username))`.
+pub async fn turn_server(State(state): State<AppState>, auth: Auth) -> ApiResult<axum::Json<Value>> {
+    let turn = &state.config.turn;
+    let Some(secret) = turn.shared_secret.as_deref().filter(|_| !turn.uris.is_empty()) else {
+        return Ok(axum::Json(json!({})));
+    };
+    let (username, password) = turn_credentials(secret, &auth.user_id, turn.user_lifetime_secs, now_secs());
+    Ok(axum::Json(json!({
+        "username": username,
+        "password": password,
+        "uris": turn.uris,
+        "ttl": turn.user_lifetime_secs,
+    })))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+pub fn turn_credentials(secret: &str, user_id: &str, lifetime_secs: u64, now_secs: u64) -> (String, String) {
+    let username = format!("{}:{user_id}", now_secs + lifetime_secs);
+    let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
+    mac.update(username.as_bytes());
+    let password = base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes());
+    (username, password)
+}
+
+/// No application-service bridges are registered, so no third-party protocols are offered.
+pub async fn thirdparty_protocols(_auth: Auth) -> axum::Json<Value> {
+    axum::Json(json!({}))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn turn_credentials_match_coturn_scheme() {
+        // Reference computed with: printf '%s' '1000:@a:hs' | openssl dgst -sha1 -hmac secret -binary | base64
+        let (u, p) = super::turn_credentials("secret", "@a:hs", 400, 600);
+        assert_eq!(u, "1000:@a:hs");
+        assert_eq!(p, "2wrAW+OUaVHlklK6+31P2EGrnPE=");
+    }
+}

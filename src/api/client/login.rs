@@ -1,0 +1,129 @@
+//! Login, token refresh and logout.
+
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::auth::{self, hash_token};
+use crate::error::{ApiResult, Error};
+use crate::http::extract::{Auth, ClientIp, Json};
+use crate::state::AppState;
+use crate::{storage, users};
+
+pub async fn flows() -> axum::Json<Value> {
+    axum::Json(json!({ "flows": [ { "type": "m.login.password" } ] }))
+}
+
+#[derive(Deserialize)]
+pub struct LoginBody {
+    #[serde(rename = "type")]
+    kind: String,
+    identifier: Option<Identifier>,
+    /// Deprecated top-level user name, still sent by some clients.
+    user: Option<String>,
+    password: Option<String>,
+    device_id: Option<String>,
+    initial_device_display_name: Option<String>,
+    #[serde(default)]
+    refresh_token: bool,
+}
+
+#[derive(Deserialize)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    kind: String,
+    user: Option<String>,
+}
+
+pub async fn login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    Json(body): Json<LoginBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let ip = ip.to_string();
+    state.rate_limits.check(&state.rate_limits.login_per_ip, &ip)?;
+    if body.kind != "m.login.password" {
+        return Err(Error::unknown(format!("Unknown login type {}", body.kind)));
+    }
+    let name = match &body.identifier {
+        Some(Identifier { kind, user }) if kind == "m.id.user" => user.clone(),
+        Some(Identifier { kind, .. }) => {
+            return Err(Error::unknown(format!("Unsupported identifier type {kind}")));
+        }
+        None => body.user.clone(),
+    }
+    .ok_or_else(|| Error::bad_json("identifier.user is required"))?;
+    let password = body.password.as_deref().ok_or_else(|| Error::bad_json("password is required"))?;
+    let (user_id, _) = users::parse_login_user(&name, &state.config.server_name)?;
+    state.rate_limits.check(&state.rate_limits.login_per_account, &user_id)?;
+
+    let user = storage::users::get(&state.db, &user_id).await?;
+    if user.as_ref().is_some_and(|u| u.deactivated) {
+        return Err(Error::user_deactivated());
+    }
+    let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
+    if !state.passwords.verify(password, hash).await {
+        tracing::info!(user_id, "failed login");
+        return Err(Error::forbidden("Invalid username or password"));
+    }
+    let (device_id, tokens) = auth::start_device_session(
+        &state,
+        &user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name.as_deref(),
+        Some(&ip),
+        body.refresh_token,
+    )
+    .await?;
+    let mut resp = json!({
+        "user_id": user_id,
+        "access_token": tokens.access_token,
+        "device_id": device_id,
+        "home_server": state.config.server_name,
+    });
+    if let Some(rt) = tokens.refresh_token {
+        resp["refresh_token"] = json!(rt);
+        resp["expires_in_ms"] = json!(tokens.expires_in_ms);
+    }
+    if let Some(base) = state.config.client_base_url() {
+        resp["well_known"] = json!({ "m.homeserver": { "base_url": base } });
+    }
+    Ok(axum::Json(resp))
+}
+
+#[derive(Deserialize)]
+pub struct RefreshBody {
+    refresh_token: String,
+}
+
+pub async fn refresh(State(state): State<AppState>, Json(body): Json<RefreshBody>) -> ApiResult<axum::Json<Value>> {
+    let mut tx = state.db.begin().await?;
+    let Some((user_id, device_id, revoked)) =
+        storage::tokens::take_refresh(&mut tx, &hash_token(&body.refresh_token)).await?
+    else {
+        return Err(Error::unknown_token(false));
+    };
+    let tokens = state.auth.issue(&mut tx, &user_id, &device_id, true).await?;
+    tx.commit().await?;
+    state.auth.evict(&revoked).await;
+    Ok(axum::Json(json!({
+        "access_token": tokens.access_token,
+        "refresh_token": tokens.refresh_token,
+        "expires_in_ms": tokens.expires_in_ms,
+    })))
+}
+
+/// Logs out this device: the spec deletes the device along with the token.
+pub async fn logout(State(state): State<AppState>, auth: Auth) -> ApiResult<axum::Json<Value>> {
+    auth::delete_devices(&state, &auth.user_id, &[auth.device_id.to_string()]).await?;
+    // The token may belong to no device row any more (cascade already removed it); be explicit.
+    storage::tokens::delete_access(&state.db, &auth.token_hash).await?;
+    state.auth.evict_one(&auth.token_hash).await;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn logout_all(State(state): State<AppState>, auth: Auth) -> ApiResult<axum::Json<Value>> {
+    auth::delete_other_devices(&state, &auth.user_id, None).await?;
+    state.auth.evict_one(&auth.token_hash).await;
+    Ok(axum::Json(json!({})))
+}

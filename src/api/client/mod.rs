@@ -1,0 +1,8 @@
+//! Client-server API handlers, one module per chapter of the spec.
+
+pub mod account;
+pub mod devices;
+pub mod discovery;
+pub mod login;
+pub mod profile;
+pub mod register;

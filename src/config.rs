@@ -1,0 +1,555 @@
+//! Typed configuration.
+//!
+//! The configuration is a TOML file (`config/parvis.toml` by default) whose every key can be
+//! overridden by an environment variable `PARVIS__SECTION__KEY` (double underscore between
+//! levels, case-insensitive). Unknown keys, in the file or in the environment, stop start-up with
+//! a message naming the key and where it came from: a typo must never be silently ignored.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "PARVIS__";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The server name: the part after the colon in user IDs. Cannot change once users exist.
+    pub server_name: String,
+    /// The public URL clients use to reach this server, e.g. `https://matrix.ville.fr/`.
+    /// Used for `/.well-known/matrix/client` when `well_known.client` is not set.
+    pub public_baseurl: Option<String>,
+    pub listen: ListenConfig,
+    pub database: DatabaseConfig,
+    pub signing_key: SigningKeyConfig,
+    pub logging: LoggingConfig,
+    pub registration: RegistrationConfig,
+    pub auth: AuthConfig,
+    pub limits: LimitsConfig,
+    pub rate_limits: RateLimitsConfig,
+    pub well_known: WellKnownConfig,
+    pub turn: TurnConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// Address of the client-server API listener.
+    pub client: SocketAddr,
+    /// Address of the Prometheus metrics listener; unset disables it.
+    pub metrics: Option<SocketAddr>,
+    /// Reverse proxies whose `X-Forwarded-For` header is trusted for the client's address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub min_connections: u32,
+    /// Seconds to wait for a free connection before failing a request.
+    pub acquire_timeout_secs: u64,
+    /// Create the database on start-up if it does not exist.
+    pub create_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningKeyConfig {
+    /// A Synapse-format key file (`ed25519 <version> <base64 seed>`). When unset, the key is
+    /// generated on first start and kept in the database.
+    pub path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingConfig {
+    pub format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info,parvis=debug`. `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationConfig {
+    /// Open `/register` to the public. Closed by default: accounts follow the HR system.
+    pub enabled: bool,
+    /// When registration is enabled, require a registration token (`m.login.registration_token`).
+    pub require_token: bool,
+    /// Secret for Synapse-compatible shared-secret registration (`/_synapse/admin/v1/register`).
+    /// Unset disables that endpoint.
+    pub shared_secret: Option<String>,
+    /// Localparts nobody may register.
+    pub reserved_localparts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Lifetime of access tokens issued to clients that asked for a refresh token.
+    pub access_token_lifetime_secs: u64,
+    pub password_min_length: usize,
+    /// argon2id cost parameters (RFC 9106 / OWASP defaults).
+    pub argon2_memory_kib: u32,
+    pub argon2_iterations: u32,
+    pub argon2_parallelism: u32,
+    /// How long a validated access token is served from the in-process cache.
+    pub token_cache_ttl_secs: u64,
+    /// How long a user-interactive authentication session lives.
+    pub uia_session_lifetime_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest JSON request body accepted (media uploads have their own limit).
+    pub max_request_body_bytes: usize,
+}
+
+/// A token bucket: `burst` requests at once, refilled at `per_second`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitsConfig {
+    pub enabled: bool,
+    /// Login attempts, per client IP.
+    pub login_per_ip: RateLimit,
+    /// Login attempts, per targeted account.
+    pub login_per_account: RateLimit,
+    /// Registration requests (and registration-token checks), per client IP.
+    pub registration_per_ip: RateLimit,
+    /// Messages sent, per user (applied by the room engine).
+    pub messages_per_user: RateLimit,
+    /// Messages sent, per client IP.
+    pub messages_per_ip: RateLimit,
+    /// Server administrators are exempt from all limits.
+    pub exempt_admins: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct WellKnownConfig {
+    /// `m.homeserver.base_url` in `/.well-known/matrix/client` (defaults to `public_baseurl`).
+    pub client: Option<String>,
+    /// `m.server` in `/.well-known/matrix/server`, e.g. `matrix.ville.fr:443`. Unset: 404.
+    pub server: Option<String>,
+    /// Extra keys merged into `/.well-known/matrix/client` (e.g. `org.matrix.msc4143.rtc_foci`).
+    pub client_extra: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TurnConfig {
+    /// TURN URIs handed to clients, e.g. `turns:turn.ville.fr:443?transport=tcp`.
+    pub uris: Vec<String>,
+    /// coturn's `static-auth-secret` (`use-auth-secret` mode).
+    pub shared_secret: Option<String>,
+    /// Lifetime of the credentials handed out.
+    pub user_lifetime_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            server_name: "localhost".into(),
+            public_baseurl: None,
+            listen: ListenConfig::default(),
+            database: DatabaseConfig::default(),
+            signing_key: SigningKeyConfig::default(),
+            logging: LoggingConfig::default(),
+            registration: RegistrationConfig::default(),
+            auth: AuthConfig::default(),
+            limits: LimitsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            well_known: WellKnownConfig::default(),
+            turn: TurnConfig::default(),
+        }
+    }
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        Self {
+            client: "127.0.0.1:8008".parse().expect("static address"),
+            metrics: None,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: "postgres://postgres@127.0.0.1:5432/parvis".into(),
+            max_connections: 32,
+            min_connections: 2,
+            acquire_timeout_secs: 10,
+            create_if_missing: true,
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        Self { format: LogFormat::Pretty, filter: "info".into() }
+    }
+}
+
+impl Default for RegistrationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            require_token: false,
+            shared_secret: None,
+            reserved_localparts: Vec::new(),
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            access_token_lifetime_secs: 300,
+            password_min_length: 8,
+            argon2_memory_kib: 19 * 1024,
+            argon2_iterations: 2,
+            argon2_parallelism: 1,
+            token_cache_ttl_secs: 30,
+            uia_session_lifetime_secs: 15 * 60,
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self { max_request_body_bytes: 1024 * 1024 }
+    }
+}
+
+impl Default for RateLimitsConfig {
+    fn default() -> Self {
+        // Synapse's defaults, which Element is tuned for.
+        Self {
+            enabled: true,
+            login_per_ip: RateLimit { per_second: 0.17, burst: 3 },
+            login_per_account: RateLimit { per_second: 0.17, burst: 3 },
+            registration_per_ip: RateLimit { per_second: 0.17, burst: 3 },
+            messages_per_user: RateLimit { per_second: 0.2, burst: 10 },
+            messages_per_ip: RateLimit { per_second: 10.0, burst: 100 },
+            exempt_admins: true,
+        }
+    }
+}
+
+impl Default for TurnConfig {
+    fn default() -> Self {
+        Self { uris: Vec::new(), shared_secret: None, user_lifetime_secs: 86_400 }
+    }
+}
+
+/// Why a configuration could not be loaded. The message always names the key and its source.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("invalid configuration key `{key}` ({source_desc}): {message}")]
+    Key { key: String, source_desc: String, message: String },
+}
+
+impl Config {
+    /// Loads the file at `path` (which may be absent only when `allow_missing`), then applies the
+    /// `PARVIS__*` variables from `env`, then validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::from_toml_and_env(&text, &path.display().to_string(), env)
+    }
+
+    /// Parses TOML text (named `origin` in messages), applies environment overrides, validates.
+    pub fn from_toml_and_env(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::Syntax { path: origin.into(), message: e.message().to_owned() }
+        })?;
+        // Keys that came from the environment, so that an error can say where a key came from.
+        let mut from_env: BTreeMap<String, String> = BTreeMap::new();
+        let defaults = toml::Table::try_from(Config::type_hints()).expect("defaults serialize");
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Key {
+                    key: path.join("."),
+                    source_desc: format!("environment variable {name}"),
+                    message: "empty path segment".into(),
+                });
+            }
+            let parsed = parse_env_value(&defaults, &path, &value);
+            set_path(&mut table, &path, parsed).map_err(|message| ConfigError::Key {
+                key: path.join("."),
+                source_desc: format!("environment variable {name}"),
+                message,
+            })?;
+            from_env.insert(path.join("."), name);
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = describe_path(e.path(), e.inner());
+                let source_desc = match from_env.get(&key) {
+                    Some(var) => format!("environment variable {var}"),
+                    None => format!("in {origin}"),
+                };
+                ConfigError::Key { key, source_desc, message: e.inner().to_string() }
+            })?;
+        config.validate().map_err(|(key, message)| ConfigError::Key {
+            source_desc: match from_env.get(key) {
+                Some(var) => format!("environment variable {var}"),
+                None => format!("in {origin}"),
+            },
+            key: key.into(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Semantic checks that types alone cannot express. Returns the offending key.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if ruma::ServerName::parse(&self.server_name).is_err() {
+            return Err(("server_name", format!("`{}` is not a valid server name", self.server_name)));
+        }
+        if !self.database.url.starts_with("postgres://") && !self.database.url.starts_with("postgresql://") {
+            return Err(("database.url", "must be a postgres:// URL".into()));
+        }
+        if self.database.max_connections == 0 {
+            return Err(("database.max_connections", "must be at least 1".into()));
+        }
+        if let Some(url) = &self.public_baseurl {
+            url::Url::parse(url).map_err(|e| ("public_baseurl", e.to_string()))?;
+        }
+        if let Some(url) = &self.well_known.client {
+            url::Url::parse(url).map_err(|e| ("well_known.client", e.to_string()))?;
+        }
+        if self.registration.shared_secret.as_deref() == Some("") {
+            return Err(("registration.shared_secret", "must not be empty (leave it unset to disable)".into()));
+        }
+        for (key, limit) in [
+            ("rate_limits.login_per_ip", self.rate_limits.login_per_ip),
+            ("rate_limits.login_per_account", self.rate_limits.login_per_account),
+            ("rate_limits.registration_per_ip", self.rate_limits.registration_per_ip),
+            ("rate_limits.messages_per_user", self.rate_limits.messages_per_user),
+            ("rate_limits.messages_per_ip", self.rate_limits.messages_per_ip),
+        ] {
+            if !(limit.per_second > 0.0 && limit.per_second.is_finite()) || limit.burst == 0 {
+                return Err((key, "per_second must be > 0 and burst >= 1".into()));
+            }
+        }
+        if self.auth.argon2_memory_kib < 8 * self.auth.argon2_parallelism.max(1)
+            || self.auth.argon2_iterations == 0
+            || self.auth.argon2_parallelism == 0
+        {
+            return Err(("auth.argon2_memory_kib", "invalid argon2 parameters".into()));
+        }
+        if self.limits.max_request_body_bytes < 1024 {
+            return Err(("limits.max_request_body_bytes", "must be at least 1024".into()));
+        }
+        Ok(())
+    }
+
+    /// The defaults with every optional key filled in, so that the type of every key is known when
+    /// parsing environment overrides.
+    fn type_hints() -> Self {
+        let mut c = Config { public_baseurl: Some(String::new()), ..Default::default() };
+        c.listen.metrics = Some(c.listen.client);
+        c.signing_key.path = Some(PathBuf::new());
+        c.registration.shared_secret = Some(String::new());
+        c.well_known.client = Some(String::new());
+        c.well_known.server = Some(String::new());
+        c.turn.shared_secret = Some(String::new());
+        c
+    }
+
+    /// The base URL advertised to clients, if one is known.
+    pub fn client_base_url(&self) -> Option<&str> {
+        self.well_known.client.as_deref().or(self.public_baseurl.as_deref())
+    }
+}
+
+/// Parses an environment value with the type of the default at the same path: a string key takes
+/// the value verbatim (so a numeric secret stays a string); other keys are parsed as TOML values.
+fn parse_env_value(defaults: &toml::Table, path: &[String], raw: &str) -> toml::Value {
+    let mut cursor = defaults;
+    for (i, seg) in path.iter().enumerate() {
+        match cursor.get(seg) {
+            Some(toml::Value::Table(t)) if i + 1 < path.len() => cursor = t,
+            Some(toml::Value::String(_)) if i + 1 == path.len() => {
+                return toml::Value::String(raw.to_owned());
+            }
+            _ => break,
+        }
+    }
+    // Try TOML (numbers, booleans, arrays, inline tables), else keep it as a string.
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_owned())),
+        Err(_) => toml::Value::String(raw.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut cursor = table;
+    for seg in parents {
+        let entry = cursor.entry(seg.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cursor = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(format!("`{seg}` is not a section")),
+        };
+    }
+    cursor.insert(last.clone(), value);
+    Ok(())
+}
+
+/// Turns serde's path (plus the field name of an "unknown field" error) into a dotted key.
+fn describe_path(path: &serde_path_to_error::Path, inner: &toml::de::Error) -> String {
+    let mut key = path.to_string();
+    if key == "." {
+        key.clear();
+    }
+    let msg = inner.to_string();
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some(end) = rest.find('`')
+    {
+        let field = &rest[..end];
+        if !key.ends_with(field) {
+            if !key.is_empty() {
+                key.push('.');
+            }
+            key.push_str(field);
+        }
+    }
+    if key.is_empty() { "(top level)".into() } else { key }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = env!("CARGO_MANIFEST_DIR");
+        for f in ["config/parvis.toml", "config/parvis.example.toml"] {
+            let c = Config::load(&Path::new(root).join(f), vec![]).unwrap();
+            assert_eq!(c.server_name, "localhost", "{f}");
+            assert_eq!(c.listen.client.to_string(), "127.0.0.1:8008", "{f}");
+            assert_eq!(c.database.url, "postgres://postgres@127.0.0.1:5432/parvis", "{f}");
+        }
+    }
+
+    #[test]
+    fn example_documents_every_key() {
+        // Every key of the defaults must appear in the example file.
+        let root = env!("CARGO_MANIFEST_DIR");
+        let text = std::fs::read_to_string(Path::new(root).join("config/parvis.example.toml")).unwrap();
+        let defaults = toml::Table::try_from(Config::type_hints()).unwrap();
+        fn walk(prefix: &str, t: &toml::Table, text: &str) {
+            for (k, v) in t {
+                match v {
+                    toml::Value::Table(sub) if text.contains(&format!("[{prefix}{k}]")) => {
+                        walk(&format!("{prefix}{k}."), sub, text);
+                    }
+                    _ => assert!(text.contains(&format!("{k} =")), "key {prefix}{k} undocumented"),
+                }
+            }
+        }
+        walk("", &defaults, &text);
+    }
+
+    #[test]
+    fn env_overrides_the_four_deployment_keys() {
+        let c = Config::from_toml_and_env(
+            "",
+            "test.toml",
+            env(&[
+                ("PARVIS__SERVER_NAME", "ville.example"),
+                ("PARVIS__DATABASE__URL", "postgres://u@db:5432/x"),
+                ("PARVIS__LISTEN__CLIENT", "0.0.0.0:9000"),
+                ("PARVIS__REGISTRATION__SHARED_SECRET", "12345"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server_name, "ville.example");
+        assert_eq!(c.database.url, "postgres://u@db:5432/x");
+        assert_eq!(c.listen.client.to_string(), "0.0.0.0:9000");
+        // A numeric-looking secret stays a string.
+        assert_eq!(c.registration.shared_secret.as_deref(), Some("12345"));
+    }
+
+    #[test]
+    fn env_overrides_typed_values() {
+        let c = Config::from_toml_and_env(
+            "[registration]\nenabled = false\n",
+            "t.toml",
+            env(&[
+                ("PARVIS__REGISTRATION__ENABLED", "true"),
+                ("PARVIS__DATABASE__MAX_CONNECTIONS", "7"),
+                ("PARVIS__RATE_LIMITS__LOGIN_PER_IP", "{ per_second = 1.5, burst = 4 }"),
+            ]),
+        )
+        .unwrap();
+        assert!(c.registration.enabled);
+        assert_eq!(c.database.max_connections, 7);
+        assert_eq!(c.rate_limits.login_per_ip, RateLimit { per_second: 1.5, burst: 4 });
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = Config::from_toml_and_env("[registration]\nenabeld = true\n", "my.toml", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("registration.enabeld") && e.contains("my.toml"), "{e}");
+
+        let e = Config::from_toml_and_env("", "my.toml", env(&[("PARVIS__DATABASE__URLL", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("database.urll") && e.contains("PARVIS__DATABASE__URLL"), "{e}");
+
+        let e = Config::from_toml_and_env("", "my.toml", env(&[("PARVIS__LISTEN__CLIENT", "nope")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listen.client") && e.contains("PARVIS__LISTEN__CLIENT"), "{e}");
+
+        let e = Config::from_toml_and_env("server_name = \"bad name!\"\n", "my.toml", vec![])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("server_name") && e.contains("my.toml"), "{e}");
+    }
+}

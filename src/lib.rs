@@ -1,0 +1,12 @@
+//! Parvis, a Matrix homeserver on PostgreSQL. See `ARCHITECTURE.md` for the map.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod keys;
+pub mod server;
+pub mod state;
+pub mod storage;
+pub mod users;

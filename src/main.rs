@@ -1,0 +1,210 @@
+//! The `parvis` command: the homeserver and its operator tools.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use parvis::config::{Config, LogFormat};
+use parvis::{server, storage, users};
+
+#[derive(Parser)]
+#[command(name = "parvis", version, about = "Parvis, a Matrix homeserver on PostgreSQL")]
+struct Cli {
+    /// Configuration file. Every key can be overridden by PARVIS__SECTION__KEY variables.
+    #[arg(long, short, global = true, env = "PARVIS_CONFIG", default_value = "config/parvis.toml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the homeserver (the default).
+    Serve,
+    /// Create the database if missing and apply migrations, then exit.
+    Migrate,
+    /// Create a local account (asks for what is not given).
+    CreateUser {
+        #[arg(long, short)]
+        username: Option<String>,
+        /// The password; prefer the prompt, which keeps it out of the shell history.
+        #[arg(long, short)]
+        password: Option<String>,
+        #[arg(long)]
+        admin: bool,
+        #[arg(long)]
+        display_name: Option<String>,
+        /// `bot` or `support`.
+        #[arg(long)]
+        user_type: Option<String>,
+    },
+    /// Create a registration token for `m.login.registration_token` registration.
+    CreateRegistrationToken {
+        #[arg(long)]
+        token: Option<String>,
+        /// How many registrations it allows (unlimited if absent).
+        #[arg(long)]
+        uses: Option<i32>,
+        /// Days until it expires (never if absent).
+        #[arg(long)]
+        expires_in_days: Option<u32>,
+    },
+    /// Load and validate the configuration, print it (secrets masked), and exit.
+    CheckConfig,
+    /// Generate a signing key in Synapse's file format.
+    GenerateSigningKey {
+        /// Write to this file instead of standard output (refuses to overwrite).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("parvis: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Some(Command::GenerateSigningKey { output }) = &cli.command {
+        return generate_signing_key(output.as_deref());
+    }
+    let config = Config::load(&cli.config, std::env::vars())?;
+    init_logging(&config);
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(config).await,
+        Command::Migrate => {
+            server::prepare(config).await?;
+            println!("database is up to date");
+            Ok(())
+        }
+        Command::CheckConfig => {
+            let mut shown = config.clone();
+            if shown.registration.shared_secret.is_some() {
+                shown.registration.shared_secret = Some("***".into());
+            }
+            if shown.turn.shared_secret.is_some() {
+                shown.turn.shared_secret = Some("***".into());
+            }
+            shown.database.url = storage::redact_url(&shown.database.url);
+            println!("# configuration from {} is valid\n{}", cli.config.display(), toml::to_string_pretty(&shown)?);
+            Ok(())
+        }
+        Command::CreateUser { username, password, admin, display_name, user_type } => {
+            let state = server::prepare(config).await?;
+            let username = match username {
+                Some(u) => u,
+                None => prompt("Username: ")?,
+            };
+            let password = match password {
+                Some(p) => p,
+                None => {
+                    let p = rpassword::prompt_password("Password: ")?;
+                    if rpassword::prompt_password("Confirm password: ")? != p {
+                        bail!("passwords do not match");
+                    }
+                    p
+                }
+            };
+            if let Some(t) = &user_type
+                && !["bot", "support"].contains(&t.as_str())
+            {
+                bail!("--user-type must be `bot` or `support`");
+            }
+            let user_id = users::create_account(
+                &state,
+                users::NewAccount {
+                    localpart: &username,
+                    password: Some(&password),
+                    is_admin: admin,
+                    user_type: user_type.as_deref(),
+                    displayname: display_name.as_deref(),
+                    registration_token: None,
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{}: {}", e.errcode, e.message))?;
+            println!("created {user_id}{}", if admin { " (admin)" } else { "" });
+            Ok(())
+        }
+        Command::CreateRegistrationToken { token, uses, expires_in_days } => {
+            let state = server::prepare(config).await?;
+            let token = token.unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()));
+            let expiry = expires_in_days.map(|d| storage::now_ms() + i64::from(d) * 86_400_000);
+            if !storage::registration::create_token(&state.db, &token, uses, expiry).await? {
+                bail!("token {token} already exists");
+            }
+            println!("{token}");
+            Ok(())
+        }
+        Command::GenerateSigningKey { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), "starting Parvis");
+    let state = server::prepare(config).await?;
+    let mut running = server::start(state).await?;
+    let stopper = running.stopper();
+    tokio::spawn(async move {
+        server::shutdown_signal().await;
+        let _ = stopper.send(true);
+    });
+    running.wait().await?;
+    running.state.db.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn generate_signing_key(output: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let key = parvis::keys::ServerKey::generate();
+    let text = key.to_synapse_format();
+    match output {
+        None => print!("{text}"),
+        Some(path) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(path)
+                .with_context(|| format!("cannot create {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            }
+            f.write_all(text.as_bytes())?;
+            eprintln!("wrote {} ({})", path.display(), key.key_id);
+        }
+    }
+    Ok(())
+}
+
+fn prompt(label: &str) -> anyhow::Result<String> {
+    print!("{label}");
+    std::io::stdout().flush()?;
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    let line = line.trim().to_owned();
+    if line.is_empty() {
+        bail!("no value given");
+    }
+    Ok(line)
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.logging.filter));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.logging.format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),
+        LogFormat::Pretty => builder.init(),
+    }
+}

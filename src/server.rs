@@ -1,0 +1,147 @@
+//! Wiring: prepare the database and keys, build the state and router, run the listeners, shut
+//! down gracefully.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::state::AppState;
+use crate::storage::{self, now_ms};
+
+/// Installs the process-wide TLS crypto provider (aws-lc-rs). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Creates the database if needed, migrates it, checks the server name and loads the signing key.
+pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
+    install_crypto_provider();
+    if config.database.create_if_missing {
+        storage::create_database_if_missing(&config.database.url).await?;
+    }
+    let pool = storage::connect(&config.database).await?;
+    storage::migrate(&pool).await?;
+    let recorded = storage::meta::claim_server_name(&pool, &config.server_name).await?;
+    if recorded != config.server_name {
+        anyhow::bail!(
+            "this database belongs to server `{recorded}`, but server_name is `{}`; \
+             the server name cannot change once accounts exist",
+            config.server_name
+        );
+    }
+    let key = crate::keys::load_or_create(&pool, config.signing_key.path.as_deref()).await?;
+    tracing::info!(server_name = %config.server_name, key_id = %key.key_id, "database ready");
+    AppState::new(config, pool, key)
+}
+
+/// A running server. Dropping it does not stop it; call [`RunningServer::shutdown`].
+pub struct RunningServer {
+    pub client_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub state: AppState,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections, lets in-flight requests finish, closes the pool.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.context("server task panicked")??;
+        }
+        self.state.db.close().await;
+        Ok(())
+    }
+
+    /// Waits until the server stops by itself (it only does on error).
+    pub async fn wait(&mut self) -> anyhow::Result<()> {
+        for t in self.tasks.drain(..) {
+            t.await.context("server task panicked")??;
+        }
+        Ok(())
+    }
+
+    pub fn stopper(&self) -> watch::Sender<bool> {
+        self.stop.clone()
+    }
+}
+
+/// Binds the listeners and serves until shut down.
+pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
+    let (stop, stop_rx) = watch::channel(false);
+    let client = TcpListener::bind(state.config.listen.client)
+        .await
+        .with_context(|| format!("cannot listen on {}", state.config.listen.client))?;
+    let client_addr = client.local_addr()?;
+    let app = crate::http::with_layers(crate::api::router(), state.clone());
+    let mut tasks = vec![serve(client, app, stop_rx.clone())];
+
+    let mut metrics_addr = None;
+    if let Some(addr) = state.config.listen.metrics {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        metrics_addr = Some(l.local_addr()?);
+        let s = state.clone();
+        let app = Router::new().route("/metrics", get(move || async move { s.metrics.render(&s.db) }));
+        tasks.push(serve(l, app, stop_rx.clone()));
+    }
+    tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
+    tracing::info!(%client_addr, ?metrics_addr, "listening");
+    Ok(RunningServer { client_addr, metrics_addr, state, stop, tasks })
+}
+
+fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("HTTP server failed")
+    })
+}
+
+/// Periodic clean-up of short-lived rows.
+async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        let uia_cutoff = now_ms() - state.config.auth.uia_session_lifetime_secs as i64 * 1000;
+        if let Err(e) = storage::uia::delete_expired(&state.db, uia_cutoff).await {
+            tracing::warn!(error = %e, "UIA session clean-up failed");
+        }
+        if let Err(e) = storage::registration::delete_expired_nonces(&state.db, now_ms() - 60_000).await {
+            tracing::warn!(error = %e, "nonce clean-up failed");
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,59 @@
+//! Shared application state, handed to every handler.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tokio::sync::broadcast;
+
+use crate::auth::AuthService;
+use crate::config::Config;
+use crate::http::metrics::Metrics;
+use crate::http::ratelimit::RateLimiters;
+use crate::keys::ServerKey;
+use crate::users::password::Passwords;
+use crate::users::profile::ProfileChange;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub config: Config,
+    pub db: PgPool,
+    pub server_key: ServerKey,
+    pub auth: AuthService,
+    pub passwords: Passwords,
+    pub rate_limits: RateLimiters,
+    pub metrics: Metrics,
+    /// Profile changes, for the room engine and user directory to follow.
+    pub profile_changes: broadcast::Sender<ProfileChange>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(config: Config, db: PgPool, server_key: ServerKey) -> anyhow::Result<Self> {
+        let auth = AuthService::new(
+            Duration::from_secs(config.auth.token_cache_ttl_secs),
+            Duration::from_secs(config.auth.access_token_lifetime_secs),
+        );
+        let passwords = Passwords::new(&config.auth)?;
+        let rate_limits = RateLimiters::new(&config.rate_limits);
+        let (profile_changes, _) = broadcast::channel(1024);
+        Ok(Self(Arc::new(Inner {
+            auth,
+            passwords,
+            rate_limits,
+            metrics: Metrics::new(),
+            profile_changes,
+            server_key,
+            db,
+            config,
+        })))
+    }
+}

@@ -1,0 +1,117 @@
+//! `devices`: a user's logged-in sessions. Deleting a device cascades to its access and refresh
+//! tokens (foreign keys), so revocation is one statement.
+
+use serde::Serialize;
+use sqlx::PgExecutor;
+
+use super::now_ms;
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DeviceRow {
+    pub device_id: String,
+    pub display_name: Option<String>,
+    pub last_seen_ip: Option<String>,
+    pub last_seen_ts: Option<i64>,
+}
+
+/// Creates the device, or keeps an existing one (login with a known `device_id`). A display name
+/// given for an existing device replaces the old one only when the old one is unset.
+pub async fn upsert(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+    display_name: Option<&str>,
+    ip: Option<&str>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO devices (user_id, device_id, display_name, created_ts, last_seen_ts, last_seen_ip)
+         VALUES ($1, $2, $3, $4, $4, $5)
+         ON CONFLICT (user_id, device_id) DO UPDATE
+           SET display_name = COALESCE(devices.display_name, EXCLUDED.display_name),
+               last_seen_ts = EXCLUDED.last_seen_ts, last_seen_ip = EXCLUDED.last_seen_ip",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .bind(display_name)
+    .bind(now_ms())
+    .bind(ip)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn list(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Vec<DeviceRow>> {
+    sqlx::query_as(
+        "SELECT device_id, display_name, last_seen_ip, last_seen_ts FROM devices
+         WHERE user_id = $1 ORDER BY device_id",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+pub async fn get(db: impl PgExecutor<'_>, user_id: &str, device_id: &str) -> sqlx::Result<Option<DeviceRow>> {
+    sqlx::query_as(
+        "SELECT device_id, display_name, last_seen_ip, last_seen_ts FROM devices
+         WHERE user_id = $1 AND device_id = $2",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .fetch_optional(db)
+    .await
+}
+
+/// Renames a device. Returns `false` if it does not exist.
+pub async fn rename(db: impl PgExecutor<'_>, user_id: &str, device_id: &str, name: Option<&str>) -> sqlx::Result<bool> {
+    let n = sqlx::query("UPDATE devices SET display_name = $3 WHERE user_id = $1 AND device_id = $2")
+        .bind(user_id)
+        .bind(device_id)
+        .bind(name)
+        .execute(db)
+        .await?
+        .rows_affected();
+    Ok(n == 1)
+}
+
+/// Deletes the given devices (and by cascade their tokens). Returns the token hashes that were
+/// revoked, so the caller can evict them from the token cache.
+pub async fn delete_many(db: impl PgExecutor<'_>, user_id: &str, device_ids: &[String]) -> sqlx::Result<Vec<Vec<u8>>> {
+    sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM devices WHERE user_id = $1 AND device_id = ANY($2) RETURNING device_id)
+         SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
+         WHERE t.user_id = $1",
+    )
+    .bind(user_id)
+    .bind(device_ids)
+    .fetch_all(db)
+    .await
+}
+
+/// Deletes every device of the user except `keep` (if given). Returns revoked token hashes.
+pub async fn delete_all_except(db: impl PgExecutor<'_>, user_id: &str, keep: Option<&str>) -> sqlx::Result<Vec<Vec<u8>>> {
+    sqlx::query_scalar(
+        "WITH gone AS (DELETE FROM devices WHERE user_id = $1 AND device_id IS DISTINCT FROM $2 RETURNING device_id)
+         SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
+         WHERE t.user_id = $1",
+    )
+    .bind(user_id)
+    .bind(keep)
+    .fetch_all(db)
+    .await
+}
+
+/// Records activity of a device (called at most once every few minutes per device).
+pub async fn touch(db: impl PgExecutor<'_>, user_id: &str, device_id: &str, ip: &str, user_agent: Option<&str>) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4, last_seen_user_agent = COALESCE($5, last_seen_user_agent)
+         WHERE user_id = $1 AND device_id = $2",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .bind(now_ms())
+    .bind(ip)
+    .bind(user_agent)
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Storage: the only place that speaks SQL. Each submodule owns a group of tables and exposes
+//! typed async functions; services and handlers never write SQL themselves.
+//!
+//! Queries use sqlx's runtime-checked API (`sqlx::query`/`query_as`) so the build needs no live
+//! database; every query is exercised by the integration tests.
+
+pub mod devices;
+pub mod meta;
+pub mod profiles;
+pub mod registration;
+pub mod tokens;
+pub mod uia;
+pub mod users;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::DatabaseConfig;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Milliseconds since the UNIX epoch, the unit of every timestamp column.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Creates the database named in `url` if it does not exist, by connecting to the server's
+/// `postgres` maintenance database. Safe to race with another process doing the same.
+pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
+    let opts = PgConnectOptions::from_str(url).context("invalid database URL")?;
+    let name = opts.get_database().unwrap_or("postgres").to_owned();
+    // Connecting to the target first is the common case (the database exists) and needs no
+    // privileges on the maintenance database.
+    if opts.clone().log_statements(log::LevelFilter::Off).connect().await.is_ok() {
+        return Ok(());
+    }
+    let mut admin = opts
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .with_context(|| format!("cannot connect to PostgreSQL to create database {name}"))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        let ident = name.replace('"', "\"\"");
+        match sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{ident}\" ENCODING 'UTF8' TEMPLATE template0")))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => tracing::info!(database = %name, "created database"),
+            // 42P04 duplicate_database: another instance created it meanwhile.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot create database {name}")),
+        }
+    }
+    admin.close().await.ok();
+    Ok(())
+}
+
+/// Opens the connection pool.
+pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<PgPool> {
+    let opts = PgConnectOptions::from_str(&cfg.url)
+        .context("invalid database URL")?
+        .application_name("parvis")
+        .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500))
+        .log_statements(log::LevelFilter::Trace);
+    PgPoolOptions::new()
+        .max_connections(cfg.max_connections)
+        .min_connections(cfg.min_connections.min(cfg.max_connections))
+        .acquire_timeout(Duration::from_secs(cfg.acquire_timeout_secs))
+        .connect_with(opts)
+        .await
+        .with_context(|| format!("cannot connect to database {}", redact_url(&cfg.url)))
+}
+
+/// Applies pending migrations. sqlx takes an advisory lock, so concurrent instances are safe.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    MIGRATOR.run(pool).await.context("applying database migrations")?;
+    Ok(())
+}
+
+/// The URL without its password, for logs and error messages.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => url.to_owned(),
+    }
+}
