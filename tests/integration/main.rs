@@ -1,0 +1,9 @@
+//! Integration tests: real servers, real PostgreSQL, real HTTP.
+
+mod accounts;
+mod cli;
+mod common;
+mod devices_profile;
+mod discovery;
+mod errors_limits;
+mod sdk;
