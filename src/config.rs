@@ -80,7 +80,7 @@ pub struct LoggingConfig {
     pub filter: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct RegistrationConfig {
     /// Open `/register` to the public. Closed by default: accounts follow the HR system.
@@ -186,11 +186,7 @@ impl Default for Config {
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self {
-            client: "127.0.0.1:8008".parse().expect("static address"),
-            metrics: None,
-            trusted_proxies: Vec::new(),
-        }
+        Self { client: "127.0.0.1:8008".parse().expect("static address"), metrics: None, trusted_proxies: Vec::new() }
     }
 }
 
@@ -209,17 +205,6 @@ impl Default for DatabaseConfig {
 impl Default for LoggingConfig {
     fn default() -> Self {
         Self { format: LogFormat::Pretty, filter: "info".into() }
-    }
-}
-
-impl Default for RegistrationConfig {
-    fn default() -> Self {
-        Self {
-            enabled: false,
-            require_token: false,
-            shared_secret: None,
-            reserved_localparts: Vec::new(),
-        }
     }
 }
 
@@ -278,12 +263,9 @@ pub enum ConfigError {
 impl Config {
     /// Loads the file at `path` (which may be absent only when `allow_missing`), then applies the
     /// `PARVIS__*` variables from `env`, then validates.
-    pub fn load(
-        path: &Path,
-        env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Self::from_toml_and_env(&text, &path.display().to_string(), env)
     }
 
@@ -293,8 +275,9 @@ impl Config {
         origin: &str,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-            ConfigError::Syntax { path: origin.into(), message: e.message().to_owned() }
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: origin.into(),
+            message: e.message().to_owned(),
         })?;
         // Keys that came from the environment, so that an error can say where a key came from.
         let mut from_env: BTreeMap<String, String> = BTreeMap::new();
@@ -317,15 +300,14 @@ impl Config {
             })?;
             from_env.insert(path.join("."), name);
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                let key = describe_path(e.path(), e.inner());
-                let source_desc = match from_env.get(&key) {
-                    Some(var) => format!("environment variable {var}"),
-                    None => format!("in {origin}"),
-                };
-                ConfigError::Key { key, source_desc, message: e.inner().to_string() }
-            })?;
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let key = describe_path(e.path(), e.inner());
+            let source_desc = match from_env.get(&key) {
+                Some(var) => format!("environment variable {var}"),
+                None => format!("in {origin}"),
+            };
+            ConfigError::Key { key, source_desc, message: e.inner().to_string() }
+        })?;
         config.validate().map_err(|(key, message)| ConfigError::Key {
             source_desc: match from_env.get(key) {
                 Some(var) => format!("environment variable {var}"),
@@ -532,14 +514,12 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named() {
-        let e = Config::from_toml_and_env("[registration]\nenabeld = true\n", "my.toml", vec![])
-            .unwrap_err()
-            .to_string();
+        let e =
+            Config::from_toml_and_env("[registration]\nenabeld = true\n", "my.toml", vec![]).unwrap_err().to_string();
         assert!(e.contains("registration.enabeld") && e.contains("my.toml"), "{e}");
 
-        let e = Config::from_toml_and_env("", "my.toml", env(&[("PARVIS__DATABASE__URLL", "x")]))
-            .unwrap_err()
-            .to_string();
+        let e =
+            Config::from_toml_and_env("", "my.toml", env(&[("PARVIS__DATABASE__URLL", "x")])).unwrap_err().to_string();
         assert!(e.contains("database.urll") && e.contains("PARVIS__DATABASE__URLL"), "{e}");
 
         let e = Config::from_toml_and_env("", "my.toml", env(&[("PARVIS__LISTEN__CLIENT", "nope")]))
@@ -547,9 +527,7 @@ mod tests {
             .to_string();
         assert!(e.contains("listen.client") && e.contains("PARVIS__LISTEN__CLIENT"), "{e}");
 
-        let e = Config::from_toml_and_env("server_name = \"bad name!\"\n", "my.toml", vec![])
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml_and_env("server_name = \"bad name!\"\n", "my.toml", vec![]).unwrap_err().to_string();
         assert!(e.contains("server_name") && e.contains("my.toml"), "{e}");
     }
 }

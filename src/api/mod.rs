@@ -22,10 +22,7 @@ pub fn router() -> Router<AppState> {
         .route("/_matrix/client/versions", get(discovery::versions))
         .route("/.well-known/matrix/client", get(discovery::well_known_client))
         .route("/.well-known/matrix/server", get(discovery::well_known_server))
-        .route(
-            "/_matrix/client/v1/register/m.login.registration_token/validity",
-            get(register::token_validity),
-        );
+        .route("/_matrix/client/v1/register/m.login.registration_token/validity", get(register::token_validity));
     for (path, handler) in [
         ("/capabilities", get(discovery::capabilities)),
         ("/voip/turnServer", get(discovery::turn_server)),
@@ -43,18 +40,12 @@ pub fn router() -> Router<AppState> {
         ("/devices/{device_id}", get(devices::get).put(devices::rename).delete(devices::delete)),
         ("/delete_devices", post(devices::delete_many)),
         ("/profile/{user_id}", get(profile::get_profile)),
-        (
-            "/profile/{user_id}/{key}",
-            get(profile::get_field).put(profile::set_field).delete(profile::delete_field),
-        ),
+        ("/profile/{user_id}/{key}", get(profile::get_field).put(profile::set_field).delete(profile::delete_field)),
     ] {
         r = client(r, path, handler);
     }
     r.route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
-        .route(
-            "/_synapse/admin/v1/registration_tokens",
-            get(admin::registration_tokens::list),
-        )
+        .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
         .route("/_synapse/admin/v1/registration_tokens/new", post(admin::registration_tokens::create))
         .route(
             "/_synapse/admin/v1/registration_tokens/{token}",

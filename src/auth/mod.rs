@@ -65,10 +65,7 @@ impl AuthService {
     pub fn new(cache_ttl: Duration, access_token_lifetime: Duration) -> Self {
         Self {
             cache: moka::future::Cache::builder().max_capacity(100_000).time_to_live(cache_ttl).build(),
-            seen: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(300))
-                .build(),
+            seen: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             access_token_lifetime_ms: access_token_lifetime.as_millis() as i64,
         }
     }
@@ -141,20 +138,9 @@ impl AuthService {
         } else {
             (None, None, None)
         };
-        storage::tokens::insert_access(
-            &mut *conn,
-            &hash_token(&access_token),
-            user_id,
-            device_id,
-            expires,
-            refresh_id,
-        )
-        .await?;
-        Ok(IssuedTokens {
-            access_token,
-            refresh_token,
-            expires_in_ms: expires.map(|_| self.access_token_lifetime_ms),
-        })
+        storage::tokens::insert_access(&mut *conn, &hash_token(&access_token), user_id, device_id, expires, refresh_id)
+            .await?;
+        Ok(IssuedTokens { access_token, refresh_token, expires_in_ms: expires.map(|_| self.access_token_lifetime_ms) })
     }
 }
 

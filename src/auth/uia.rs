@@ -58,18 +58,19 @@ pub async fn check(
         return Err(challenge(flows, &session.session_id, &session.completed.0, None));
     };
     if !flows.iter().any(|f| f.contains(&stage)) {
-        return Err(Error::new(StatusCode::BAD_REQUEST, "M_UNRECOGNIZED", format!("Stage {stage} is not offered here")));
+        return Err(Error::new(
+            StatusCode::BAD_REQUEST,
+            "M_UNRECOGNIZED",
+            format!("Stage {stage} is not offered here"),
+        ));
     }
     let auth = auth.expect("stage implies auth");
     let mut token_used = None;
     match stage {
         DUMMY => {}
         PASSWORD => {
-            let who = auth
-                .get("identifier")
-                .and_then(|i| i.get("user"))
-                .or_else(|| auth.get("user"))
-                .and_then(Value::as_str);
+            let who =
+                auth.get("identifier").and_then(|i| i.get("user")).or_else(|| auth.get("user")).and_then(Value::as_str);
             let password = auth.get("password").and_then(Value::as_str).unwrap_or("");
             let expected = user_id.ok_or_else(Error::internal)?;
             let claimed = match who {

@@ -30,9 +30,7 @@ pub fn access_token(parts: &Parts) -> Option<String> {
         return Some(t.trim().to_owned());
     }
     let query = parts.uri.query()?;
-    url::form_urlencoded::parse(query.as_bytes())
-        .find(|(k, _)| k == "access_token")
-        .map(|(_, v)| v.into_owned())
+    url::form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "access_token").map(|(_, v)| v.into_owned())
 }
 
 impl FromRequestParts<AppState> for Auth {
@@ -44,7 +42,11 @@ impl FromRequestParts<AppState> for Auth {
         tracing::Span::current().record("user", &*session.user_id);
         if state.auth.should_touch(&session) {
             let ip = client_ip(parts, state).to_string();
-            let ua = parts.headers.get(header::USER_AGENT).and_then(|v| v.to_str().ok()).map(|s| s.chars().take(512).collect::<String>());
+            let ua = parts
+                .headers
+                .get(header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .map(|s| s.chars().take(512).collect::<String>());
             let (db, s) = (state.db.clone(), session.clone());
             tokio::spawn(async move {
                 if let Err(e) = storage::devices::touch(&db, &s.user_id, &s.device_id, &ip, ua.as_deref()).await {
@@ -61,11 +63,8 @@ impl FromRequestParts<AppState> for Auth {
 pub struct ClientIp(pub IpAddr);
 
 pub fn client_ip(parts: &Parts, state: &AppState) -> IpAddr {
-    let peer = parts
-        .extensions
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::from([127, 0, 0, 1]));
+    let peer =
+        parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(IpAddr::from([127, 0, 0, 1]));
     let proxies = &state.config.listen.trusted_proxies;
     if proxies.contains(&peer) {
         return forwarded_for(&parts.headers, proxies).unwrap_or(peer);
@@ -102,7 +101,8 @@ impl<T: DeserializeOwned> FromRequest<AppState> for Json<T> {
 }
 
 pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, Error> {
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
+    if let Some(len) =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok())
         && len > limit
     {
         return Err(Error::too_large(format!("Request body is larger than {limit} bytes")));
@@ -114,7 +114,11 @@ pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, 
             too_large |= s.is::<http_body_util::LengthLimitError>();
             source = s.source();
         }
-        if too_large { Error::too_large(format!("Request body is larger than {limit} bytes")) } else { Error::bad_json("Could not read request body") }
+        if too_large {
+            Error::too_large(format!("Request body is larger than {limit} bytes"))
+        } else {
+            Error::bad_json("Could not read request body")
+        }
     })
 }
 
@@ -130,7 +134,11 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        if path == "." { Error::bad_json(e.inner().to_string()) } else { Error::bad_json(format!("{path}: {}", e.inner())) }
+        if path == "." {
+            Error::bad_json(e.inner().to_string())
+        } else {
+            Error::bad_json(format!("{path}: {}", e.inner()))
+        }
     })
 }
 
@@ -144,7 +152,11 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Query<T> {
         let de = serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(q.as_bytes()));
         serde_path_to_error::deserialize(de).map(Query).map_err(|e| {
             let msg = e.inner().to_string();
-            if msg.starts_with("missing field") { Error::missing_param(msg) } else { Error::invalid_param(format!("{}: {msg}", e.path())) }
+            if msg.starts_with("missing field") {
+                Error::missing_param(msg)
+            } else {
+                Error::invalid_param(format!("{}: {msg}", e.path()))
+            }
         })
     }
 }

@@ -33,11 +33,7 @@ pub fn cors() -> CorsLayer {
     CorsLayer::new()
         .allow_origin(CorsAny)
         .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
-        .allow_headers([
-            HeaderName::from_static("x-requested-with"),
-            header::CONTENT_TYPE,
-            header::AUTHORIZATION,
-        ])
+        .allow_headers([HeaderName::from_static("x-requested-with"), header::CONTENT_TYPE, header::AUTHORIZATION])
         .max_age(Duration::from_secs(86_400))
 }
 

@@ -88,7 +88,11 @@ pub async fn delete_many(db: impl PgExecutor<'_>, user_id: &str, device_ids: &[S
 }
 
 /// Deletes every device of the user except `keep` (if given). Returns revoked token hashes.
-pub async fn delete_all_except(db: impl PgExecutor<'_>, user_id: &str, keep: Option<&str>) -> sqlx::Result<Vec<Vec<u8>>> {
+pub async fn delete_all_except(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    keep: Option<&str>,
+) -> sqlx::Result<Vec<Vec<u8>>> {
     sqlx::query_scalar(
         "WITH gone AS (DELETE FROM devices WHERE user_id = $1 AND device_id IS DISTINCT FROM $2 RETURNING device_id)
          SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
@@ -101,7 +105,13 @@ pub async fn delete_all_except(db: impl PgExecutor<'_>, user_id: &str, keep: Opt
 }
 
 /// Records activity of a device (called at most once every few minutes per device).
-pub async fn touch(db: impl PgExecutor<'_>, user_id: &str, device_id: &str, ip: &str, user_agent: Option<&str>) -> sqlx::Result<()> {
+pub async fn touch(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+    ip: &str,
+    user_agent: Option<&str>,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE devices SET last_seen_ts = $3, last_seen_ip = $4, last_seen_user_agent = COALESCE($5, last_seen_user_agent)
          WHERE user_id = $1 AND device_id = $2",

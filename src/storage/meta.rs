@@ -26,11 +26,7 @@ pub async fn active_signing_key(pool: &PgPool) -> sqlx::Result<Option<(String, V
 
 /// Stores a freshly generated key unless another instance stored one first; returns the key that
 /// is active afterwards, so that concurrent first starts agree on a single key.
-pub async fn insert_signing_key_if_none(
-    pool: &PgPool,
-    key_id: &str,
-    seed: &[u8],
-) -> sqlx::Result<(String, Vec<u8>)> {
+pub async fn insert_signing_key_if_none(pool: &PgPool, key_id: &str, seed: &[u8]) -> sqlx::Result<(String, Vec<u8>)> {
     let mut tx = pool.begin().await?;
     // Serialise first starts of several instances on one database.
     sqlx::query("SELECT pg_advisory_xact_lock(7061727669730001)").execute(&mut *tx).await?;

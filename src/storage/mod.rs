@@ -26,10 +26,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Milliseconds since the UNIX epoch, the unit of every timestamp column.
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Creates the database named in `url` if it does not exist, by connecting to the server's
@@ -54,9 +51,11 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
         .await?;
     if !exists {
         let ident = name.replace('"', "\"\"");
-        match sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{ident}\" ENCODING 'UTF8' TEMPLATE template0")))
-            .execute(&mut admin)
-            .await
+        match sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE \"{ident}\" ENCODING 'UTF8' TEMPLATE template0"
+        )))
+        .execute(&mut admin)
+        .await
         {
             Ok(_) => tracing::info!(database = %name, "created database"),
             // 42P04 duplicate_database: another instance created it meanwhile.

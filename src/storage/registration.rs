@@ -43,7 +43,8 @@ pub async fn get_token(db: impl PgExecutor<'_>, token: &str) -> sqlx::Result<Opt
 }
 
 pub async fn delete_token(db: impl PgExecutor<'_>, token: &str) -> sqlx::Result<bool> {
-    Ok(sqlx::query("DELETE FROM registration_tokens WHERE token = $1").bind(token).execute(db).await?.rows_affected() == 1)
+    Ok(sqlx::query("DELETE FROM registration_tokens WHERE token = $1").bind(token).execute(db).await?.rows_affected()
+        == 1)
 }
 
 /// Whether the token exists, has uses left and has not expired.
@@ -96,5 +97,9 @@ pub async fn take_nonce(db: impl PgExecutor<'_>, nonce: &str, min_created_ts: i6
 }
 
 pub async fn delete_expired_nonces(db: impl PgExecutor<'_>, before_ts: i64) -> sqlx::Result<u64> {
-    Ok(sqlx::query("DELETE FROM registration_nonces WHERE created_ts < $1").bind(before_ts).execute(db).await?.rows_affected())
+    Ok(sqlx::query("DELETE FROM registration_nonces WHERE created_ts < $1")
+        .bind(before_ts)
+        .execute(db)
+        .await?
+        .rows_affected())
 }

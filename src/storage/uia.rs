@@ -14,7 +14,12 @@ pub struct UiaSession {
     pub created_ts: i64,
 }
 
-pub async fn create(db: impl PgExecutor<'_>, session_id: &str, purpose: &str, user_id: Option<&str>) -> sqlx::Result<()> {
+pub async fn create(
+    db: impl PgExecutor<'_>,
+    session_id: &str,
+    purpose: &str,
+    user_id: Option<&str>,
+) -> sqlx::Result<()> {
     sqlx::query("INSERT INTO uia_sessions (session_id, purpose, user_id, created_ts) VALUES ($1, $2, $3, $4)")
         .bind(session_id)
         .bind(purpose)

@@ -59,18 +59,11 @@ pub async fn get(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Option<
 }
 
 pub async fn exists(pool: &PgPool, user_id: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = $1)")
-        .bind(user_id)
-        .fetch_one(pool)
-        .await
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM users WHERE user_id = $1)").bind(user_id).fetch_one(pool).await
 }
 
 pub async fn set_password_hash(db: impl PgExecutor<'_>, user_id: &str, hash: Option<&str>) -> sqlx::Result<()> {
-    sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1")
-        .bind(user_id)
-        .bind(hash)
-        .execute(db)
-        .await?;
+    sqlx::query("UPDATE users SET password_hash = $2 WHERE user_id = $1").bind(user_id).bind(hash).execute(db).await?;
     Ok(())
 }
 

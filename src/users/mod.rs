@@ -13,9 +13,8 @@ pub fn validate_new_localpart(localpart: &str, server_name: &str) -> ApiResult<(
     if localpart.is_empty() {
         return Err(Error::invalid_username("User ID cannot be empty"));
     }
-    if let Some(c) = localpart
-        .chars()
-        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(*c)))
+    if let Some(c) =
+        localpart.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || "._=-/+".contains(*c)))
     {
         return Err(Error::invalid_username(format!(
             "User ID may only contain a-z, 0-9, and . _ = - / + (found {c:?})"
@@ -33,8 +32,7 @@ pub fn parse_login_user(input: &str, server_name: &str) -> ApiResult<(String, St
     let input = input.trim();
     let localpart = match input.strip_prefix('@') {
         Some(rest) => {
-            let (local, server) =
-                rest.split_once(':').ok_or_else(|| Error::invalid_param("Invalid user ID"))?;
+            let (local, server) = rest.split_once(':').ok_or_else(|| Error::invalid_param("Invalid user ID"))?;
             if server != server_name {
                 return Err(Error::forbidden("This server does not host that user"));
             }
@@ -105,11 +103,7 @@ pub async fn create_account(state: &AppState, new: NewAccount<'_>) -> ApiResult<
 
 pub fn check_not_reserved(state: &AppState, localpart: &str) -> ApiResult<()> {
     if state.config.registration.reserved_localparts.iter().any(|r| r == localpart) {
-        return Err(Error::new(
-            axum::http::StatusCode::BAD_REQUEST,
-            "M_EXCLUSIVE",
-            "This user ID is reserved",
-        ));
+        return Err(Error::new(axum::http::StatusCode::BAD_REQUEST, "M_EXCLUSIVE", "This user ID is reserved"));
     }
     Ok(())
 }

@@ -72,19 +72,35 @@ async fn registration_with_dummy_uia_round_trip() {
     assert_eq!(p["displayname"], "agent.dupont");
 
     // Taken, invalid and reserved names fail before any UIA.
-    assert_err(&s.post(REGISTER, None, json!({ "username": "agent.dupont", "password": PASSWORD })).await, 400, "M_USER_IN_USE");
+    assert_err(
+        &s.post(REGISTER, None, json!({ "username": "agent.dupont", "password": PASSWORD })).await,
+        400,
+        "M_USER_IN_USE",
+    );
     for bad in ["hélène", "a b", "a:b", "", "x#"] {
-        assert_err(&s.post(REGISTER, None, json!({ "username": bad, "password": PASSWORD })).await, 400, "M_INVALID_USERNAME");
+        assert_err(
+            &s.post(REGISTER, None, json!({ "username": bad, "password": PASSWORD })).await,
+            400,
+            "M_INVALID_USERNAME",
+        );
     }
     assert_err(&s.post(REGISTER, None, json!({ "username": "admin", "password": PASSWORD })).await, 400, "M_EXCLUSIVE");
-    assert_err(&s.post(REGISTER, None, json!({ "username": "shortpw", "password": "abc" })).await, 400, "M_WEAK_PASSWORD");
+    assert_err(
+        &s.post(REGISTER, None, json!({ "username": "shortpw", "password": "abc" })).await,
+        400,
+        "M_WEAK_PASSWORD",
+    );
     assert_err(&s.post(&format!("{REGISTER}?kind=guest"), None, json!({})).await, 403, "M_GUEST_ACCESS_FORBIDDEN");
 
     // Availability.
     let (st, v) = s.get("/_matrix/client/v3/register/available?username=free.name", None).await;
     assert_eq!((st, v), (StatusCode::OK, json!({ "available": true })));
     assert_err(&s.get("/_matrix/client/v3/register/available?username=agent.dupont", None).await, 400, "M_USER_IN_USE");
-    assert_err(&s.get("/_matrix/client/v3/register/available?username=Bad%20Name", None).await, 400, "M_INVALID_USERNAME");
+    assert_err(
+        &s.get("/_matrix/client/v3/register/available?username=Bad%20Name", None).await,
+        400,
+        "M_INVALID_USERNAME",
+    );
     assert_err(&s.get("/_matrix/client/v3/register/available", None).await, 400, "M_MISSING_PARAM");
 
     // inhibit_login: an account, no session.
@@ -109,9 +125,17 @@ async fn registration_tokens() {
     let admin = s.register("root", true).await;
     let plain = s.register("plain", false).await;
     // Admin API guards.
-    assert_err(&s.post("/_synapse/admin/v1/registration_tokens/new", Some(&plain.token), json!({})).await, 403, "M_FORBIDDEN");
+    assert_err(
+        &s.post("/_synapse/admin/v1/registration_tokens/new", Some(&plain.token), json!({})).await,
+        403,
+        "M_FORBIDDEN",
+    );
     let (st, t) = s
-        .post("/_synapse/admin/v1/registration_tokens/new", Some(&admin.token), json!({ "token": "mairie-2026", "uses_allowed": 1 }))
+        .post(
+            "/_synapse/admin/v1/registration_tokens/new",
+            Some(&admin.token),
+            json!({ "token": "mairie-2026", "uses_allowed": 1 }),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{t}");
     assert_eq!(t["token"], "mairie-2026");
@@ -142,8 +166,15 @@ async fn registration_tokens() {
     let (st, list) = s.get("/_synapse/admin/v1/registration_tokens", Some(&admin.token)).await;
     assert_eq!(st, 200);
     assert_eq!(list["registration_tokens"].as_array().unwrap().len(), 1);
-    assert_eq!(s.delete("/_synapse/admin/v1/registration_tokens/mairie-2026", Some(&admin.token), json!({})).await.0, 200);
-    assert_err(&s.get("/_synapse/admin/v1/registration_tokens/mairie-2026", Some(&admin.token)).await, 404, "M_NOT_FOUND");
+    assert_eq!(
+        s.delete("/_synapse/admin/v1/registration_tokens/mairie-2026", Some(&admin.token), json!({})).await.0,
+        200
+    );
+    assert_err(
+        &s.get("/_synapse/admin/v1/registration_tokens/mairie-2026", Some(&admin.token)).await,
+        404,
+        "M_NOT_FOUND",
+    );
     s.stop().await;
 }
 
@@ -154,15 +185,18 @@ async fn shared_secret_registration_like_synapse() {
     assert_eq!(st, 200);
     let nonce = n["nonce"].as_str().unwrap().to_owned();
     // The MAC is computed exactly as Synapse's register_new_matrix_user does (HMAC-SHA1, hex).
-    let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
-    let wrong = parvis::api::admin::register::compute_mac("not-the-secret", &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
+    let mac =
+        parvis::api::admin::register::compute_mac(SHARED_SECRET, &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
+    let wrong =
+        parvis::api::admin::register::compute_mac("not-the-secret", &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
     let body = |mac: &str| json!({ "nonce": nonce, "username": "bot.alerts", "password": PASSWORD, "admin": false, "user_type": "bot", "displayname": "Alertes", "mac": mac });
     assert_err(&s.post("/_synapse/admin/v1/register", None, body(&wrong)).await, 403, "M_FORBIDDEN");
     // The nonce was consumed by the failed attempt.
     assert_err(&s.post("/_synapse/admin/v1/register", None, body(&mac)).await, 400, "M_UNKNOWN");
     let (_, n) = s.get("/_synapse/admin/v1/register", None).await;
     let nonce = n["nonce"].as_str().unwrap().to_owned();
-    let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
+    let mac =
+        parvis::api::admin::register::compute_mac(SHARED_SECRET, &nonce, "bot.alerts", PASSWORD, false, Some("bot"));
     let (st, ok) = s
         .post("/_synapse/admin/v1/register", None, json!({ "nonce": nonce, "username": "bot.alerts", "password": PASSWORD, "user_type": "bot", "displayname": "Alertes", "mac": mac }))
         .await;
@@ -203,7 +237,11 @@ async fn login_logout_and_tokens() {
     let (st, b) = s.login("@Marie:localhost", PASSWORD, json!({})).await;
     assert_eq!(st, 200, "{b}");
     let (st, c) = s
-        .post("/_matrix/client/v3/login", None, json!({ "type": "m.login.password", "user": "marie", "password": PASSWORD }))
+        .post(
+            "/_matrix/client/v3/login",
+            None,
+            json!({ "type": "m.login.password", "user": "marie", "password": PASSWORD }),
+        )
         .await;
     assert_eq!(st, 200, "{c}");
     let a = user_from(&a);
@@ -212,7 +250,8 @@ async fn login_logout_and_tokens() {
     assert_ne!(a.device_id, b.device_id);
 
     // device_id reuse: same device, new token, display name kept.
-    let (st, a2) = s.login("marie", PASSWORD, json!({ "device_id": a.device_id, "initial_device_display_name": "ignored" })).await;
+    let (st, a2) =
+        s.login("marie", PASSWORD, json!({ "device_id": a.device_id, "initial_device_display_name": "ignored" })).await;
     assert_eq!(st, 200);
     let a2 = user_from(&a2);
     assert_eq!(a2.device_id, a.device_id);
@@ -306,22 +345,44 @@ async fn change_password_with_uia() {
     assert_eq!(st, 401);
     assert_eq!(ch["flows"], json!([{ "stages": ["m.login.password"] }]));
     // Wrong password: 401, M_FORBIDDEN, same session offered again.
-    let (st, bad) = s.post(path, Some(&me.token), json!({ "new_password": new, "auth": password_auth(&ch["session"], "jeanne", "nope") })).await;
+    let (st, bad) = s
+        .post(
+            path,
+            Some(&me.token),
+            json!({ "new_password": new, "auth": password_auth(&ch["session"], "jeanne", "nope") }),
+        )
+        .await;
     assert_eq!(st, 401);
     assert_eq!(bad["errcode"], "M_FORBIDDEN");
     assert_eq!(bad["session"], ch["session"]);
     // Someone else's password does not authenticate jeanne.
     s.register("intruder", false).await;
-    let (st, _) = s.post(path, Some(&me.token), json!({ "new_password": new, "auth": password_auth(&ch["session"], "intruder", PASSWORD) })).await;
+    let (st, _) = s
+        .post(
+            path,
+            Some(&me.token),
+            json!({ "new_password": new, "auth": password_auth(&ch["session"], "intruder", PASSWORD) }),
+        )
+        .await;
     assert_eq!(st, 401);
     // A session belongs to one operation.
     let wrong_op = s
-        .post("/_matrix/client/v3/account/deactivate", Some(&me.token), json!({ "auth": password_auth(&ch["session"], "jeanne", PASSWORD) }))
+        .post(
+            "/_matrix/client/v3/account/deactivate",
+            Some(&me.token),
+            json!({ "auth": password_auth(&ch["session"], "jeanne", PASSWORD) }),
+        )
         .await;
     assert_err(&wrong_op, 403, "M_FORBIDDEN");
 
     assert_err(&s.post(path, Some(&me.token), json!({ "new_password": "short" })).await, 400, "M_WEAK_PASSWORD");
-    let (st, ok) = s.post(path, Some(&me.token), json!({ "new_password": new, "auth": password_auth(&ch["session"], "jeanne", PASSWORD) })).await;
+    let (st, ok) = s
+        .post(
+            path,
+            Some(&me.token),
+            json!({ "new_password": new, "auth": password_auth(&ch["session"], "jeanne", PASSWORD) }),
+        )
+        .await;
     assert_eq!(st, 200, "{ok}");
     // Other devices are logged out; this one stays.
     assert_eq!(s.get("/_matrix/client/v3/account/whoami", Some(&me.token)).await.0, 200);
@@ -350,7 +411,13 @@ async fn deactivate_account() {
     let path = "/_matrix/client/v3/account/deactivate";
     let (st, ch) = s.post(path, Some(&me.token), json!({})).await;
     assert_eq!(st, 401);
-    let (st, ok) = s.post(path, Some(&me.token), json!({ "erase": true, "auth": password_auth(&ch["session"], "partant", PASSWORD) })).await;
+    let (st, ok) = s
+        .post(
+            path,
+            Some(&me.token),
+            json!({ "erase": true, "auth": password_auth(&ch["session"], "partant", PASSWORD) }),
+        )
+        .await;
     assert_eq!(st, 200, "{ok}");
     assert_eq!(ok["id_server_unbind_result"], "no-support");
     for t in [&me.token, &other.token] {

@@ -123,7 +123,11 @@ fn sigterm_and_wait(p: &mut Proc) -> std::process::ExitStatus {
 #[tokio::test]
 async fn serve_creates_database_and_key_then_reuses_them() {
     // A database name that does not exist yet: the server must create it.
-    let db_name = format!("parvis_t_{}_{}_cli", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(), std::process::id());
+    let db_name = format!(
+        "parvis_t_{}_{}_cli",
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs(),
+        std::process::id()
+    );
     let db_url = format!("{}/{db_name}", pg_base_url());
     let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
@@ -144,7 +148,8 @@ async fn serve_creates_database_and_key_then_reuses_them() {
     };
     let key_ids = || async {
         let pool = sqlx::PgPool::connect(&db_url).await.unwrap();
-        let ids: Vec<String> = sqlx::query_scalar("SELECT key_id FROM server_signing_keys").fetch_all(&pool).await.unwrap();
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT key_id FROM server_signing_keys").fetch_all(&pool).await.unwrap();
         pool.close().await;
         ids
     };
@@ -197,7 +202,8 @@ async fn serve_creates_database_and_key_then_reuses_them() {
 
     // `migrate` alone, on yet another new database.
     let db2 = format!("{db_name}_m");
-    let out = parvis().arg("migrate").env("PARVIS__DATABASE__URL", format!("{}/{db2}", pg_base_url())).output().unwrap();
+    let out =
+        parvis().arg("migrate").env("PARVIS__DATABASE__URL", format!("{}/{db2}", pg_base_url())).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     drop_database(&db2).await;
     drop_database(&db_name).await;
@@ -217,4 +223,22 @@ async fn server_name_cannot_change() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("server name cannot change"));
     drop_database(&db_name).await;
+}
+
+#[tokio::test]
+async fn load_tool_smoke_run() {
+    let s = TestServer::start().await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_parvis-bench"))
+        .args(["--url", &s.base, "--shared-secret", SHARED_SECRET, "--json", "smoke"])
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(reports.len(), 2);
+    assert_eq!(reports[1]["scenario"], "whoami");
+    assert_eq!(reports[1]["requests"], 200);
+    assert_eq!(reports[1]["errors"], 0);
+    s.stop().await;
 }

@@ -61,19 +61,23 @@ async fn exec(conn: &mut PgConnection, sql: &str) {
 
 /// Drops databases left behind by crashed test runs (older than an hour) and old templates.
 async fn sweep_stale(admin: &mut PgConnection) {
-    let names: Vec<String> =
-        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'parvis\\_t\\_%' OR datname LIKE 'parvis\\_tpl\\_%'")
-            .fetch_all(&mut *admin)
-            .await
-            .unwrap_or_default();
+    let names: Vec<String> = sqlx::query_scalar(
+        "SELECT datname FROM pg_database WHERE datname LIKE 'parvis\\_t\\_%' OR datname LIKE 'parvis\\_tpl\\_%'",
+    )
+    .fetch_all(&mut *admin)
+    .await
+    .unwrap_or_default();
     let now = now_secs();
     for n in names {
-        let stale = match n.strip_prefix("parvis_t_").and_then(|r| r.split('_').next()).and_then(|t| t.parse::<u64>().ok()) {
-            Some(ts) => ts + 3600 < now,
-            None => n.starts_with("parvis_tpl_"),
-        };
+        let stale =
+            match n.strip_prefix("parvis_t_").and_then(|r| r.split('_').next()).and_then(|t| t.parse::<u64>().ok()) {
+                Some(ts) => ts + 3600 < now,
+                None => n.starts_with("parvis_tpl_"),
+            };
         if stale {
-            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)"))).execute(&mut *admin).await;
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")))
+                .execute(&mut *admin)
+                .await;
         }
     }
 }
@@ -86,17 +90,15 @@ fn now_secs() -> u64 {
 pub async fn fresh_database() -> (String, String) {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let template = template_db().await;
-    let name = format!(
-        "parvis_t_{}_{}_{}",
-        now_secs(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
+    let name = format!("parvis_t_{}_{}_{}", now_secs(), std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
     let mut admin = PgConnection::connect(&admin_url()).await.unwrap();
     // CREATE DATABASE ... TEMPLATE fails while another session is connected to the template
     // (55006); that is only ever momentary here, so retry.
     for attempt in 0.. {
-        match sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\""))).execute(&mut admin).await {
+        match sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\" TEMPLATE \"{template}\"")))
+            .execute(&mut admin)
+            .await
+        {
             Ok(_) => break,
             Err(e) if attempt < 50 => {
                 let _ = e;
@@ -111,14 +113,15 @@ pub async fn fresh_database() -> (String, String) {
 
 pub async fn drop_database(name: &str) {
     if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))).execute(&mut admin).await;
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")))
+            .execute(&mut admin)
+            .await;
     }
 }
 
 /// The configuration tests start from: ephemeral ports, cheap argon2, no rate limits.
 pub fn test_config(db_url: &str) -> Config {
-    let mut c = Config::default();
-    c.server_name = "localhost".into();
+    let mut c = Config { server_name: "localhost".into(), ..Default::default() };
     c.listen.client = "127.0.0.1:0".parse().unwrap();
     c.listen.metrics = Some("127.0.0.1:0".parse().unwrap());
     c.database.url = db_url.into();
@@ -185,7 +188,13 @@ impl TestServer {
     }
 
     /// Sends a request; returns the status and the JSON body (Null if the body is not JSON).
-    pub async fn request(&self, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             rb = rb.bearer_auth(t);

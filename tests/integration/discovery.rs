@@ -8,7 +8,10 @@ async fn versions_and_well_known() {
     let s = TestServer::start_with(|c| {
         c.public_baseurl = Some("https://matrix.ville.example/".into());
         c.well_known.server = Some("matrix.ville.example:443".into());
-        c.well_known.client_extra.insert("io.element.jitsi".into(), toml::Value::Table("preferredDomain = \"visio.ville.example\"".parse().unwrap()));
+        c.well_known.client_extra.insert(
+            "io.element.jitsi".into(),
+            toml::Value::Table("preferredDomain = \"visio.ville.example\"".parse().unwrap()),
+        );
     })
     .await;
     let (st, v) = s.get("/_matrix/client/versions", None).await;

@@ -8,11 +8,19 @@ async fn unknown_endpoints_methods_and_bad_bodies() {
     let s = TestServer::start_with(|c| c.limits.max_request_body_bytes = 4096).await;
     assert_err(&s.get("/_matrix/client/v3/does/not/exist", None).await, 404, "M_UNRECOGNIZED");
     assert_err(&s.get("/random", None).await, 404, "M_UNRECOGNIZED");
-    assert_err(&s.request(reqwest::Method::DELETE, "/_matrix/client/v3/login", None, None).await, 405, "M_UNRECOGNIZED");
+    assert_err(
+        &s.request(reqwest::Method::DELETE, "/_matrix/client/v3/login", None, None).await,
+        405,
+        "M_UNRECOGNIZED",
+    );
     assert_err(&s.get("/_matrix/client/v3/logout", None).await, 405, "M_UNRECOGNIZED");
 
     let raw = |body: &'static str| {
-        s.http.post(format!("{}/_matrix/client/v3/login", s.base)).header("content-type", "application/json").body(body).send()
+        s.http
+            .post(format!("{}/_matrix/client/v3/login", s.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
     };
     for bad in ["{not json", "\u{0}", "{\"type\": }"] {
         let resp = raw(bad).await.unwrap();
@@ -98,7 +106,11 @@ async fn registration_rate_limit() {
         assert_eq!(s.get("/_matrix/client/v3/register/available?username=abc", None).await.0, 200);
     }
     assert_err(&s.get("/_matrix/client/v3/register/available?username=abc", None).await, 429, "M_LIMIT_EXCEEDED");
-    assert_err(&s.post("/_matrix/client/v3/register", None, json!({ "username": "abc" })).await, 429, "M_LIMIT_EXCEEDED");
+    assert_err(
+        &s.post("/_matrix/client/v3/register", None, json!({ "username": "abc" })).await,
+        429,
+        "M_LIMIT_EXCEEDED",
+    );
     s.stop().await;
 }
 

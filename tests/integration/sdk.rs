@@ -36,7 +36,9 @@ async fn element_x_style_session() {
 
     // Devices: list, rename, see the rename.
     let devices = c.devices().await.expect("devices").devices;
-    assert!(devices.iter().any(|d| d.device_id == login.device_id && d.display_name.as_deref() == Some("Element X (test)")));
+    assert!(
+        devices.iter().any(|d| d.device_id == login.device_id && d.display_name.as_deref() == Some("Element X (test)"))
+    );
     c.rename_device(&login.device_id, "Téléphone de service").await.expect("rename");
     let devices = c.devices().await.unwrap().devices;
     assert!(devices.iter().any(|d| d.display_name.as_deref() == Some("Téléphone de service")));

@@ -19,12 +19,9 @@ use crate::users;
 const NONCE_LIFETIME_MS: i64 = 60_000;
 
 fn secret(state: &AppState) -> ApiResult<&str> {
-    state
-        .config
-        .registration
-        .shared_secret
-        .as_deref()
-        .ok_or_else(|| Error::new(axum::http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Shared secret registration is not enabled"))
+    state.config.registration.shared_secret.as_deref().ok_or_else(|| {
+        Error::new(axum::http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Shared secret registration is not enabled")
+    })
 }
 
 pub async fn nonce(State(state): State<AppState>) -> ApiResult<axum::Json<Value>> {
@@ -47,7 +44,14 @@ pub struct SharedSecretBody {
     mac: Option<String>,
 }
 
-pub fn compute_mac(secret: &str, nonce: &str, user: &str, password: &str, admin: bool, user_type: Option<&str>) -> String {
+pub fn compute_mac(
+    secret: &str,
+    nonce: &str,
+    user: &str,
+    password: &str,
+    admin: bool,
+    user_type: Option<&str>,
+) -> String {
     let mut mac = Hmac::<Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes any key length");
     mac.update(nonce.as_bytes());
     mac.update(b"\x00");

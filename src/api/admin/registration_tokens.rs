@@ -35,7 +35,11 @@ pub struct NewToken {
     length: Option<usize>,
 }
 
-pub async fn create(State(state): State<AppState>, _: AdminAuth, Json(body): Json<NewToken>) -> ApiResult<axum::Json<Value>> {
+pub async fn create(
+    State(state): State<AppState>,
+    _: AdminAuth,
+    Json(body): Json<NewToken>,
+) -> ApiResult<axum::Json<Value>> {
     let token = match body.token {
         Some(t) => {
             if t.is_empty() || t.len() > 64 || !t.chars().all(|c| c.is_ascii_alphanumeric() || "._~-".contains(c)) {
@@ -68,14 +72,22 @@ pub async fn create(State(state): State<AppState>, _: AdminAuth, Json(body): Jso
     })))
 }
 
-pub async fn get(State(state): State<AppState>, _: AdminAuth, Path(token): Path<String>) -> ApiResult<axum::Json<Value>> {
+pub async fn get(
+    State(state): State<AppState>,
+    _: AdminAuth,
+    Path(token): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     let t = storage::registration::get_token(&state.db, &token)
         .await?
         .ok_or_else(|| Error::not_found("No such registration token"))?;
     Ok(axum::Json(token_json(&t)))
 }
 
-pub async fn delete(State(state): State<AppState>, _: AdminAuth, Path(token): Path<String>) -> ApiResult<axum::Json<Value>> {
+pub async fn delete(
+    State(state): State<AppState>,
+    _: AdminAuth,
+    Path(token): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     if !storage::registration::delete_token(&state.db, &token).await? {
         return Err(Error::not_found("No such registration token"));
     }

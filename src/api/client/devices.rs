@@ -30,7 +30,11 @@ fn device_json(user_id: &str, d: storage::devices::DeviceRow) -> Value {
     v
 }
 
-pub async fn get(State(state): State<AppState>, auth: Auth, Path(device_id): Path<String>) -> ApiResult<axum::Json<Value>> {
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(device_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     let d = storage::devices::get(&state.db, &auth.user_id, &device_id)
         .await?
         .ok_or_else(|| Error::not_found("No such device"))?;
@@ -88,7 +92,12 @@ pub async fn delete_many(
     delete_with_uia(&state, &auth, body.devices, body.auth.as_ref()).await
 }
 
-async fn delete_with_uia(state: &AppState, auth: &Auth, devices: Vec<String>, uia_auth: Option<&Value>) -> ApiResult<axum::Json<Value>> {
+async fn delete_with_uia(
+    state: &AppState,
+    auth: &Auth,
+    devices: Vec<String>,
+    uia_auth: Option<&Value>,
+) -> ApiResult<axum::Json<Value>> {
     uia::check(state, "delete_devices", Some(&auth.user_id), &[vec![uia::PASSWORD]], uia_auth).await?;
     // Deleting a device that does not exist is not an error (the outcome is the same).
     auth::delete_devices(state, &auth.user_id, &devices).await?;

@@ -52,11 +52,7 @@ fn ensure_enabled(state: &AppState) -> ApiResult<()> {
 }
 
 fn flows(state: &AppState) -> Vec<Vec<&'static str>> {
-    if state.config.registration.require_token {
-        vec![vec![uia::REGISTRATION_TOKEN]]
-    } else {
-        vec![vec![uia::DUMMY]]
-    }
+    if state.config.registration.require_token { vec![vec![uia::REGISTRATION_TOKEN]] } else { vec![vec![uia::DUMMY]] }
 }
 
 pub async fn register(
