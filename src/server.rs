@@ -20,9 +20,22 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// Makes glibc return large freed blocks to the OS. By default glibc raises its mmap threshold
+/// after the first large free, after which every argon2 working buffer (19 MiB by default) comes
+/// from a per-thread heap arena and stays resident: a burst of logins left gigabytes of RSS.
+/// A fixed threshold keeps such buffers mmapped, so they are unmapped when freed.
+pub fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called once at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1024 * 1024);
+    }
+}
+
 /// Creates the database if needed, migrates it, checks the server name and loads the signing key.
 pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
     install_crypto_provider();
+    tune_allocator();
     if config.database.create_if_missing {
         storage::create_database_if_missing(&config.database.url).await?;
     }

@@ -73,6 +73,8 @@ pub async fn check(
                 auth.get("identifier").and_then(|i| i.get("user")).or_else(|| auth.get("user")).and_then(Value::as_str);
             let password = auth.get("password").and_then(Value::as_str).unwrap_or("");
             let expected = user_id.ok_or_else(Error::internal)?;
+            // Password guessing through UIA is limited like guessing through /login.
+            state.rate_limits.check(&state.rate_limits.login_per_account, expected)?;
             let claimed = match who {
                 Some(w) => crate::users::parse_login_user(w, &state.config.server_name).ok().map(|(u, _)| u),
                 None => Some(expected.to_owned()),

@@ -9,6 +9,9 @@ use crate::config::AuthConfig;
 #[derive(Clone)]
 pub struct Passwords {
     params: Params,
+    /// Bounds concurrent hashes to the number of cores: each one holds `argon2_memory_kib` of
+    /// memory and a full core, so an unbounded burst of logins would exhaust both.
+    permits: std::sync::Arc<tokio::sync::Semaphore>,
     /// A valid hash of a random password, verified against when the account does not exist so
     /// that a wrong user name costs as much time as a wrong password (no user enumeration).
     dummy_hash: String,
@@ -19,12 +22,14 @@ impl Passwords {
         let params = Params::new(cfg.argon2_memory_kib, cfg.argon2_iterations, cfg.argon2_parallelism, None)
             .map_err(|e| anyhow::anyhow!("invalid argon2 parameters: {e}"))?;
         let dummy_hash = hash_with(&params, &hex::encode(rand::random::<[u8; 16]>()))?;
-        Ok(Self { params, dummy_hash })
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        Ok(Self { params, dummy_hash, permits: std::sync::Arc::new(tokio::sync::Semaphore::new(cores)) })
     }
 
     pub async fn hash(&self, password: &str) -> anyhow::Result<String> {
         let params = self.params.clone();
         let password = password.to_owned();
+        let _permit = self.permits.acquire().await?;
         tokio::task::spawn_blocking(move || hash_with(&params, &password)).await?
     }
 
@@ -36,6 +41,7 @@ impl Passwords {
             None => (self.dummy_hash.clone(), false),
         };
         let password = password.to_owned();
+        let Ok(_permit) = self.permits.acquire().await else { return false };
         let ok = tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash)
                 .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())

@@ -130,3 +130,15 @@ async fn metrics_count_requests_by_endpoint() {
     assert!(text.contains("parvis_db_pool_connections"), "{text}");
     s.stop().await;
 }
+
+#[tokio::test]
+async fn several_servers_at_once_are_isolated() {
+    let (a, b, c) = tokio::join!(TestServer::start(), TestServer::start(), TestServer::start());
+    let (ua, ub) = tokio::join!(a.register("same.name", false), b.register("same.name", false));
+    // Same user ID on two servers, two distinct databases: each token works only at home.
+    assert_eq!(ua.user_id, ub.user_id);
+    assert_eq!(a.get("/_matrix/client/v3/account/whoami", Some(&ua.token)).await.0, 200);
+    assert_err(&b.get("/_matrix/client/v3/account/whoami", Some(&ua.token)).await, 401, "M_UNKNOWN_TOKEN");
+    assert_err(&c.get("/_matrix/client/v3/profile/@same.name:localhost", None).await, 404, "M_NOT_FOUND");
+    tokio::join!(a.stop(), b.stop(), c.stop());
+}
