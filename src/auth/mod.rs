@@ -172,14 +172,14 @@ pub async fn start_device_session(
 
 /// Deletes devices (revoking their tokens) and evicts them from the cache.
 pub async fn delete_devices(state: &crate::state::AppState, user_id: &str, device_ids: &[String]) -> ApiResult<()> {
-    let revoked = storage::devices::delete_many(&state.db, user_id, device_ids).await?;
+    let revoked = storage::devices::delete(&state.db, user_id, storage::devices::Selection::These(device_ids)).await?;
     state.auth.evict(&revoked).await;
     Ok(())
 }
 
 /// Deletes every device of a user but `keep`, revoking their tokens.
 pub async fn delete_other_devices(state: &crate::state::AppState, user_id: &str, keep: Option<&str>) -> ApiResult<()> {
-    let revoked = storage::devices::delete_all_except(&state.db, user_id, keep).await?;
+    let revoked = storage::devices::delete(&state.db, user_id, storage::devices::Selection::AllExcept(keep)).await?;
     state.auth.evict(&revoked).await;
     Ok(())
 }

@@ -73,33 +73,31 @@ pub async fn rename(db: impl PgExecutor<'_>, user_id: &str, device_id: &str, nam
     Ok(n == 1)
 }
 
-/// Deletes the given devices (and by cascade their tokens). Returns the token hashes that were
-/// revoked, so the caller can evict them from the token cache.
-pub async fn delete_many(db: impl PgExecutor<'_>, user_id: &str, device_ids: &[String]) -> sqlx::Result<Vec<Vec<u8>>> {
-    sqlx::query_scalar(
-        "WITH gone AS (DELETE FROM devices WHERE user_id = $1 AND device_id = ANY($2) RETURNING device_id)
-         SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
-         WHERE t.user_id = $1",
-    )
-    .bind(user_id)
-    .bind(device_ids)
-    .fetch_all(db)
-    .await
+/// Which of a user's devices to delete.
+pub enum Selection<'a> {
+    These(&'a [String]),
+    AllExcept(Option<&'a str>),
 }
 
-/// Deletes every device of the user except `keep` (if given). Returns revoked token hashes.
-pub async fn delete_all_except(
-    db: impl PgExecutor<'_>,
-    user_id: &str,
-    keep: Option<&str>,
-) -> sqlx::Result<Vec<Vec<u8>>> {
+/// Deletes devices (and by cascade their tokens). Returns the token hashes that were revoked,
+/// so the caller can evict them from the token cache.
+pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, which: Selection<'_>) -> sqlx::Result<Vec<Vec<u8>>> {
+    let (these, except) = match which {
+        Selection::These(ids) => (Some(ids), None),
+        Selection::AllExcept(keep) => (None, keep),
+    };
+    // The outer SELECT sees the snapshot from before the DELETE, so the tokens are still visible.
     sqlx::query_scalar(
-        "WITH gone AS (DELETE FROM devices WHERE user_id = $1 AND device_id IS DISTINCT FROM $2 RETURNING device_id)
+        "WITH gone AS (DELETE FROM devices WHERE user_id = $1
+                         AND ($2::text[] IS NULL OR device_id = ANY($2))
+                         AND device_id IS DISTINCT FROM $3
+                       RETURNING device_id)
          SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
          WHERE t.user_id = $1",
     )
     .bind(user_id)
-    .bind(keep)
+    .bind(these)
+    .bind(except)
     .fetch_all(db)
     .await
 }

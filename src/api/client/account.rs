@@ -66,7 +66,8 @@ pub async fn deactivate(
     uia::check(&state, "deactivate", Some(&auth.user_id), &password_flow(), body.auth.as_ref()).await?;
     let mut tx = state.db.begin().await?;
     storage::users::deactivate(&mut *tx, &auth.user_id).await?;
-    let revoked = storage::devices::delete_all_except(&mut *tx, &auth.user_id, None).await?;
+    let revoked =
+        storage::devices::delete(&mut *tx, &auth.user_id, storage::devices::Selection::AllExcept(None)).await?;
     if body.erase {
         storage::profiles::clear(&mut *tx, &auth.user_id).await?;
     }
