@@ -32,6 +32,20 @@ pub struct Config {
     pub rate_limits: RateLimitsConfig,
     pub well_known: WellKnownConfig,
     pub turn: TurnConfig,
+    pub rooms: RoomsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoomsConfig {
+    /// Version of new rooms when the client does not ask for one.
+    pub default_version: String,
+}
+
+impl Default for RoomsConfig {
+    fn default() -> Self {
+        Self { default_version: "12".into() }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -180,6 +194,7 @@ impl Default for Config {
             rate_limits: RateLimitsConfig::default(),
             well_known: WellKnownConfig::default(),
             turn: TurnConfig::default(),
+            rooms: RoomsConfig::default(),
         }
     }
 }
@@ -355,6 +370,12 @@ impl Config {
             || self.auth.argon2_parallelism == 0
         {
             return Err(("auth.argon2_memory_kib", "invalid argon2 parameters".into()));
+        }
+        if !crate::rooms::SUPPORTED_VERSIONS.contains(&self.rooms.default_version.as_str()) {
+            return Err((
+                "rooms.default_version",
+                format!("supported versions: {:?}", crate::rooms::SUPPORTED_VERSIONS),
+            ));
         }
         if self.limits.max_request_body_bytes < 1024 {
             return Err(("limits.max_request_body_bytes", "must be at least 1024".into()));

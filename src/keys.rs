@@ -62,12 +62,22 @@ impl ServerKey {
         if alg != "ed25519" {
             bail!("unsupported key algorithm {alg}");
         }
-        let seed = base64::engine::general_purpose::STANDARD
-            .decode(seed.trim_end_matches('='))
-            .or_else(|_| STANDARD_NO_PAD.decode(seed.trim_end_matches('=')))
-            .context("key seed is not base64")?;
+        let seed = decode_base64_lenient(seed).context("key seed is not base64")?;
         Self::from_seed(format!("ed25519:{version}"), &seed)
     }
+}
+
+/// Decodes unpadded or padded standard base64, tolerating non-zero trailing bits (as other
+/// Matrix implementations do; the spec's own test seed has them).
+pub fn decode_base64_lenient(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    const LENIENT: GeneralPurpose = GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        GeneralPurposeConfig::new()
+            .with_decode_allow_trailing_bits(true)
+            .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    );
+    LENIENT.decode(s)
 }
 
 /// Loads the configured key file, or the database's key (creating it on first start).

@@ -106,6 +106,7 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
         tasks.push(serve(l, app, stop_rx.clone()));
     }
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
+    crate::rooms::spawn_profile_propagation(state.clone());
     tracing::info!(%client_addr, ?metrics_addr, "listening");
     Ok(RunningServer { client_addr, metrics_addr, state, stop, tasks })
 }

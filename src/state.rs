@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::http::metrics::Metrics;
 use crate::http::ratelimit::RateLimiters;
 use crate::keys::ServerKey;
+use crate::rooms::RoomLocks;
 use crate::users::password::Passwords;
 use crate::users::profile::ProfileChange;
 
@@ -27,6 +28,12 @@ pub struct Inner {
     pub metrics: Metrics,
     /// Profile changes, for the room engine and user directory to follow.
     pub profile_changes: broadcast::Sender<ProfileChange>,
+    /// The server key in the form ruma signs events with.
+    pub event_signer: ruma::signatures::Ed25519KeyPair,
+    /// In-process per-room write locks (the database lock is the authority).
+    pub room_locks: RoomLocks,
+    /// The highest event stream position committed by this process; sync waits on it.
+    pub event_stream: tokio::sync::watch::Sender<i64>,
 }
 
 impl std::ops::Deref for AppState {
@@ -45,12 +52,18 @@ impl AppState {
         let passwords = Passwords::new(&config.auth)?;
         let rate_limits = RateLimiters::new(&config.rate_limits);
         let (profile_changes, _) = broadcast::channel(1024);
+        let version = server_key.key_id.trim_start_matches("ed25519:").to_owned();
+        let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
+            .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
             auth,
             passwords,
             rate_limits,
             metrics: Metrics::new(),
             profile_changes,
+            event_signer,
+            room_locks: RoomLocks::default(),
+            event_stream: tokio::sync::watch::channel(0).0,
             server_key,
             db,
             config,

@@ -4,7 +4,7 @@ pub mod admin;
 pub mod client;
 
 use axum::Router;
-use axum::routing::{MethodRouter, get, post};
+use axum::routing::{MethodRouter, get, post, put};
 
 use crate::state::AppState;
 
@@ -16,7 +16,7 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
 }
 
 pub fn router() -> Router<AppState> {
-    use client::{account, devices, discovery, login, profile, register};
+    use client::{account, devices, discovery, login, profile, register, rooms};
 
     let mut r = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -41,6 +41,28 @@ pub fn router() -> Router<AppState> {
         ("/delete_devices", post(devices::delete_many)),
         ("/profile/{user_id}", get(profile::get_profile)),
         ("/profile/{user_id}/{key}", get(profile::get_field).put(profile::set_field).delete(profile::delete_field)),
+        ("/createRoom", post(rooms::create_room)),
+        ("/joined_rooms", get(rooms::joined_rooms)),
+        ("/join/{room_id_or_alias}", post(rooms::join)),
+        ("/rooms/{room_id}/join", post(rooms::join_by_id)),
+        ("/rooms/{room_id}/invite", post(rooms::invite)),
+        ("/rooms/{room_id}/leave", post(rooms::leave)),
+        ("/rooms/{room_id}/kick", post(rooms::kick)),
+        ("/rooms/{room_id}/ban", post(rooms::ban)),
+        ("/rooms/{room_id}/unban", post(rooms::unban)),
+        ("/rooms/{room_id}/forget", post(rooms::forget)),
+        ("/rooms/{room_id}/send/{event_type}/{txn_id}", put(rooms::send_message)),
+        ("/rooms/{room_id}/state", get(rooms::get_state)),
+        ("/rooms/{room_id}/state/{event_type}", get(rooms::get_state_event_empty_key).put(rooms::put_state_empty_key)),
+        ("/rooms/{room_id}/state/{event_type}/", get(rooms::get_state_event_empty_key).put(rooms::put_state_empty_key)),
+        ("/rooms/{room_id}/state/{event_type}/{state_key}", get(rooms::get_state_event).put(rooms::put_state)),
+        ("/rooms/{room_id}/redact/{event_id}/{txn_id}", put(rooms::redact)),
+        ("/rooms/{room_id}/event/{event_id}", get(rooms::get_event)),
+        ("/rooms/{room_id}/messages", get(rooms::messages)),
+        ("/rooms/{room_id}/members", get(rooms::members)),
+        ("/rooms/{room_id}/joined_members", get(rooms::joined_members)),
+        ("/rooms/{room_id}/aliases", get(rooms::room_aliases)),
+        ("/directory/room/{alias}", get(rooms::get_alias).put(rooms::put_alias).delete(rooms::delete_alias)),
     ] {
         r = client(r, path, handler);
     }

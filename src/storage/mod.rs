@@ -5,9 +5,12 @@
 //! database; every query is exercised by the integration tests.
 
 pub mod devices;
+pub mod events;
 pub mod meta;
 pub mod profiles;
 pub mod registration;
+pub mod rooms;
+pub mod state;
 pub mod tokens;
 pub mod uia;
 pub mod users;

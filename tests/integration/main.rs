@@ -6,4 +6,5 @@ mod common;
 mod devices_profile;
 mod discovery;
 mod errors_limits;
+mod rooms;
 mod sdk;

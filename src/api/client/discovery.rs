@@ -44,10 +44,12 @@ pub async fn well_known_server(State(state): State<AppState>) -> Response {
     }
 }
 
-pub async fn capabilities(_auth: Auth) -> axum::Json<Value> {
-    // Only capabilities that are true today; room versions appear with the room engine.
+pub async fn capabilities(State(state): State<AppState>, _auth: Auth) -> axum::Json<Value> {
+    let available: serde_json::Map<String, Value> =
+        crate::rooms::SUPPORTED_VERSIONS.iter().map(|v| (v.to_string(), json!("stable"))).collect();
     axum::Json(json!({
         "capabilities": {
+            "m.room_versions": { "default": state.config.rooms.default_version, "available": available },
             "m.change_password": { "enabled": true },
             "m.set_displayname": { "enabled": true },
             "m.set_avatar_url": { "enabled": true },

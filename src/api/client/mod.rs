@@ -6,3 +6,4 @@ pub mod discovery;
 pub mod login;
 pub mod profile;
 pub mod register;
+pub mod rooms;

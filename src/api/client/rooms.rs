@@ -1,0 +1,705 @@
+//! Rooms: creation, membership, sending, state, reading the timeline.
+
+use axum::extract::State;
+use serde::Deserialize;
+use serde_json::{Map, Value, json};
+
+use crate::error::{ApiResult, Error};
+use crate::http::extract::{Auth, ClientIp, Json, Path, Query};
+use crate::rooms::client::{format, require_joined, visible_range};
+use crate::rooms::create::{CreateRoomRequest, create_room as create, member_content};
+use crate::rooms::{self, NewEvent, Room};
+use crate::state::AppState;
+use crate::storage;
+
+pub async fn create_room(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<CreateRoomRequest>,
+) -> ApiResult<axum::Json<Value>> {
+    let created = create(&state, &auth.user_id, body).await?;
+    let mut resp = json!({ "room_id": created.room_id });
+    if let Some(a) = created.alias {
+        resp["room_alias"] = json!(a);
+    }
+    Ok(axum::Json(resp))
+}
+
+pub async fn joined_rooms(State(state): State<AppState>, auth: Auth) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(json!({ "joined_rooms": storage::rooms::joined_rooms(&state.db, &auth.user_id).await? })))
+}
+
+// ---- membership -------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+pub struct JoinBody {
+    reason: Option<String>,
+}
+
+/// Resolves a room ID or a local alias.
+async fn resolve_room(state: &AppState, id_or_alias: &str) -> ApiResult<Room> {
+    if id_or_alias.starts_with('#') {
+        let (room_id, _, _) = storage::rooms::resolve_alias(&state.db, id_or_alias)
+            .await?
+            .ok_or_else(|| Error::not_found("Room alias not found"))?;
+        return Room::load(state, &room_id).await;
+    }
+    if !id_or_alias.starts_with('!') {
+        return Err(Error::invalid_param("Expected a room ID or alias"));
+    }
+    // Remote rooms need federation, which is not implemented yet: unknown rooms are 404.
+    Room::load(state, id_or_alias).await
+}
+
+async fn set_membership(
+    state: &AppState,
+    room: &Room,
+    sender: &str,
+    target: &str,
+    membership: &str,
+    reason: Option<String>,
+) -> ApiResult<String> {
+    let mut content = if membership == "join" || membership == "invite" {
+        let profile = storage::profiles::get(&state.db, target).await?.unwrap_or_default();
+        member_content(membership, &profile, false)
+    } else {
+        json!({ "membership": membership })
+    };
+    if let Some(r) = reason {
+        content["reason"] = json!(r);
+    }
+    let id = rooms::send(state, room, sender, NewEvent::state("m.room.member", target, content), None).await?;
+    Ok(id.to_string())
+}
+
+pub async fn join(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id_or_alias): Path<String>,
+    Json(body): Json<JoinBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = resolve_room(&state, &room_id_or_alias).await?;
+    if let Some((m, _, _)) = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?
+        && m == "join"
+    {
+        return Ok(axum::Json(json!({ "room_id": room.room_id })));
+    }
+    set_membership(&state, &room, &auth.user_id, &auth.user_id, "join", body.reason).await?;
+    Ok(axum::Json(json!({ "room_id": room.room_id })))
+}
+
+pub async fn join_by_id(
+    state: State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    body: Json<JoinBody>,
+) -> ApiResult<axum::Json<Value>> {
+    join(state, auth, Path(room_id), body).await
+}
+
+#[derive(Deserialize)]
+pub struct TargetBody {
+    user_id: String,
+    reason: Option<String>,
+}
+
+async fn local_target(state: &AppState, user_id: &str) -> ApiResult<()> {
+    let uid = <&ruma::UserId>::try_from(user_id).map_err(|_| Error::invalid_param("Invalid user_id"))?;
+    if uid.server_name().as_str() != state.config.server_name {
+        return Err(Error::forbidden("Users of other servers need federation, which is not available yet"));
+    }
+    if !storage::users::exists(&state.db, user_id).await? {
+        return Err(Error::not_found("Unknown user"));
+    }
+    Ok(())
+}
+
+pub async fn invite(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<TargetBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    local_target(&state, &body.user_id).await?;
+    set_membership(&state, &room, &auth.user_id, &body.user_id, "invite", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn leave(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<JoinBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    set_membership(&state, &room, &auth.user_id, &auth.user_id, "leave", body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+async fn moderate(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &str,
+    body: TargetBody,
+    membership: &str,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(state, room_id).await?;
+    <&ruma::UserId>::try_from(body.user_id.as_str()).map_err(|_| Error::invalid_param("Invalid user_id"))?;
+    if membership == "leave" {
+        // Unban and kick both produce `leave`; check the target's current state for clarity.
+        let current = storage::rooms::membership(&state.db, room.nid, &body.user_id).await?;
+        if current.is_none() {
+            return Err(Error::forbidden("The user is not a member of this room"));
+        }
+    }
+    set_membership(state, &room, &auth.user_id, &body.user_id, membership, body.reason).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn kick(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<TargetBody>,
+) -> ApiResult<axum::Json<Value>> {
+    moderate(&state, &auth, &room_id, body, "leave").await
+}
+
+pub async fn ban(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<TargetBody>,
+) -> ApiResult<axum::Json<Value>> {
+    moderate(&state, &auth, &room_id, body, "ban").await
+}
+
+pub async fn unban(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<TargetBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    match storage::rooms::membership(&state.db, room.nid, &body.user_id).await? {
+        Some((m, _, _)) if m == "ban" => {}
+        _ => return Err(Error::forbidden("The user is not banned")),
+    }
+    moderate(&state, &auth, &room_id, body, "leave").await
+}
+
+pub async fn forget(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    match storage::rooms::membership(&state.db, room.nid, &auth.user_id).await? {
+        Some((m, _, _)) if m == "join" || m == "invite" || m == "knock" => {
+            Err(Error::unknown("You must leave the room before forgetting it"))
+        }
+        _ => {
+            storage::rooms::forget(&state.db, room.nid, &auth.user_id).await?;
+            Ok(axum::Json(json!({})))
+        }
+    }
+}
+
+// ---- sending ----------------------------------------------------------------------------
+
+fn object(body: Value) -> ApiResult<Value> {
+    if body.is_object() { Ok(body) } else { Err(Error::bad_json("Content must be a JSON object")) }
+}
+
+pub async fn send_message(
+    State(state): State<AppState>,
+    auth: Auth,
+    ClientIp(ip): ClientIp,
+    Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<axum::Json<Value>> {
+    let limits = &state.rate_limits;
+    limits.check_user(&limits.messages_per_user, &auth.user_id, auth.is_admin)?;
+    limits.check_user(&limits.messages_per_ip, &ip.to_string(), auth.is_admin)?;
+    if event_type.is_empty() || event_type.len() > 255 {
+        return Err(Error::invalid_param("Invalid event type"));
+    }
+    if event_type == "m.room.redaction" {
+        return Err(Error::invalid_param("Use the /redact endpoint to redact events"));
+    }
+    let room = Room::load(&state, &room_id).await?;
+    let ev = NewEvent::message(&event_type, object(body)?);
+    let id = rooms::send(&state, &room, &auth.user_id, ev, Some((&auth.device_id, &txn_id))).await?;
+    Ok(axum::Json(json!({ "event_id": id })))
+}
+
+pub async fn put_state(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_type, state_key)): Path<(String, String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<axum::Json<Value>> {
+    put_state_inner(&state, &auth, &room_id, &event_type, &state_key, body).await
+}
+
+pub async fn put_state_empty_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_type)): Path<(String, String)>,
+    Json(body): Json<Value>,
+) -> ApiResult<axum::Json<Value>> {
+    put_state_inner(&state, &auth, &room_id, &event_type, "", body).await
+}
+
+async fn put_state_inner(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+    body: Value,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(state, room_id).await?;
+    let content = object(body)?;
+    if kind == "m.room.canonical_alias" {
+        let mut aliases: Vec<&str> =
+            content["alt_aliases"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        if let Some(a) = content["alias"].as_str() {
+            aliases.push(a);
+        }
+        for a in aliases {
+            match storage::rooms::resolve_alias(&state.db, a).await? {
+                Some((rid, _, _)) if rid == room.room_id.as_str() => {}
+                _ => {
+                    return Err(Error::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "M_BAD_ALIAS",
+                        format!("{a} does not point to this room"),
+                    ));
+                }
+            }
+        }
+    }
+    let id = rooms::send(state, &room, &auth.user_id, NewEvent::state(kind, key, content), None).await?;
+    Ok(axum::Json(json!({ "event_id": id })))
+}
+
+#[derive(Deserialize, Default)]
+pub struct RedactBody {
+    reason: Option<String>,
+}
+
+pub async fn redact(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_id, txn_id)): Path<(String, String, String)>,
+    Json(body): Json<RedactBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let target = storage::events::by_id(&state.db, &event_id)
+        .await?
+        .filter(|e| e.room_nid == room.nid)
+        .ok_or_else(|| Error::not_found("Event not found"))?;
+    if target.sender != *auth.user_id {
+        let (level, pl) = rooms::power_level(&state, &room, &auth.user_id).await?;
+        let needed = pl["redact"].as_i64().unwrap_or(50);
+        if level < needed {
+            return Err(Error::forbidden("You cannot redact other users' events"));
+        }
+    }
+    let mut content = json!({});
+    if let Some(r) = body.reason {
+        content["reason"] = json!(r);
+    }
+    let ev = NewEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
+    let id = rooms::send(&state, &room, &auth.user_id, ev, Some((&auth.device_id, &txn_id))).await?;
+    Ok(axum::Json(json!({ "event_id": id })))
+}
+
+// ---- reading ----------------------------------------------------------------------------
+
+/// The state a user may read: the current state while joined, the state when they left after.
+async fn readable_state_group(state: &AppState, room: &Room, user: &str) -> ApiResult<Option<i64>> {
+    match storage::rooms::membership(&state.db, room.nid, user).await? {
+        Some((m, _, _)) if m == "join" => Ok(None),
+        Some((m, event_nid, _))
+            if (m == "leave" || m == "ban") && visible_range(state, room, user).await?.is_some() =>
+        {
+            let ev = storage::events::by_nids(&state.db, &[event_nid]).await?;
+            Ok(ev.first().and_then(|e| e.state_after))
+        }
+        _ => Err(Error::forbidden("You are not a member of this room")),
+    }
+}
+
+async fn readable_state(state: &AppState, room: &Room, user: &str) -> ApiResult<Vec<storage::events::EventRow>> {
+    Ok(match readable_state_group(state, room, user).await? {
+        None => storage::rooms::current_state(&state.db, room.nid).await?,
+        Some(group) => storage::rooms::state_events_of_group(&state.db, group).await?,
+    })
+}
+
+pub async fn get_state(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let rows = readable_state(&state, &room, &auth.user_id).await?;
+    Ok(axum::Json(Value::Array(rows.iter().map(|r| format(&room, r, None)).collect())))
+}
+
+#[derive(Deserialize)]
+pub struct FormatQuery {
+    format: Option<String>,
+}
+
+pub async fn get_state_event(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_type, state_key)): Path<(String, String, String)>,
+    Query(q): Query<FormatQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    get_state_event_inner(&state, &auth, &room_id, &event_type, &state_key, q).await
+}
+
+pub async fn get_state_event_empty_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_type)): Path<(String, String)>,
+    Query(q): Query<FormatQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    get_state_event_inner(&state, &auth, &room_id, &event_type, "", q).await
+}
+
+async fn get_state_event_inner(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &str,
+    kind: &str,
+    key: &str,
+    q: FormatQuery,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(state, room_id).await?;
+    let row = match readable_state_group(state, &room, &auth.user_id).await? {
+        None => storage::rooms::current_state_for(&state.db, room.nid, &[(kind.into(), key.into())]).await?.pop(),
+        Some(group) => storage::rooms::state_events_of_group(&state.db, group)
+            .await?
+            .into_iter()
+            .find(|r| r.event_type == kind && r.state_key.as_deref() == Some(key)),
+    }
+    .ok_or_else(|| Error::not_found("State event not found"))?;
+    let ev = format(&room, &row, None);
+    Ok(axum::Json(if q.format.as_deref() == Some("event") { ev } else { ev["content"].clone() }))
+}
+
+pub async fn get_event(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((room_id, event_id)): Path<(String, String)>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let not_found = || Error::not_found("Event not found");
+    let row =
+        storage::events::by_id(&state.db, &event_id).await?.filter(|e| e.room_nid == room.nid).ok_or_else(not_found)?;
+    let (lo, hi) = visible_range(&state, &room, &auth.user_id).await?.ok_or_else(not_found)?;
+    if row.stream_ordering < lo || row.stream_ordering > hi {
+        return Err(not_found());
+    }
+    Ok(axum::Json(format(&room, &row, Some((&auth.user_id, &auth.device_id)))))
+}
+
+#[derive(Deserialize)]
+pub struct MessagesQuery {
+    dir: String,
+    from: Option<String>,
+    to: Option<String>,
+    limit: Option<i64>,
+    filter: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+struct RoomEventFilter {
+    types: Option<Vec<String>>,
+    not_types: Option<Vec<String>>,
+    senders: Option<Vec<String>>,
+    not_senders: Option<Vec<String>>,
+    #[serde(default)]
+    lazy_load_members: bool,
+    contains_url: Option<bool>,
+}
+
+impl RoomEventFilter {
+    fn matches(&self, row: &storage::events::EventRow) -> bool {
+        let glob = |pat: &str, v: &str| match pat.strip_suffix('*') {
+            Some(prefix) => v.starts_with(prefix),
+            None => pat == v,
+        };
+        if let Some(t) = &self.types
+            && !t.iter().any(|p| glob(p, &row.event_type))
+        {
+            return false;
+        }
+        if let Some(t) = &self.not_types
+            && t.iter().any(|p| glob(p, &row.event_type))
+        {
+            return false;
+        }
+        if let Some(s) = &self.senders
+            && !s.contains(&row.sender)
+        {
+            return false;
+        }
+        if let Some(s) = &self.not_senders
+            && s.contains(&row.sender)
+        {
+            return false;
+        }
+        if let Some(want) = self.contains_url {
+            let has = serde_json::from_str::<Value>(&row.json).ok().is_some_and(|v| v["content"]["url"].is_string());
+            if has != want {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+/// Pagination tokens are `t<depth>_<stream>`: a position in topological order.
+fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
+    let bad = || Error::invalid_param("Invalid pagination token");
+    let (d, s) = t.strip_prefix('t').and_then(|r| r.split_once('_')).ok_or_else(bad)?;
+    Ok((d.parse().map_err(|_| bad())?, s.parse().map_err(|_| bad())?))
+}
+
+fn token(depth: i64, stream: i64) -> String {
+    format!("t{depth}_{stream}")
+}
+
+pub async fn messages(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<MessagesQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let backwards = match q.dir.as_str() {
+        "b" => true,
+        "f" => false,
+        _ => return Err(Error::invalid_param("dir must be b or f")),
+    };
+    let limit = q.limit.unwrap_or(10).clamp(1, 1000);
+    let filter: RoomEventFilter = match &q.filter {
+        Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
+        None => RoomEventFilter::default(),
+    };
+    let visible = visible_range(&state, &room, &auth.user_id)
+        .await?
+        .ok_or_else(|| Error::forbidden("You are not a member of this room"))?;
+    let start = match &q.from {
+        Some(t) => parse_token(t)?,
+        None if backwards => (i64::MAX, i64::MAX),
+        None => (i64::MIN, i64::MIN),
+    };
+    let to = q.to.as_deref().map(parse_token).transpose()?;
+    let mut chunk = Vec::new();
+    let mut cursor = start;
+    let mut exhausted = false;
+    // Filters can drop rows; read further pages until the chunk is full (bounded).
+    for _ in 0..10 {
+        let rows = storage::events::page(&state.db, room.nid, backwards, cursor, visible, limit).await?;
+        let got = rows.len() as i64;
+        for row in rows {
+            cursor = (row.depth, row.stream_ordering);
+            if let Some(t) = to
+                && (if backwards { cursor <= t } else { cursor >= t })
+            {
+                exhausted = true;
+                break;
+            }
+            if filter.matches(&row) {
+                chunk.push(row);
+                if chunk.len() as i64 == limit {
+                    break;
+                }
+            }
+        }
+        if got < limit {
+            exhausted = true;
+        }
+        if exhausted || chunk.len() as i64 == limit {
+            break;
+        }
+    }
+    let viewer = Some((&*auth.user_id, &*auth.device_id));
+    let mut resp = json!({
+        "start": q.from.clone().unwrap_or_else(|| token(start.0.clamp(0, i64::MAX), start.1.clamp(0, i64::MAX))),
+        "chunk": chunk.iter().map(|r| format(&room, r, viewer)).collect::<Vec<_>>(),
+    });
+    if !exhausted {
+        resp["end"] = json!(token(cursor.0, cursor.1));
+    }
+    if filter.lazy_load_members {
+        let mut senders: Vec<String> = chunk.iter().map(|r| r.sender.clone()).collect();
+        senders.sort();
+        senders.dedup();
+        let keys: Vec<(String, String)> = senders.into_iter().map(|s| ("m.room.member".to_owned(), s)).collect();
+        let members = storage::rooms::current_state_for(&state.db, room.nid, &keys).await?;
+        resp["state"] = json!(members.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>());
+    }
+    Ok(axum::Json(resp))
+}
+
+#[derive(Deserialize)]
+pub struct MembersQuery {
+    membership: Option<String>,
+    not_membership: Option<String>,
+    at: Option<String>,
+}
+
+pub async fn members(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<MembersQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let group = readable_state_group(&state, &room, &auth.user_id).await?;
+    let rows = match (group, &q.at) {
+        (None, None) => {
+            storage::rooms::member_events(&state.db, room.nid, q.membership.as_deref(), q.not_membership.as_deref())
+                .await?
+        }
+        (group, at) => {
+            // State at a point of the timeline (or at the user's departure).
+            let group = match at {
+                Some(t) => {
+                    let (depth, stream) = parse_token(t).or_else(|_| {
+                        t.strip_prefix('s')
+                            .and_then(|s| s.parse::<i64>().ok())
+                            .map(|s| (i64::MAX, s))
+                            .ok_or_else(|| Error::invalid_param("Invalid at token"))
+                    })?;
+                    let visible = visible_range(&state, &room, &auth.user_id).await?.unwrap_or((0, 0));
+                    let last =
+                        storage::events::page(&state.db, room.nid, true, (depth, stream.saturating_add(1)), visible, 1)
+                            .await?;
+                    last.first().and_then(|e| e.state_after).or(group)
+                }
+                None => group,
+            };
+            let Some(group) = group else { return Err(Error::not_found("No state at that point")) };
+            storage::rooms::state_events_of_group(&state.db, group)
+                .await?
+                .into_iter()
+                .filter(|r| r.event_type == "m.room.member")
+                .filter(|r| {
+                    let m = serde_json::from_str::<Value>(&r.json)
+                        .ok()
+                        .and_then(|v| v["content"]["membership"].as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    q.membership.as_deref().is_none_or(|w| w == m) && q.not_membership.as_deref().is_none_or(|w| w != m)
+                })
+                .collect()
+        }
+    };
+    Ok(axum::Json(json!({ "chunk": rows.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>() })))
+}
+
+pub async fn joined_members(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    require_joined(&state, &room, &auth.user_id).await?;
+    let rows = storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await?;
+    let mut joined = Map::new();
+    for r in rows {
+        let v: Value = serde_json::from_str(&r.json).unwrap_or(Value::Null);
+        let mut entry = json!({});
+        if let Some(d) = v["content"]["displayname"].as_str() {
+            entry["display_name"] = json!(d);
+        }
+        if let Some(a) = v["content"]["avatar_url"].as_str() {
+            entry["avatar_url"] = json!(a);
+        }
+        joined.insert(r.state_key.unwrap_or_default(), entry);
+    }
+    Ok(axum::Json(json!({ "joined": joined })))
+}
+
+// ---- aliases ----------------------------------------------------------------------------
+
+fn check_local_alias(state: &AppState, alias: &str) -> ApiResult<()> {
+    let (local, server) = alias
+        .strip_prefix('#')
+        .and_then(|a| a.split_once(':'))
+        .ok_or_else(|| Error::invalid_param("Invalid room alias"))?;
+    if local.is_empty() || server != state.config.server_name {
+        return Err(Error::invalid_param("Room alias must be on this server"));
+    }
+    Ok(())
+}
+
+pub async fn get_alias(State(state): State<AppState>, Path(alias): Path<String>) -> ApiResult<axum::Json<Value>> {
+    check_local_alias(&state, &alias)?;
+    let (room_id, _, _) = storage::rooms::resolve_alias(&state.db, &alias)
+        .await?
+        .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    Ok(axum::Json(json!({ "room_id": room_id, "servers": [state.config.server_name] })))
+}
+
+#[derive(Deserialize)]
+pub struct AliasBody {
+    room_id: String,
+}
+
+pub async fn put_alias(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(alias): Path<String>,
+    Json(body): Json<AliasBody>,
+) -> ApiResult<axum::Json<Value>> {
+    check_local_alias(&state, &alias)?;
+    let room = Room::load(&state, &body.room_id).await?;
+    if !storage::rooms::insert_alias(&state.db, &alias, room.nid, &auth.user_id).await? {
+        return Err(Error::new(axum::http::StatusCode::CONFLICT, "M_UNKNOWN", "Room alias already exists"));
+    }
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn delete_alias(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(alias): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    check_local_alias(&state, &alias)?;
+    let (room_id, _, creator) = storage::rooms::resolve_alias(&state.db, &alias)
+        .await?
+        .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    if creator != *auth.user_id && !auth.is_admin {
+        let room = Room::load(&state, &room_id).await?;
+        let (level, pl) = rooms::power_level(&state, &room, &auth.user_id).await?;
+        let needed =
+            pl["events"]["m.room.canonical_alias"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
+        if level < needed {
+            return Err(Error::forbidden("You may not delete this alias"));
+        }
+    }
+    storage::rooms::delete_alias(&state.db, &alias).await?;
+    Ok(axum::Json(json!({})))
+}
+
+pub async fn room_aliases(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    if visible_range(&state, &room, &auth.user_id).await?.is_none() {
+        return Err(Error::forbidden("You are not a member of this room"));
+    }
+    Ok(axum::Json(json!({ "aliases": storage::rooms::aliases_of(&state.db, room.nid).await? })))
+}

@@ -1,0 +1,87 @@
+//! What clients see: events in the client format, and which events a user may see.
+
+use serde_json::{Value, json};
+
+use super::Room;
+use crate::error::{ApiResult, Error};
+use crate::state::AppState;
+use crate::storage::events::EventRow;
+use crate::storage::{self, now_ms};
+
+/// Formats a stored event for a client. `viewer` is `(user_id, device_id)`: the sending device
+/// sees its `transaction_id`. Redacted events are served redacted.
+pub fn format(room: &Room, row: &EventRow, viewer: Option<(&str, &str)>) -> Value {
+    let mut pdu: Value = serde_json::from_str(&row.json).unwrap_or(Value::Null);
+    if row.redacted_by.is_some()
+        && let Ok(obj) = super::to_canonical(pdu.clone())
+        && let Ok(redacted) = ruma::canonical_json::redact(obj, &room.rules.redaction, None)
+    {
+        pdu = serde_json::to_value(redacted).unwrap_or(Value::Null);
+    }
+    let mut ev = json!({
+        "type": row.event_type,
+        "content": pdu.get("content").cloned().unwrap_or_else(|| json!({})),
+        "event_id": row.event_id,
+        "sender": row.sender,
+        "origin_server_ts": row.origin_server_ts,
+        "room_id": room.room_id,
+    });
+    if let Some(sk) = &row.state_key {
+        ev["state_key"] = json!(sk);
+    }
+    if let Some(r) = pdu.get("redacts") {
+        ev["redacts"] = r.clone();
+    } else if let Some(r) = pdu["content"].get("redacts") {
+        // Clients written for older versions look for the top-level key.
+        ev["redacts"] = r.clone();
+    }
+    let mut unsigned = json!({ "age": (now_ms() - row.origin_server_ts).max(0) });
+    if let (Some((user, device)), Some(d), Some(t)) = (viewer, &row.txn_device, &row.txn_id)
+        && user == row.sender
+        && device == d
+    {
+        unsigned["transaction_id"] = json!(t);
+    }
+    if let Some(by) = &row.redacted_by {
+        unsigned["redacted_because"] = json!({ "event_id": by, "type": "m.room.redaction" });
+    }
+    ev["unsigned"] = unsigned;
+    ev
+}
+
+/// The range of stream positions of a room that `user` may see, from the membership history
+/// and the room's current `m.room.history_visibility`. `None`: nothing visible.
+pub async fn visible_range(state: &AppState, room: &Room, user: &str) -> ApiResult<Option<(i64, i64)>> {
+    let history = storage::rooms::membership_history(&state.db, room.nid, user).await?;
+    let visibility = super::current_content(state, room, "m.room.history_visibility", "")
+        .await?
+        .and_then(|c| c["history_visibility"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "shared".into());
+    let current = history.last().map(|(m, _)| m.as_str());
+    let end = match current {
+        Some("join") => i64::MAX,
+        // After leaving (or being kicked/banned), the history up to that point stays readable.
+        Some("leave" | "ban") if history.iter().any(|(m, _)| m == "join") => {
+            history.last().map(|(_, s)| *s).unwrap_or(0)
+        }
+        Some("invite") if matches!(visibility.as_str(), "invited" | "shared" | "world_readable") => {
+            history.last().map(|(_, s)| *s).unwrap_or(0)
+        }
+        _ if visibility == "world_readable" => i64::MAX,
+        _ => return Ok(None),
+    };
+    let start = match visibility.as_str() {
+        "shared" | "world_readable" => 0,
+        "invited" => history.iter().find(|(m, _)| m == "invite" || m == "join").map(|(_, s)| *s).unwrap_or(0),
+        _ => history.iter().find(|(m, _)| m == "join").map(|(_, s)| *s).unwrap_or(i64::MAX),
+    };
+    Ok(Some((start, end)))
+}
+
+/// Requires the user to be joined to the room (for writes and member-only reads).
+pub async fn require_joined(state: &AppState, room: &Room, user: &str) -> ApiResult<()> {
+    match storage::rooms::membership(&state.db, room.nid, user).await? {
+        Some((m, _, _)) if m == "join" => Ok(()),
+        _ => Err(Error::forbidden("You are not joined to this room")),
+    }
+}

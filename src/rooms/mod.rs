@@ -1,0 +1,522 @@
+//! The room engine: every event that enters a room, local or (later) remote, goes through one
+//! pipeline: build → hash and sign → authorise against the state before it → persist in one
+//! transaction (event, edges, state group, current state, memberships, extremities, txn) →
+//! notify.
+//!
+//! Writes to one room are serialised by a transaction-level advisory lock keyed by the room
+//! (so several Parvis processes sharing a database stay correct) plus an in-process mutex (so
+//! concurrent requests of one process queue in memory rather than holding pool connections).
+
+pub mod client;
+pub mod create;
+pub mod pdu;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ruma::events::{StateEventType, TimelineEventType};
+use ruma::room_version_rules::RoomVersionRules;
+use ruma::{CanonicalJsonObject, CanonicalJsonValue, EventId, OwnedEventId, OwnedRoomId, RoomVersionId, UserId};
+use serde_json::{Value, json};
+use sqlx::PgConnection;
+
+use crate::error::{ApiResult, Error};
+use crate::state::AppState;
+use crate::storage::{self, now_ms};
+use pdu::Pdu;
+
+/// Room versions this server can create and join.
+pub const SUPPORTED_VERSIONS: &[&str] = &["6", "7", "8", "9", "10", "11", "12"];
+
+/// Namespace for room advisory locks (the room nid is added to it).
+const ROOM_LOCK_NAMESPACE: i64 = 0x5061_7276_0000_0000;
+
+/// A room as the engine needs it.
+#[derive(Debug, Clone)]
+pub struct Room {
+    pub nid: i64,
+    pub room_id: OwnedRoomId,
+    pub version: RoomVersionId,
+    pub rules: RoomVersionRules,
+}
+
+impl Room {
+    pub fn from_row(row: &storage::rooms::RoomRow) -> ApiResult<Self> {
+        let version = RoomVersionId::try_from(row.room_version.as_str()).map_err(|_| Error::internal())?;
+        let rules = version.rules().ok_or_else(Error::internal)?;
+        let room_id = OwnedRoomId::try_from(row.room_id.as_str()).map_err(|_| Error::internal())?;
+        Ok(Self { nid: row.room_nid, room_id, version, rules })
+    }
+
+    /// Loads a room by ID; 404 `M_NOT_FOUND` if this server does not know it.
+    pub async fn load(state: &AppState, room_id: &str) -> ApiResult<Self> {
+        let row = storage::rooms::by_id(&state.db, room_id).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+        Self::from_row(&row)
+    }
+}
+
+pub fn rules_for(version: &str) -> ApiResult<(RoomVersionId, RoomVersionRules)> {
+    let unsupported = || {
+        Error::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_UNSUPPORTED_ROOM_VERSION",
+            format!("Room version {version} is not supported"),
+        )
+    };
+    if !SUPPORTED_VERSIONS.contains(&version) {
+        return Err(unsupported());
+    }
+    let id = RoomVersionId::try_from(version).map_err(|_| unsupported())?;
+    let rules = id.rules().ok_or_else(unsupported)?;
+    Ok((id, rules))
+}
+
+/// What a client (or the server itself) wants to put into a room.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub kind: String,
+    pub state_key: Option<String>,
+    pub content: Value,
+    /// For `m.room.redaction`: the event to redact.
+    pub redacts: Option<String>,
+}
+
+impl NewEvent {
+    pub fn state(kind: &str, state_key: &str, content: Value) -> Self {
+        Self { kind: kind.into(), state_key: Some(state_key.into()), content, redacts: None }
+    }
+    pub fn message(kind: &str, content: Value) -> Self {
+        Self { kind: kind.into(), state_key: None, content, redacts: None }
+    }
+}
+
+/// A client transaction: `(device_id, txn_id)`.
+pub type Txn<'a> = Option<(&'a str, &'a str)>;
+
+/// The outcome of appending an event.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub event_id: OwnedEventId,
+    pub event_nid: i64,
+    pub stream: i64,
+}
+
+/// Per-room in-process locks.
+pub struct RoomLocks(moka::sync::Cache<i64, Arc<tokio::sync::Mutex<()>>>);
+
+impl Default for RoomLocks {
+    fn default() -> Self {
+        Self(moka::sync::Cache::builder().max_capacity(100_000).build())
+    }
+}
+
+impl RoomLocks {
+    pub fn get(&self, room_nid: i64) -> Arc<tokio::sync::Mutex<()>> {
+        self.0.get_with(room_nid, Default::default)
+    }
+}
+
+/// Sends one event into a room on behalf of a local user, idempotently per client transaction.
+pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn: Txn<'_>) -> ApiResult<OwnedEventId> {
+    if let Some((device, txn_id)) = txn
+        && let Some(existing) = storage::events::txn_event(&state.db, sender, device, txn_id).await?
+    {
+        return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
+    }
+    let lock = state.room_locks.get(room.nid);
+    let _guard = lock.lock().await;
+    let mut tx = state.db.begin().await?;
+    lock_room(&mut tx, room.nid).await?;
+    // Re-check under the lock: a concurrent retry of the same transaction may have won.
+    if let Some((device, txn_id)) = txn
+        && let Some(existing) = storage::events::txn_event(&mut *tx, sender, device, txn_id).await?
+    {
+        return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
+    }
+    let appended = append(state, &mut tx, room, sender, ev, txn).await?;
+    tx.commit().await?;
+    notify(state, appended.stream);
+    Ok(appended.event_id)
+}
+
+pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ROOM_LOCK_NAMESPACE + room_nid).execute(conn).await?;
+    Ok(())
+}
+
+/// Wakes whoever waits for new events (the sync engine).
+pub fn notify(state: &AppState, stream: i64) {
+    state.event_stream.send_if_modified(|cur| {
+        if stream > *cur {
+            *cur = stream;
+            true
+        } else {
+            false
+        }
+    });
+}
+
+fn forbidden(reason: impl std::fmt::Display) -> Error {
+    Error::forbidden(reason.to_string())
+}
+
+fn parse_user(user: &str) -> ApiResult<&UserId> {
+    <&UserId>::try_from(user).map_err(|_| Error::invalid_param(format!("Invalid user ID {user}")))
+}
+
+/// Builds, signs, authorises and persists one event at the head of a room, inside the caller's
+/// transaction (which must hold the room lock).
+pub async fn append(
+    state: &AppState,
+    conn: &mut PgConnection,
+    room: &Room,
+    sender: &str,
+    ev: NewEvent,
+    txn: Txn<'_>,
+) -> ApiResult<Appended> {
+    let sender_id = parse_user(sender)?;
+    let extremities = storage::events::extremities(conn, room.nid).await?;
+    if extremities.len() != 1 {
+        // Only federation can fork a room's DAG; merging forks needs state resolution, which
+        // arrives with federation. Locally created rooms always have a single head.
+        return Err(Error::from(anyhow::anyhow!(
+            "room {} has {} forward extremities; merging is not supported yet",
+            room.room_id,
+            extremities.len()
+        )));
+    }
+    let (prev_nid, prev_id, prev_depth, state_before) = extremities[0].clone();
+
+    let kind = TimelineEventType::from(ev.kind.as_str());
+    let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| Error::bad_json(e.to_string()))?;
+    let mut keys: Vec<(String, String)> = ruma::state_res::auth_types_for_event(
+        &kind,
+        sender_id,
+        ev.state_key.as_deref(),
+        &content_raw,
+        &room.rules.authorization,
+    )
+    .map_err(forbidden)?
+    .into_iter()
+    .map(|(t, k)| (t.to_string(), k))
+    .collect();
+    keys.push(("m.room.create".into(), String::new()));
+    let rows = storage::rooms::current_state_for(&mut *conn, room.nid, &keys).await?;
+
+    let mut by_key: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();
+    let mut by_id: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
+    let mut auth_nids = Vec::new();
+    let mut auth_ids = Vec::new();
+    for row in &rows {
+        let pdu = Arc::new(Pdu::parse(&row.event_id, &row.json).map_err(|e| Error::from(anyhow::anyhow!(e)))?);
+        let is_create = row.event_type == "m.room.create";
+        if !(is_create && room.rules.authorization.room_create_event_id_as_room_id) {
+            auth_nids.push(row.event_nid);
+            auth_ids.push(row.event_id.clone());
+        }
+        by_key.insert(
+            (StateEventType::from(row.event_type.as_str()), row.state_key.clone().unwrap_or_default()),
+            pdu.clone(),
+        );
+        by_id.insert(pdu.event_id.clone(), pdu);
+    }
+
+    let depth = (prev_depth + 1).min(9_007_199_254_740_991);
+    let mut value = json!({
+        "type": ev.kind,
+        "room_id": room.room_id,
+        "sender": sender,
+        "content": ev.content,
+        "origin_server_ts": now_ms(),
+        "depth": depth,
+        "prev_events": [prev_id],
+        "auth_events": auth_ids,
+    });
+    if let Some(sk) = &ev.state_key {
+        value["state_key"] = json!(sk);
+    }
+    if let Some(r) = &ev.redacts {
+        // v11 moved `redacts` into the content; older versions keep it at the top level.
+        if room.rules.redaction.content_field_redacts {
+            value["content"]["redacts"] = json!(r);
+        } else {
+            value["redacts"] = json!(r);
+        }
+    }
+    let (event_id, json_text) = sign(state, value, &room.rules)?;
+    let pdu = Pdu::parse(event_id.as_str(), &json_text).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+
+    ruma::state_res::check_state_independent_auth_rules(&room.rules.authorization, &pdu, |id: &EventId| {
+        by_id.get(id).cloned()
+    })
+    .map_err(forbidden)?;
+    ruma::state_res::check_state_dependent_auth_rules(
+        &room.rules.authorization,
+        &pdu,
+        |t: &StateEventType, k: &str| by_key.get(&(t.clone(), k.to_owned())).cloned(),
+    )
+    .map_err(forbidden)?;
+
+    let relation = ev.content.get("m.relates_to");
+    let rel_type = relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str);
+    let relates_to = relation.and_then(|r| r.get("event_id")).and_then(Value::as_str);
+    let (event_nid, stream) = storage::events::insert(
+        conn,
+        &storage::events::NewEventRow {
+            event_id: event_id.as_str(),
+            room_nid: room.nid,
+            depth,
+            event_type: &ev.kind,
+            state_key: ev.state_key.as_deref(),
+            sender,
+            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            json: &json_text,
+            state_before,
+            state_after: if ev.state_key.is_some() { None } else { state_before },
+            redacts: ev.redacts.as_deref(),
+            rel_type,
+            relates_to,
+            txn,
+        },
+    )
+    .await?;
+    storage::events::insert_edges(conn, event_nid, &[prev_id], &auth_nids).await?;
+    if let Some(sk) = &ev.state_key {
+        apply_state(conn, room.nid, event_nid, stream, state_before, &ev.kind, sk, &ev.content).await?;
+    }
+    storage::events::replace_extremities(conn, room.nid, &[prev_nid], event_nid).await?;
+    if let Some(target) = &ev.redacts {
+        storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
+    }
+    if let Some((device, txn_id)) = txn {
+        storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?;
+    }
+    Ok(Appended { event_id, event_nid, stream })
+}
+
+/// Records a state event: a new state group (delta on the state before), current state, and the
+/// membership table for member events.
+#[allow(clippy::too_many_arguments)]
+async fn apply_state(
+    conn: &mut PgConnection,
+    room_nid: i64,
+    event_nid: i64,
+    stream: i64,
+    state_before: Option<i64>,
+    kind: &str,
+    state_key: &str,
+    content: &Value,
+) -> ApiResult<()> {
+    let key_nid = storage::state::intern_key(conn, kind, state_key).await?;
+    let group = storage::state::create_group(conn, room_nid, state_before, &[(key_nid, event_nid)]).await?;
+    sqlx::query("UPDATE events SET state_after = $2 WHERE event_nid = $1")
+        .bind(event_nid)
+        .bind(group)
+        .execute(&mut *conn)
+        .await?;
+    storage::state::set_current(conn, room_nid, key_nid, event_nid).await?;
+    storage::rooms::set_current_group(conn, room_nid, group).await?;
+    if kind == "m.room.member" {
+        let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave");
+        storage::rooms::set_membership(conn, room_nid, state_key, membership, event_nid, stream).await?;
+    }
+    Ok(())
+}
+
+/// Hashes and signs a PDU with the server key; returns its event ID and canonical JSON text.
+pub fn sign(state: &AppState, value: Value, rules: &RoomVersionRules) -> ApiResult<(OwnedEventId, String)> {
+    let mut obj = to_canonical(value)?;
+    ruma::signatures::hash_and_sign_event(&state.config.server_name, &state.event_signer, &mut obj, &rules.redaction)
+        .map_err(|e| Error::bad_json(format!("cannot sign event: {e}")))?;
+    let hash = ruma::signatures::reference_hash(&obj, rules).map_err(|e| match e {
+        ruma::signatures::JsonError::PduTooLarge => Error::too_large("Event is larger than 65535 bytes"),
+        e => Error::bad_json(e.to_string()),
+    })?;
+    let event_id = EventId::new_v2_or_v3(&hash).map_err(|_| Error::internal())?;
+    let text = serde_json::to_string(&obj).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    if text.len() > 65_535 {
+        return Err(Error::too_large("Event is larger than 65535 bytes"));
+    }
+    Ok((event_id, text))
+}
+
+/// Converts JSON into canonical JSON, refusing floats and out-of-range integers as room
+/// versions 6+ require.
+pub fn to_canonical(value: Value) -> ApiResult<CanonicalJsonObject> {
+    match CanonicalJsonValue::try_from(value) {
+        Ok(CanonicalJsonValue::Object(o)) => Ok(o),
+        Ok(_) => Err(Error::bad_json("event must be an object")),
+        Err(e) => Err(Error::bad_json(format!("content is not canonical JSON: {e}"))),
+    }
+}
+
+/// The current state event content for `(type, state_key)`, if any.
+pub async fn current_content(state: &AppState, room: &Room, kind: &str, state_key: &str) -> ApiResult<Option<Value>> {
+    let rows = storage::rooms::current_state_for(&state.db, room.nid, &[(kind.into(), state_key.into())]).await?;
+    Ok(rows.first().and_then(|r| serde_json::from_str::<Value>(&r.json).ok()).map(|v| v["content"].clone()))
+}
+
+/// A user's power level in the current state (creators are above every number in v12).
+pub async fn power_level(state: &AppState, room: &Room, user: &str) -> ApiResult<(i64, Value)> {
+    let pl = current_content(state, room, "m.room.power_levels", "").await?.unwrap_or(Value::Null);
+    if room.rules.authorization.explicitly_privilege_room_creators {
+        let create = current_content(state, room, "m.room.create", "").await?.unwrap_or(Value::Null);
+        let rows =
+            storage::rooms::current_state_for(&state.db, room.nid, &[("m.room.create".into(), String::new())]).await?;
+        let creator = rows.first().map(|r| r.sender.clone()).unwrap_or_default();
+        let additional = create["additional_creators"].as_array().cloned().unwrap_or_default();
+        if creator == user || additional.iter().any(|u| u == user) {
+            return Ok((i64::MAX, pl));
+        }
+    }
+    let level = pl["users"][user].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or(0);
+    Ok((level, pl))
+}
+
+/// Follows profile changes into the rooms a user is joined to, as `m.room.member` updates.
+pub fn spawn_profile_propagation(state: AppState) {
+    let mut rx = state.profile_changes.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let change = match rx.recv().await {
+                Ok(c) => c,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(missed = n, "profile propagation lagged");
+                    continue;
+                }
+                Err(_) => return,
+            };
+            if let Err(e) = propagate_profile(&state, &change).await {
+                tracing::warn!(user_id = %change.user_id, error = %e, "profile propagation failed");
+            }
+        }
+    });
+}
+
+async fn propagate_profile(state: &AppState, change: &crate::users::profile::ProfileChange) -> ApiResult<()> {
+    for (_, room_id) in storage::rooms::joined_room_ids_and_nids(&state.db, &change.user_id).await? {
+        let room = Room::load(state, &room_id).await?;
+        let mut content = current_content(state, &room, "m.room.member", &change.user_id)
+            .await?
+            .unwrap_or_else(|| json!({ "membership": "join" }));
+        if content["membership"] != "join" {
+            continue;
+        }
+        for key in ["displayname", "avatar_url"] {
+            match change.profile.get(key) {
+                Some(v) => content[key] = v.clone(),
+                None => {
+                    if let Some(o) = content.as_object_mut() {
+                        o.remove(key);
+                    }
+                }
+            }
+        }
+        send(state, &room, &change.user_id, NewEvent::state("m.room.member", &change.user_id, content), None).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The spec's cryptographic test vectors (appendices, "Signing details") with the key seed
+    //! `YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1`, key ID `ed25519:1`, server `domain`.
+    use ruma::room_version_rules::RoomVersionRules;
+    use ruma::signatures::Ed25519KeyPair;
+    use serde_json::json;
+
+    use super::to_canonical;
+
+    fn key() -> Ed25519KeyPair {
+        let seed = crate::keys::decode_base64_lenient("YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1").unwrap();
+        let k = crate::keys::ServerKey::from_seed("ed25519:1".into(), &seed).unwrap();
+        Ed25519KeyPair::from_der(&k.pkcs8_der().unwrap(), "1".into()).unwrap()
+    }
+
+    #[test]
+    fn signing_json_vectors() {
+        let mut empty = to_canonical(json!({})).unwrap();
+        ruma::signatures::sign_json("domain", &key(), &mut empty).unwrap();
+        assert_eq!(
+            serde_json::to_value(&empty).unwrap()["signatures"]["domain"]["ed25519:1"],
+            "K8280/U9SSy9IVtjBuVeLr+HpOB4BQFWbg+UZaADMtTdGYI7Geitb76LTrr5QV/7Xg4ahLwYGYZzuHGZKM5ZAQ"
+        );
+        let mut two = to_canonical(json!({ "one": 1, "two": "Two" })).unwrap();
+        ruma::signatures::sign_json("domain", &key(), &mut two).unwrap();
+        assert_eq!(
+            serde_json::to_value(&two).unwrap()["signatures"]["domain"]["ed25519:1"],
+            "KqmLSbO39/Bzb0QIYE82zqLwsA+PDzYIpIRA2sRQ4sL53+sN6/fpNSoqE7BP7vBZhG6kYdD13EIMJpvhJI+6Bw"
+        );
+    }
+
+    #[test]
+    fn event_hash_and_signature_vectors() {
+        // Minimal event: the content hash.
+        let minimal = to_canonical(json!({
+            "room_id": "!x:domain", "sender": "@a:domain", "origin": "domain",
+            "origin_server_ts": 1000000, "signatures": {}, "hashes": {}, "type": "X",
+            "content": {}, "prev_events": [], "auth_events": [], "depth": 3,
+            "unsigned": { "age_ts": 1000000 }
+        }))
+        .unwrap();
+        let hash = ruma::signatures::content_hash(&minimal).unwrap();
+        assert_eq!(hash.encode(), "5jM4wQpv6lnBo7CLIghJuHdW+s2CMBJPUOGOC89ncos");
+
+        // Message event: hash and signature under the pre-v11 redaction algorithm (the spec's
+        // example keeps `origin`, which only room versions up to 10 protect).
+        let mut message = to_canonical(json!({
+            "content": { "body": "Here is the message content" },
+            "event_id": "$0:domain", "origin": "domain", "origin_server_ts": 1000000,
+            "type": "m.room.message", "room_id": "!r:domain", "sender": "@u:domain",
+            "signatures": {}, "unsigned": { "age_ts": 1000000 }
+        }))
+        .unwrap();
+        ruma::signatures::hash_and_sign_event("domain", &key(), &mut message, &RoomVersionRules::V10.redaction)
+            .unwrap();
+        let v = serde_json::to_value(&message).unwrap();
+        assert_eq!(v["hashes"]["sha256"], "onLKD1bGljeBWQhWZ1kaP9SorVmRQNdN5aM2JYU2n/g");
+        assert_eq!(
+            v["signatures"]["domain"]["ed25519:1"],
+            "Wm+VzmOUOz08Ds+0NTWb1d4CZrVsJSikkeRxh6aCcUwu6pNC78FunoD7KNWzqFn241eYHYMGCA5McEiVPdhzBA"
+        );
+        // Under v11 redaction rules `origin` is not protected: the signature differs.
+        let mut v11 = to_canonical(json!({
+            "content": { "body": "Here is the message content" },
+            "event_id": "$0:domain", "origin": "domain", "origin_server_ts": 1000000,
+            "type": "m.room.message", "room_id": "!r:domain", "sender": "@u:domain"
+        }))
+        .unwrap();
+        ruma::signatures::hash_and_sign_event("domain", &key(), &mut v11, &RoomVersionRules::V11.redaction).unwrap();
+        assert_ne!(
+            serde_json::to_value(&v11).unwrap()["signatures"]["domain"]["ed25519:1"],
+            v["signatures"]["domain"]["ed25519:1"]
+        );
+    }
+
+    #[test]
+    fn event_ids_and_redaction_per_version() {
+        let ev = json!({
+            "type": "m.room.member", "state_key": "@u:domain", "sender": "@u:domain",
+            "room_id": "!r:domain", "origin_server_ts": 5, "depth": 2, "prev_events": ["$a"], "auth_events": [],
+            "content": { "membership": "join", "displayname": "U", "join_authorised_via_users_server": "@x:domain" }
+        });
+        for (rules, keeps_authorising_user) in
+            [(RoomVersionRules::V6, false), (RoomVersionRules::V9, true), (RoomVersionRules::V12, true)]
+        {
+            let mut obj = to_canonical(ev.clone()).unwrap();
+            ruma::signatures::hash_and_sign_event("domain", &key(), &mut obj, &rules.redaction).unwrap();
+            let hash = ruma::signatures::reference_hash(&obj, &rules).unwrap();
+            let id = ruma::EventId::new_v2_or_v3(&hash).unwrap();
+            // v4+ event IDs: "$" + 43 URL-safe base64 characters.
+            assert_eq!(id.as_str().len(), 44);
+            assert!(!id.as_str().contains(['+', '/']));
+            let redacted = ruma::canonical_json::redact(obj.clone(), &rules.redaction, None).unwrap();
+            let content = serde_json::to_value(&redacted).unwrap()["content"].clone();
+            assert_eq!(content["membership"], "join");
+            assert!(content.get("displayname").is_none());
+            assert_eq!(content.get("join_authorised_via_users_server").is_some(), keeps_authorising_user);
+            // The reference hash ignores non-protected content: the redacted copy has the same ID.
+            assert_eq!(ruma::signatures::reference_hash(&redacted, &rules).unwrap(), hash);
+        }
+    }
+}

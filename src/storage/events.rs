@@ -1,0 +1,213 @@
+//! `events` and their edges, forward extremities, and client transaction IDs.
+
+use sqlx::{PgConnection, PgExecutor};
+
+use super::now_ms;
+
+/// An event as stored, with its canonical JSON.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EventRow {
+    pub event_nid: i64,
+    pub event_id: String,
+    pub room_nid: i64,
+    pub stream_ordering: i64,
+    pub depth: i64,
+    pub event_type: String,
+    pub state_key: Option<String>,
+    pub sender: String,
+    pub origin_server_ts: i64,
+    pub json: String,
+    pub redacted_by: Option<String>,
+    pub txn_device: Option<String>,
+    pub txn_id: Option<String>,
+    pub state_before: Option<i64>,
+    pub state_after: Option<i64>,
+}
+
+const COLUMNS: &str = "event_nid, event_id, room_nid, stream_ordering, depth, event_type, state_key, sender, \
+     origin_server_ts, json, redacted_by, txn_device, txn_id, state_before, state_after";
+
+pub struct NewEventRow<'a> {
+    pub event_id: &'a str,
+    pub room_nid: i64,
+    pub depth: i64,
+    pub event_type: &'a str,
+    pub state_key: Option<&'a str>,
+    pub sender: &'a str,
+    pub origin_server_ts: i64,
+    pub json: &'a str,
+    pub state_before: Option<i64>,
+    pub state_after: Option<i64>,
+    pub redacts: Option<&'a str>,
+    pub rel_type: Option<&'a str>,
+    pub relates_to: Option<&'a str>,
+    pub txn: Option<(&'a str, &'a str)>,
+}
+
+/// Inserts an event with the next stream position. Returns (event_nid, stream_ordering).
+pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
+                             origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
+                             txn_device, txn_id)
+         VALUES ($1, $2, nextval('event_stream_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+         RETURNING event_nid, stream_ordering",
+    )
+    .bind(e.event_id)
+    .bind(e.room_nid)
+    .bind(e.depth)
+    .bind(e.event_type)
+    .bind(e.state_key)
+    .bind(e.sender)
+    .bind(e.origin_server_ts)
+    .bind(e.json)
+    .bind(e.state_before)
+    .bind(e.state_after)
+    .bind(e.redacts)
+    .bind(e.rel_type)
+    .bind(e.relates_to)
+    .bind(e.txn.map(|t| t.0))
+    .bind(e.txn.map(|t| t.1))
+    .fetch_one(conn)
+    .await
+}
+
+pub async fn insert_edges(conn: &mut PgConnection, event_nid: i64, prev: &[String], auth: &[i64]) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO event_edges (event_nid, prev_event_id) SELECT $1, p FROM UNNEST($2::text[]) p")
+        .bind(event_nid)
+        .bind(prev)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO event_auth (event_nid, auth_event_nid) SELECT $1, a FROM UNNEST($2::bigint[]) a")
+        .bind(event_nid)
+        .bind(auth)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn by_id(db: impl PgExecutor<'_>, event_id: &str) -> sqlx::Result<Option<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM events WHERE event_id = $1")))
+        .bind(event_id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn by_nids(db: impl PgExecutor<'_>, nids: &[i64]) -> sqlx::Result<Vec<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM events WHERE event_nid = ANY($1)")))
+        .bind(nids)
+        .fetch_all(db)
+        .await
+}
+
+pub async fn by_ids(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM events WHERE event_id = ANY($1)")))
+        .bind(ids)
+        .fetch_all(db)
+        .await
+}
+
+/// Forward extremities of a room: (event_nid, event_id, depth, state_after).
+pub async fn extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<Vec<(i64, String, i64, Option<i64>)>> {
+    sqlx::query_as(
+        "SELECT e.event_nid, e.event_id, e.depth, e.state_after
+         FROM forward_extremities f JOIN events e ON e.event_nid = f.event_nid
+         WHERE f.room_nid = $1 ORDER BY e.depth, e.stream_ordering",
+    )
+    .bind(room_nid)
+    .fetch_all(conn)
+    .await
+}
+
+/// Replaces the given extremities by the new event.
+pub async fn replace_extremities(conn: &mut PgConnection, room_nid: i64, old: &[i64], new: i64) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM forward_extremities WHERE room_nid = $1 AND event_nid = ANY($2)")
+        .bind(room_nid)
+        .bind(old)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query("INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $2)")
+        .bind(room_nid)
+        .bind(new)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+pub async fn txn_event(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar("SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3")
+        .bind(user_id)
+        .bind(device_id)
+        .bind(txn_id)
+        .fetch_optional(db)
+        .await
+}
+
+pub async fn insert_txn(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+    event_id: &str,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .bind(txn_id)
+    .bind(event_id)
+    .bind(now_ms())
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub async fn mark_redacted(conn: &mut PgConnection, target: &str, room_nid: i64, by: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE events SET redacted_by = $3 WHERE event_id = $1 AND room_nid = $2 AND redacted_by IS NULL")
+        .bind(target)
+        .bind(room_nid)
+        .bind(by)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
+/// A page of a room's timeline in topological order, strictly before or after a position
+/// `(depth, stream)`, limited to the stream range `[min_stream, max_stream]` the user may see.
+pub async fn page(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    backwards: bool,
+    from: (i64, i64),
+    visible: (i64, i64),
+    limit: i64,
+) -> sqlx::Result<Vec<EventRow>> {
+    let sql = if backwards {
+        format!(
+            "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND (depth, stream_ordering) < ($2, $3)
+             AND stream_ordering BETWEEN $4 AND $5
+             ORDER BY depth DESC, stream_ordering DESC LIMIT $6"
+        )
+    } else {
+        format!(
+            "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND (depth, stream_ordering) > ($2, $3)
+             AND stream_ordering BETWEEN $4 AND $5
+             ORDER BY depth ASC, stream_ordering ASC LIMIT $6"
+        )
+    };
+    sqlx::query_as(sqlx::AssertSqlSafe(sql))
+        .bind(room_nid)
+        .bind(from.0)
+        .bind(from.1)
+        .bind(visible.0)
+        .bind(visible.1)
+        .bind(limit)
+        .fetch_all(db)
+        .await
+}
