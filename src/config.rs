@@ -33,6 +33,15 @@ pub struct Config {
     pub well_known: WellKnownConfig,
     pub turn: TurnConfig,
     pub rooms: RoomsConfig,
+    pub user_directory: UserDirectoryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UserDirectoryConfig {
+    /// Search every local user (a staff directory), not only users who share a room with the
+    /// searcher or sit in published rooms.
+    pub search_all_local_users: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,6 +204,7 @@ impl Default for Config {
             well_known: WellKnownConfig::default(),
             turn: TurnConfig::default(),
             rooms: RoomsConfig::default(),
+            user_directory: UserDirectoryConfig::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
 }
 
 pub fn router() -> Router<AppState> {
-    use client::{account, devices, discovery, login, profile, register, rooms};
+    use client::{account, devices, directory, discovery, login, profile, register, relations, rooms};
 
     let mut r = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -63,10 +63,31 @@ pub fn router() -> Router<AppState> {
         ("/rooms/{room_id}/joined_members", get(rooms::joined_members)),
         ("/rooms/{room_id}/aliases", get(rooms::room_aliases)),
         ("/directory/room/{alias}", get(rooms::get_alias).put(rooms::put_alias).delete(rooms::delete_alias)),
+        ("/rooms/{room_id}/context/{event_id}", get(relations::context)),
+        ("/knock/{room_id_or_alias}", post(rooms::knock)),
+        ("/rooms/{room_id}/upgrade", post(rooms::upgrade)),
+        ("/publicRooms", get(directory::public_rooms_get).post(directory::public_rooms_post)),
+        ("/directory/list/room/{room_id}", get(directory::get_visibility).put(directory::set_visibility)),
+        ("/user_directory/search", post(directory::search_users)),
+        ("/rooms/{room_id}/report/{event_id}", post(directory::report_event)),
+        ("/rooms/{room_id}/report", post(directory::report_room)),
     ] {
         r = client(r, path, handler);
     }
-    r.route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
+    r.route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
+        .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations_by_type))
+        .route(
+            "/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
+            get(relations::relations_by_type_and_event_type),
+        )
+        .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
+        .route("/_matrix/client/v1/room_summary/{room_id_or_alias}", get(directory::room_summary))
+        .route(
+            "/_matrix/client/unstable/im.nheko.summary/rooms/{room_id_or_alias}/summary",
+            get(directory::room_summary),
+        )
+        .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
+        .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
         .route("/_synapse/admin/v1/registration_tokens/new", post(admin::registration_tokens::create))
         .route(

@@ -173,3 +173,17 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Path<T> {
             .map_err(|e| Error::invalid_param(e.body_text()))
     }
 }
+
+/// An optional caller: `None` without a token; an invalid token is still an error.
+pub struct MaybeAuth(pub Option<Auth>);
+
+impl FromRequestParts<AppState> for MaybeAuth {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        if access_token(parts).is_none() {
+            return Ok(MaybeAuth(None));
+        }
+        Auth::from_request_parts(parts, state).await.map(|a| MaybeAuth(Some(a)))
+    }
+}

@@ -211,3 +211,124 @@ pub async fn page(
         .fetch_all(db)
         .await
 }
+
+/// Relations pointing at any of `targets` (excluding redacted ones), oldest first.
+pub async fn relations_to(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    targets: &[String],
+) -> sqlx::Result<Vec<(String, String, EventRow)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        relates_to: String,
+        rel_type: String,
+        #[sqlx(flatten)]
+        event: EventRow,
+    }
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT relates_to, rel_type, {COLUMNS} FROM events
+         WHERE room_nid = $1 AND relates_to = ANY($2) AND rel_type IS NOT NULL AND redacted_by IS NULL
+         ORDER BY stream_ordering"
+    )))
+    .bind(room_nid)
+    .bind(targets)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.relates_to, r.rel_type, r.event)).collect())
+}
+
+/// A page of events relating to `target`, newest first (or oldest first), with optional
+/// relation type and event type, positions strictly beyond `from` (a stream position).
+#[allow(clippy::too_many_arguments)]
+pub async fn relations_page(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    target: &str,
+    rel_type: Option<&str>,
+    event_type: Option<&str>,
+    backwards: bool,
+    from: i64,
+    visible: (i64, i64),
+    limit: i64,
+) -> sqlx::Result<Vec<EventRow>> {
+    let (cmp, order) = if backwards { ("<", "DESC") } else { (">", "ASC") };
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM events
+         WHERE room_nid = $1 AND relates_to = $2 AND ($3::text IS NULL OR rel_type = $3)
+           AND ($4::text IS NULL OR event_type = $4) AND stream_ordering {cmp} $5
+           AND stream_ordering BETWEEN $6 AND $7
+         ORDER BY stream_ordering {order} LIMIT $8"
+    )))
+    .bind(room_nid)
+    .bind(target)
+    .bind(rel_type)
+    .bind(event_type)
+    .bind(from)
+    .bind(visible.0)
+    .bind(visible.1)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// Thread roots of a room ordered by latest activity (newest first), before `before` (the
+/// stream position of a thread's latest reply), optionally only threads `user` took part in.
+pub async fn thread_roots(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    participant: Option<&str>,
+    before: i64,
+    visible: (i64, i64),
+    limit: i64,
+) -> sqlx::Result<Vec<(EventRow, i64)>> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        latest: i64,
+        #[sqlx(flatten)]
+        event: EventRow,
+    }
+    let rows: Vec<Row> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "WITH threads AS (
+             SELECT relates_to, max(stream_ordering) AS latest FROM events
+             WHERE room_nid = $1 AND rel_type = 'm.thread' AND redacted_by IS NULL
+             GROUP BY relates_to
+         )
+         SELECT t.latest, {COLUMNS} FROM threads t JOIN events e ON e.event_id = t.relates_to
+         WHERE e.room_nid = $1 AND t.latest < $3 AND e.stream_ordering BETWEEN $4 AND $5
+           AND ($2::text IS NULL OR e.sender = $2 OR EXISTS (
+                SELECT 1 FROM events r WHERE r.room_nid = $1 AND r.relates_to = e.event_id
+                  AND r.rel_type = 'm.thread' AND r.sender = $2))
+         ORDER BY t.latest DESC LIMIT $6"
+    )))
+    .bind(room_nid)
+    .bind(participant)
+    .bind(before)
+    .bind(visible.0)
+    .bind(visible.1)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    Ok(rows.into_iter().map(|r| (r.event, r.latest)).collect())
+}
+
+/// The first event at or after (`forward`) / at or before `ts`.
+pub async fn closest_to_ts(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    ts: i64,
+    forward: bool,
+    visible: (i64, i64),
+) -> sqlx::Result<Option<EventRow>> {
+    let (cmp, order) = if forward { (">=", "ASC") } else { ("<=", "DESC") };
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND origin_server_ts {cmp} $2
+           AND stream_ordering BETWEEN $3 AND $4
+         ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT 1"
+    )))
+    .bind(room_nid)
+    .bind(ts)
+    .bind(visible.0)
+    .bind(visible.1)
+    .fetch_optional(db)
+    .await
+}

@@ -5,6 +5,7 @@
 //! database; every query is exercised by the integration tests.
 
 pub mod devices;
+pub mod directory;
 pub mod events;
 pub mod meta;
 pub mod profiles;

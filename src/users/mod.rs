@@ -1,5 +1,6 @@
 //! Accounts: user ID rules, account creation, passwords and profiles.
 
+pub mod directory;
 pub mod password;
 pub mod profile;
 
@@ -97,6 +98,7 @@ pub async fn create_account(state: &AppState, new: NewAccount<'_>) -> ApiResult<
         return Err(Error::user_in_use());
     }
     tx.commit().await?;
+    directory::refresh(state, &user_id).await?;
     tracing::info!(user_id, admin = new.is_admin, "account created");
     Ok(user_id)
 }

@@ -54,6 +54,9 @@ pub async fn set_field(state: &AppState, user_id: &str, key: &str, value: Option
     let profile = storage::profiles::set_field(&state.db, user_id, key, value.as_ref())
         .await?
         .ok_or_else(|| Error::not_found("Profile not found"))?;
+    if key == "displayname" || key == "avatar_url" {
+        super::directory::refresh(state, user_id).await?;
+    }
     after_profile_change(state, ProfileChange { user_id: user_id.to_owned(), profile });
     Ok(())
 }

@@ -7,4 +7,5 @@ mod devices_profile;
 mod discovery;
 mod errors_limits;
 mod rooms;
+mod rooms_more;
 mod sdk;

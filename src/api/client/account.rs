@@ -71,6 +71,7 @@ pub async fn deactivate(
     if body.erase {
         storage::profiles::clear(&mut *tx, &auth.user_id).await?;
     }
+    storage::directory::remove_user(&mut *tx, &auth.user_id).await?;
     tx.commit().await?;
     state.auth.evict(&revoked).await;
     state.auth.evict_one(&auth.token_hash).await;

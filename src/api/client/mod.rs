@@ -2,8 +2,10 @@
 
 pub mod account;
 pub mod devices;
+pub mod directory;
 pub mod discovery;
 pub mod login;
 pub mod profile;
 pub mod register;
+pub mod relations;
 pub mod rooms;

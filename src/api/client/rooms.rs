@@ -84,8 +84,171 @@ pub async fn join(
     {
         return Ok(axum::Json(json!({ "room_id": room.room_id })));
     }
-    set_membership(&state, &room, &auth.user_id, &auth.user_id, "join", body.reason).await?;
+    let current = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.map(|(m, _, _)| m);
+    let join_rules = rooms::current_content(&state, &room, "m.room.join_rules", "").await?.unwrap_or(Value::Null);
+    let rule = join_rules["join_rule"].as_str().unwrap_or("invite");
+    let profile = storage::profiles::get(&state.db, &auth.user_id).await?.unwrap_or_default();
+    let mut content = member_content("join", &profile, false);
+    if let Some(r) = body.reason {
+        content["reason"] = json!(r);
+    }
+    if matches!(rule, "restricted" | "knock_restricted") && current.as_deref() != Some("invite") {
+        match restricted_join_authoriser(&state, &room, &auth.user_id, &join_rules).await? {
+            Some(authoriser) => content["join_authorised_via_users_server"] = json!(authoriser),
+            // knock_restricted rooms may still be knocked on; joining needs an allowed room.
+            None => return Err(Error::forbidden("You are not a member of any room this room allows joining from")),
+        }
+    }
+    rooms::send(&state, &room, &auth.user_id, NewEvent::state("m.room.member", &auth.user_id, content), None).await?;
     Ok(axum::Json(json!({ "room_id": room.room_id })))
+}
+
+/// For a restricted room: if `user` is joined to one of the rooms the join rules allow, a local
+/// member of this room with the power to invite, who vouches for the join.
+async fn restricted_join_authoriser(
+    state: &AppState,
+    room: &Room,
+    user: &str,
+    join_rules: &Value,
+) -> ApiResult<Option<String>> {
+    let allowed: Vec<&str> = join_rules["allow"]
+        .as_array()
+        .map(|a| a.iter().filter(|c| c["type"] == "m.room_membership").filter_map(|c| c["room_id"].as_str()).collect())
+        .unwrap_or_default();
+    let mut eligible = false;
+    for rid in allowed {
+        if let Some(r) = storage::rooms::by_id(&state.db, rid).await?
+            && matches!(storage::rooms::membership(&state.db, r.room_nid, user).await?, Some((m, _, _)) if m == "join")
+        {
+            eligible = true;
+            break;
+        }
+    }
+    if !eligible {
+        return Ok(None);
+    }
+    let (_, pl) = rooms::power_level(state, room, user).await?;
+    let invite_level = pl["invite"].as_i64().unwrap_or(0);
+    for member in storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await? {
+        let Some(candidate) = member.state_key else { continue };
+        if !candidate.ends_with(&format!(":{}", state.config.server_name)) {
+            continue;
+        }
+        let (level, _) = rooms::power_level(state, room, &candidate).await?;
+        if level >= invite_level {
+            return Ok(Some(candidate));
+        }
+    }
+    Ok(None)
+}
+
+pub async fn knock(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id_or_alias): Path<String>,
+    Json(body): Json<JoinBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = resolve_room(&state, &room_id_or_alias).await?;
+    set_membership(&state, &room, &auth.user_id, &auth.user_id, "knock", body.reason).await?;
+    Ok(axum::Json(json!({ "room_id": room.room_id })))
+}
+
+#[derive(Deserialize)]
+pub struct UpgradeBody {
+    new_version: String,
+}
+
+/// State carried over to the replacement room.
+const UPGRADE_COPIED_STATE: &[&str] = &[
+    "m.room.join_rules",
+    "m.room.history_visibility",
+    "m.room.guest_access",
+    "m.room.name",
+    "m.room.topic",
+    "m.room.avatar",
+    "m.room.encryption",
+    "m.room.server_acl",
+    "m.room.canonical_alias",
+];
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Json(body): Json<UpgradeBody>,
+) -> ApiResult<axum::Json<Value>> {
+    let old = Room::load(&state, &room_id).await?;
+    let (_, new_rules) = rooms::rules_for(&body.new_version)?;
+    require_joined(&state, &old, &auth.user_id).await?;
+    let (level, pl) = rooms::power_level(&state, &old, &auth.user_id).await?;
+    let needed = pl["events"]["m.room.tombstone"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
+    if level < needed {
+        return Err(Error::forbidden("You may not upgrade this room"));
+    }
+    let keys: Vec<(String, String)> = UPGRADE_COPIED_STATE.iter().map(|t| (t.to_string(), String::new())).collect();
+    let copied = storage::rooms::current_state_for(&state.db, old.nid, &keys).await?;
+    let mut initial_state = Vec::new();
+    for row in &copied {
+        let v: Value = serde_json::from_str(&row.json).unwrap_or(Value::Null);
+        initial_state.push(json!({ "type": row.event_type, "state_key": "", "content": v["content"] }));
+    }
+    let mut pl_override = pl.as_object().cloned().unwrap_or_default();
+    if new_rules.authorization.explicitly_privilege_room_creators
+        && let Some(users) = pl_override.get_mut("users").and_then(Value::as_object_mut)
+    {
+        // Creators may not appear in v12 power levels: the upgrader is the new room's creator.
+        users.remove(&*auth.user_id);
+    }
+    let last_event = storage::events::page(&state.db, old.nid, true, (i64::MAX, i64::MAX), (0, i64::MAX), 1).await?;
+    let mut creation = serde_json::Map::new();
+    creation.insert(
+        "predecessor".into(),
+        json!({ "room_id": old.room_id, "event_id": last_event.first().map(|e| e.event_id.clone()) }),
+    );
+    let aliases = storage::rooms::aliases_of(&state.db, old.nid).await?;
+    let req: CreateRoomRequest = serde_json::from_value(json!({
+        "room_version": body.new_version,
+        "creation_content": creation,
+        "initial_state": initial_state.into_iter().filter(|s| s["type"] != "m.room.canonical_alias").collect::<Vec<_>>(),
+        "power_level_content_override": pl_override,
+        "preset": "private_chat",
+    }))
+    .map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    let created = create(&state, &auth.user_id, req).await?;
+    let new_room = Room::load(&state, &created.room_id).await?;
+
+    // Point the old room at the new one and stop conversation there.
+    let tombstone = json!({ "body": "This room has been replaced", "replacement_room": created.room_id });
+    rooms::send(&state, &old, &auth.user_id, NewEvent::state("m.room.tombstone", "", tombstone), None).await?;
+    let users_default = pl["users_default"].as_i64().unwrap_or(0);
+    let restricted = (users_default + 1).max(50);
+    let mut old_pl = pl.clone();
+    old_pl["events_default"] = json!(restricted);
+    old_pl["invite"] = json!(restricted);
+    if let Err(e) =
+        rooms::send(&state, &old, &auth.user_id, NewEvent::state("m.room.power_levels", "", old_pl), None).await
+    {
+        tracing::warn!(error = %e, "could not restrict the old room after upgrade");
+    }
+    // Move local aliases and the canonical alias.
+    for a in &aliases {
+        storage::rooms::delete_alias(&state.db, a).await?;
+        storage::rooms::insert_alias(&state.db, a, new_room.nid, &auth.user_id).await?;
+    }
+    if let Some(row) = copied.iter().find(|r| r.event_type == "m.room.canonical_alias") {
+        let v: Value = serde_json::from_str(&row.json).unwrap_or(Value::Null);
+        rooms::send(&state, &old, &auth.user_id, NewEvent::state("m.room.canonical_alias", "", json!({})), None)
+            .await?;
+        rooms::send(
+            &state,
+            &new_room,
+            &auth.user_id,
+            NewEvent::state("m.room.canonical_alias", "", v["content"].clone()),
+            None,
+        )
+        .await?;
+    }
+    Ok(axum::Json(json!({ "replacement_room": created.room_id })))
 }
 
 pub async fn join_by_id(
@@ -407,7 +570,10 @@ pub async fn get_event(
     if row.stream_ordering < lo || row.stream_ordering > hi {
         return Err(not_found());
     }
-    Ok(axum::Json(format(&room, &row, Some((&auth.user_id, &auth.device_id)))))
+    let mut ev = [format(&room, &row, Some((&auth.user_id, &auth.device_id)))];
+    rooms::relations::bundle(&state, &room, (&auth.user_id, &auth.device_id), (lo, hi), &mut ev).await?;
+    let [ev] = ev;
+    Ok(axum::Json(ev))
 }
 
 #[derive(Deserialize)]
@@ -420,18 +586,18 @@ pub struct MessagesQuery {
 }
 
 #[derive(Deserialize, Default)]
-struct RoomEventFilter {
+pub struct RoomEventFilter {
     types: Option<Vec<String>>,
     not_types: Option<Vec<String>>,
     senders: Option<Vec<String>>,
     not_senders: Option<Vec<String>>,
     #[serde(default)]
-    lazy_load_members: bool,
+    pub lazy_load_members: bool,
     contains_url: Option<bool>,
 }
 
 impl RoomEventFilter {
-    fn matches(&self, row: &storage::events::EventRow) -> bool {
+    pub fn matches(&self, row: &storage::events::EventRow) -> bool {
         let glob = |pat: &str, v: &str| match pat.strip_suffix('*') {
             Some(prefix) => v.starts_with(prefix),
             None => pat == v,
@@ -467,13 +633,13 @@ impl RoomEventFilter {
 }
 
 /// Pagination tokens are `t<depth>_<stream>`: a position in topological order.
-fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
+pub fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
     let bad = || Error::invalid_param("Invalid pagination token");
     let (d, s) = t.strip_prefix('t').and_then(|r| r.split_once('_')).ok_or_else(bad)?;
     Ok((d.parse().map_err(|_| bad())?, s.parse().map_err(|_| bad())?))
 }
 
-fn token(depth: i64, stream: i64) -> String {
+pub fn token(depth: i64, stream: i64) -> String {
     format!("t{depth}_{stream}")
 }
 
@@ -532,10 +698,12 @@ pub async fn messages(
             break;
         }
     }
-    let viewer = Some((&*auth.user_id, &*auth.device_id));
+    let viewer = (&*auth.user_id, &*auth.device_id);
+    let mut events: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(viewer))).collect();
+    rooms::relations::bundle(&state, &room, viewer, visible, &mut events).await?;
     let mut resp = json!({
         "start": q.from.clone().unwrap_or_else(|| token(start.0.clamp(0, i64::MAX), start.1.clamp(0, i64::MAX))),
-        "chunk": chunk.iter().map(|r| format(&room, r, viewer)).collect::<Vec<_>>(),
+        "chunk": events,
     });
     if !exhausted {
         resp["end"] = json!(token(cursor.0, cursor.1));
