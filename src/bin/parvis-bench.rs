@@ -56,6 +56,14 @@ enum Scenario {
     Login(Load),
     /// Authenticated `GET /account/whoami` per second: the cost of auth + routing.
     Whoami(Load),
+    /// Messages sent per second by `--users` concurrent senders into `--rooms` rooms.
+    Send {
+        #[command(flatten)]
+        load: Load,
+        /// Rooms to spread the senders over (each sender writes to the rooms `i mod users`).
+        #[arg(long, default_value_t = 1)]
+        rooms: usize,
+    },
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
 }
@@ -210,6 +218,74 @@ async fn whoami(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
     .await)
 }
 
+impl Target {
+    async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Value) -> anyhow::Result<Value> {
+        let resp =
+            self.http.request(method, format!("{}{path}", self.url)).bearer_auth(token).json(&body).send().await?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{path}: {status} {v}");
+        }
+        Ok(v)
+    }
+}
+
+fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+async fn send(target: Arc<Target>, load: Load, rooms: usize) -> anyhow::Result<Report> {
+    let users = target.users("send", load.users.max(1)).await?;
+    let rooms = rooms.max(1);
+    let mut room_ids = Vec::with_capacity(rooms);
+    for _ in 0..rooms {
+        let v = target
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/createRoom",
+                &users[0].1,
+                json!({ "preset": "public_chat" }),
+            )
+            .await?;
+        room_ids.push(v["room_id"].as_str().context("room_id")?.to_owned());
+    }
+    // Sender i writes to the rooms r with r mod users == i mod users (all senders share room 0
+    // when there is one room).
+    let mut plan: Vec<(String, Vec<String>)> = Vec::new();
+    for (i, (_, token)) in users.iter().enumerate() {
+        let mine: Vec<String> = room_ids
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| rooms < users.len() || r % users.len() == i)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mine = if rooms < users.len() { vec![room_ids[i % rooms].clone()] } else { mine };
+        for r in &mine {
+            if i != 0 {
+                target
+                    .call(reqwest::Method::POST, &format!("/_matrix/client/v3/rooms/{}/join", enc(r)), token, json!({}))
+                    .await?;
+            }
+        }
+        plan.push((token.clone(), mine));
+    }
+    let plan = Arc::new(plan);
+    let name = format!("send/{rooms}r");
+    Ok(drive(&name, Load { concurrency: plan.len(), ..load }, move |i| {
+        let (t, plan) = (target.clone(), plan.clone());
+        async move {
+            let (token, rooms) = &plan[i as usize % plan.len()];
+            let room = &rooms[(i as usize / plan.len()) % rooms.len()];
+            let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/b{}-{i}", enc(room), t.run_id);
+            t.call(reqwest::Method::PUT, &path, token, json!({ "msgtype": "m.text", "body": format!("message {i}") }))
+                .await
+                .is_ok()
+        }
+    })
+    .await)
+}
+
 fn print(report: &Report, as_json: bool) {
     if as_json {
         println!("{}", serde_json::to_string(report).expect("serializable"));
@@ -246,9 +322,14 @@ async fn main() -> anyhow::Result<()> {
     let reports = match cli.scenario {
         Scenario::Login(l) => vec![login(target, l).await?],
         Scenario::Whoami(l) => vec![whoami(target, l).await?],
+        Scenario::Send { load, rooms } => vec![send(target, load, rooms).await?],
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
-            vec![login(target.clone(), Load { requests: 8, ..small }).await?, whoami(target, small).await?]
+            vec![
+                login(target.clone(), Load { requests: 8, ..small }).await?,
+                whoami(target.clone(), small).await?,
+                send(target, Load { requests: 40, ..small }, 2).await?,
+            ]
         }
     };
     let mut failed = false;

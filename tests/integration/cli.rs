@@ -236,7 +236,10 @@ async fn load_tool_smoke_run() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(reports.len(), 2);
+    assert_eq!(reports.len(), 3);
+    assert_eq!(reports[2]["scenario"], "send/2r");
+    assert_eq!(reports[2]["requests"], 40);
+    assert_eq!(reports[2]["errors"], 0);
     assert_eq!(reports[1]["scenario"], "whoami");
     assert_eq!(reports[1]["requests"], 200);
     assert_eq!(reports[1]["errors"], 0);

@@ -77,3 +77,92 @@ async fn element_x_style_session() {
     assert_eq!(left.len(), 2, "the registration's device and this one");
     s.stop().await;
 }
+
+/// Two Element X-like clients in one room: create, invite, join, talk, edit, react, reply in a
+/// thread, redact, paginate back, leave.
+#[tokio::test]
+async fn two_users_converse_in_a_room() {
+    use matrix_sdk::room::MessagesOptions;
+    use matrix_sdk::ruma::api::client::room::create_room::v3::Request as CreateRoom;
+    use matrix_sdk::ruma::events::room::message::RoomMessageEventContent;
+    use serde_json::json;
+
+    let s = TestServer::start().await;
+    s.register("agent.a", false).await;
+    s.register("agent.b", false).await;
+    let a = client(&s).await;
+    a.matrix_auth().login_username("agent.a", PASSWORD).send().await.expect("login a");
+    let b = client(&s).await;
+    let b_login = b.matrix_auth().login_username("agent.b", PASSWORD).send().await.expect("login b");
+
+    let mut req = CreateRoom::new();
+    req.name = Some("Cellule de crise".into());
+    let room_a = a.create_room(req).await.expect("create room");
+    room_a.invite_user_by_id(&b_login.user_id).await.expect("invite");
+    let room_b = b.join_room_by_id(room_a.room_id()).await.expect("join");
+
+    let hello = room_a.send(RoomMessageEventContent::text_plain("Bonjour")).await.expect("send").response.event_id;
+    let reply =
+        room_b.send(RoomMessageEventContent::text_plain("Bonjour, je suis là")).await.expect("send").response.event_id;
+    let edit = room_a
+        .send_raw(
+            "m.room.message",
+            json!({
+                "msgtype": "m.text", "body": "* Bonjour à tous",
+                "m.new_content": { "msgtype": "m.text", "body": "Bonjour à tous" },
+                "m.relates_to": { "rel_type": "m.replace", "event_id": hello }
+            }),
+        )
+        .await
+        .expect("edit")
+        .response
+        .event_id;
+    room_b
+        .send_raw(
+            "m.reaction",
+            json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": hello, "key": "👍" } }),
+        )
+        .await
+        .expect("react");
+    let thread = room_b
+        .send_raw("m.room.message", json!({
+            "msgtype": "m.text", "body": "Dans un fil",
+            "m.relates_to": { "rel_type": "m.thread", "event_id": hello, "is_falling_back": true, "m.in_reply_to": { "event_id": hello } }
+        }))
+        .await
+        .expect("thread reply")
+        .response
+        .event_id;
+    room_b.redact(&reply, Some("oups"), None).await.expect("redact own message");
+
+    // Paginate back from the end as a client does on opening the room.
+    let mut seen = Vec::new();
+    let mut from: Option<String> = None;
+    loop {
+        let opts = MessagesOptions::backward().from(from.as_deref());
+        let page = room_a.messages(opts).await.expect("messages");
+        for ev in &page.chunk {
+            seen.push(ev.raw().deserialize_as::<serde_json::Value>().unwrap());
+        }
+        match page.end {
+            Some(end) if !page.chunk.is_empty() => from = Some(end),
+            _ => break,
+        }
+    }
+    let find = |id: &matrix_sdk::ruma::EventId| seen.iter().find(|e| e["event_id"] == id.as_str()).cloned().unwrap();
+    let root = find(&hello);
+    assert_eq!(root["unsigned"]["m.relations"]["m.replace"]["event_id"], edit.as_str());
+    assert_eq!(root["unsigned"]["m.relations"]["m.thread"]["latest_event"]["event_id"], thread.as_str());
+    assert_eq!(find(&reply)["content"], json!({}), "redacted");
+    assert_eq!(seen.last().unwrap()["type"], "m.room.create");
+    assert!(seen.iter().any(|e| e["type"] == "m.reaction"));
+    let ids: std::collections::HashSet<&str> = seen.iter().map(|e| e["event_id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), seen.len(), "every event once");
+
+    room_b.leave().await.expect("leave");
+    let (_, joined) = s
+        .get(&format!("/_matrix/client/v3/rooms/{}/joined_members", room_a.room_id()), Some(&a.access_token().unwrap()))
+        .await;
+    assert_eq!(joined["joined"].as_object().unwrap().len(), 1, "{joined}");
+    s.stop().await;
+}
