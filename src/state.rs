@@ -32,6 +32,8 @@ pub struct Inner {
     pub event_signer: ruma::signatures::Ed25519KeyPair,
     /// In-process per-room write locks (the database lock is the authority).
     pub room_locks: RoomLocks,
+    /// Immutable facts about rooms (ID, number, version), by room ID.
+    pub room_cache: moka::sync::Cache<String, crate::rooms::Room>,
     /// The highest event stream position committed by this process; sync waits on it.
     pub event_stream: tokio::sync::watch::Sender<i64>,
 }
@@ -63,6 +65,7 @@ impl AppState {
             profile_changes,
             event_signer,
             room_locks: RoomLocks::default(),
+            room_cache: moka::sync::Cache::new(100_000),
             event_stream: tokio::sync::watch::channel(0).0,
             server_key,
             db,

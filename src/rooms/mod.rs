@@ -29,6 +29,9 @@ use pdu::Pdu;
 /// Room versions this server can create and join.
 pub const SUPPORTED_VERSIONS: &[&str] = &["6", "7", "8", "9", "10", "11", "12"];
 
+/// Internal marker: the client transaction was committed by a concurrent request.
+const DUPLICATE_TXN: &str = "PARVIS_DUPLICATE_TXN";
+
 /// Namespace for room advisory locks (the room nid is added to it).
 const ROOM_LOCK_NAMESPACE: i64 = 0x5061_7276_0000_0000;
 
@@ -49,10 +52,16 @@ impl Room {
         Ok(Self { nid: row.room_nid, room_id, version, rules })
     }
 
-    /// Loads a room by ID; 404 `M_NOT_FOUND` if this server does not know it.
+    /// Loads a room by ID; 404 `M_NOT_FOUND` if this server does not know it. A room's ID,
+    /// number and version never change, so they are cached for the life of the process.
     pub async fn load(state: &AppState, room_id: &str) -> ApiResult<Self> {
+        if let Some(room) = state.room_cache.get(room_id) {
+            return Ok(room);
+        }
         let row = storage::rooms::by_id(&state.db, room_id).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
-        Self::from_row(&row)
+        let room = Self::from_row(&row)?;
+        state.room_cache.insert(room_id.to_owned(), room.clone());
+        Ok(room)
     }
 }
 
@@ -128,13 +137,17 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
     let _guard = lock.lock().await;
     let mut tx = state.db.begin().await?;
     lock_room(&mut tx, room.nid).await?;
-    // Re-check under the lock: a concurrent retry of the same transaction may have won.
-    if let Some((device, txn_id)) = txn
-        && let Some(existing) = storage::events::txn_event(&mut *tx, sender, device, txn_id).await?
-    {
-        return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
-    }
-    let appended = append(state, &mut tx, room, sender, ev, txn).await?;
+    let appended = match append(state, &mut tx, room, sender, ev, txn).await {
+        Err(e) if e.errcode == DUPLICATE_TXN => {
+            // A concurrent retry of the same transaction won: answer with its event.
+            drop(tx);
+            let (device, txn_id) = txn.ok_or_else(Error::internal)?;
+            let existing =
+                storage::events::txn_event(&state.db, sender, device, txn_id).await?.ok_or_else(Error::internal)?;
+            return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
+        }
+        other => other?,
+    };
     tx.commit().await?;
     notify(state, appended.stream);
     Ok(appended.event_id)
@@ -289,8 +302,10 @@ pub async fn append(
     if let Some(target) = &ev.redacts {
         storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
     }
-    if let Some((device, txn_id)) = txn {
-        storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?;
+    if let Some((device, txn_id)) = txn
+        && !storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?
+    {
+        return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
     }
     Ok(Appended { event_id, event_nid, stream })
 }

@@ -72,17 +72,17 @@ pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Resul
     .await
 }
 
+/// Records the prev and auth edges of an event (one round trip).
 pub async fn insert_edges(conn: &mut PgConnection, event_nid: i64, prev: &[String], auth: &[i64]) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO event_edges (event_nid, prev_event_id) SELECT $1, p FROM UNNEST($2::text[]) p")
-        .bind(event_nid)
-        .bind(prev)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("INSERT INTO event_auth (event_nid, auth_event_nid) SELECT $1, a FROM UNNEST($2::bigint[]) a")
-        .bind(event_nid)
-        .bind(auth)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "WITH p AS (INSERT INTO event_edges (event_nid, prev_event_id) SELECT $1, p FROM UNNEST($2::text[]) p)
+         INSERT INTO event_auth (event_nid, auth_event_nid) SELECT $1, a FROM UNNEST($3::bigint[]) a",
+    )
+    .bind(event_nid)
+    .bind(prev)
+    .bind(auth)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -119,18 +119,17 @@ pub async fn extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result
     .await
 }
 
-/// Replaces the given extremities by the new event.
+/// Replaces the given extremities by the new event (one round trip).
 pub async fn replace_extremities(conn: &mut PgConnection, room_nid: i64, old: &[i64], new: i64) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM forward_extremities WHERE room_nid = $1 AND event_nid = ANY($2)")
-        .bind(room_nid)
-        .bind(old)
-        .execute(&mut *conn)
-        .await?;
-    sqlx::query("INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $2)")
-        .bind(room_nid)
-        .bind(new)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "WITH gone AS (DELETE FROM forward_extremities WHERE room_nid = $1 AND event_nid = ANY($2))
+         INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $3)",
+    )
+    .bind(room_nid)
+    .bind(old)
+    .bind(new)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -148,15 +147,17 @@ pub async fn txn_event(
         .await
 }
 
+/// Records a client transaction; `false` if the same transaction was recorded meanwhile.
 pub async fn insert_txn(
     db: impl PgExecutor<'_>,
     user_id: &str,
     device_id: &str,
     txn_id: &str,
     event_id: &str,
-) -> sqlx::Result<()> {
-    sqlx::query(
-        "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)",
+) -> sqlx::Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)
+         ON CONFLICT DO NOTHING",
     )
     .bind(user_id)
     .bind(device_id)
@@ -164,8 +165,9 @@ pub async fn insert_txn(
     .bind(event_id)
     .bind(now_ms())
     .execute(db)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 pub async fn mark_redacted(conn: &mut PgConnection, target: &str, room_nid: i64, by: &str) -> sqlx::Result<()> {

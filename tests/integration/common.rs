@@ -59,22 +59,17 @@ async fn exec(conn: &mut PgConnection, sql: &str) {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned())).execute(conn).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-/// Drops databases left behind by crashed test runs (older than an hour) and old templates.
+/// Drops databases left behind by crashed test runs (older than an hour). Templates are kept:
+/// another checkout with other migrations (another branch) may be using its own right now.
 async fn sweep_stale(admin: &mut PgConnection) {
-    let names: Vec<String> = sqlx::query_scalar(
-        "SELECT datname FROM pg_database WHERE datname LIKE 'parvis\\_t\\_%' OR datname LIKE 'parvis\\_tpl\\_%'",
-    )
-    .fetch_all(&mut *admin)
-    .await
-    .unwrap_or_default();
+    let names: Vec<String> = sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'parvis\\_t\\_%'")
+        .fetch_all(&mut *admin)
+        .await
+        .unwrap_or_default();
     let now = now_secs();
     for n in names {
-        let stale =
-            match n.strip_prefix("parvis_t_").and_then(|r| r.split('_').next()).and_then(|t| t.parse::<u64>().ok()) {
-                Some(ts) => ts + 3600 < now,
-                None => n.starts_with("parvis_tpl_"),
-            };
-        if stale {
+        let created = n.strip_prefix("parvis_t_").and_then(|r| r.split('_').next()).and_then(|t| t.parse::<u64>().ok());
+        if created.is_some_and(|ts| ts + 3600 < now) {
             let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS \"{n}\" WITH (FORCE)")))
                 .execute(&mut *admin)
                 .await;

@@ -297,8 +297,26 @@ async fn send_idempotency_redaction_and_pagination() {
     let (_, a3) = send_text(&s, &other, &room, "txn-1", "one").await;
     assert_ne!(a1["event_id"], a3["event_id"]);
 
+    // Concurrent retries of one transaction: one event, the same ID for every answer.
+    let retries: Vec<_> = (0..6).map(|_| send_text(&s, &bob, &room, "same-txn", "once")).collect();
+    let answers = futures_util::future::join_all(retries).await;
+    let ids: std::collections::HashSet<String> = answers
+        .iter()
+        .map(|(st, v)| {
+            assert_eq!(*st, 200, "{v}");
+            v["event_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "{answers:?}");
+    let once: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE json LIKE '%\"once\"%'")
+        .fetch_one(&s.state().db)
+        .await
+        .unwrap();
+    assert_eq!(once, 1);
+
     let mut sent = vec![a1["event_id"].as_str().unwrap().to_owned(), a3["event_id"].as_str().unwrap().to_owned()];
-    for i in 0..25 {
+    sent.push(ids.into_iter().next().unwrap());
+    for i in 0..24 {
         let who = if i % 2 == 0 { &alice } else { &bob };
         let (st, v) = send_text(&s, who, &room, &format!("m{i}"), &format!("message {i}")).await;
         assert_eq!(st, 200, "{v}");
@@ -341,7 +359,7 @@ async fn send_idempotency_redaction_and_pagination() {
         .get(&format!("/_matrix/client/v3/rooms/{r}/messages?dir=b&limit=100&filter={filter}"), Some(&alice.token))
         .await;
     let chunk = page["chunk"].as_array().unwrap();
-    assert_eq!(chunk.len(), 12);
+    assert_eq!(chunk.len(), 13, "bob's 12 messages and his deduplicated one");
     assert!(chunk.iter().all(|e| e["sender"] == bob.user_id.as_str()));
     assert_eq!(page["state"].as_array().unwrap().len(), 1, "lazy-loaded member of the only sender");
     assert_err(
@@ -356,9 +374,9 @@ async fn send_idempotency_redaction_and_pagination() {
     );
 
     // Redaction: own event yes, someone else's only with power.
-    let target = sent[3].clone(); // bob's
+    let target = sent[4].clone(); // bob's
     assert_err(
-        &s.put(&format!("/_matrix/client/v3/rooms/{r}/redact/{}/x1", enc(&sent[2])), Some(&bob.token), json!({})).await,
+        &s.put(&format!("/_matrix/client/v3/rooms/{r}/redact/{}/x1", enc(&sent[3])), Some(&bob.token), json!({})).await,
         403,
         "M_FORBIDDEN",
     );
@@ -374,7 +392,7 @@ async fn send_idempotency_redaction_and_pagination() {
     assert_eq!(ev["content"], json!({}), "redacted content is stripped: {ev}");
     assert_eq!(ev["unsigned"]["redacted_because"]["event_id"], red["event_id"]);
     let (st, _) = s
-        .put(&format!("/_matrix/client/v3/rooms/{r}/redact/{}/x3", enc(&sent[2])), Some(&alice.token), json!({}))
+        .put(&format!("/_matrix/client/v3/rooms/{r}/redact/{}/x3", enc(&sent[3])), Some(&alice.token), json!({}))
         .await;
     assert_eq!(st, 200, "the room creator may redact anything");
     s.stop().await;
