@@ -10,6 +10,7 @@
 pub mod client;
 pub mod create;
 pub mod pdu;
+pub mod typing;
 
 use std::collections::HashMap;
 use std::sync::Arc;
