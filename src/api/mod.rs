@@ -16,7 +16,7 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
 }
 
 pub fn router() -> Router<AppState> {
-    use client::{account, devices, discovery, login, profile, register, rooms};
+    use client::{account, account_data, devices, discovery, login, profile, receipts, register, rooms};
 
     let mut r = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -63,6 +63,16 @@ pub fn router() -> Router<AppState> {
         ("/rooms/{room_id}/joined_members", get(rooms::joined_members)),
         ("/rooms/{room_id}/aliases", get(rooms::room_aliases)),
         ("/directory/room/{alias}", get(rooms::get_alias).put(rooms::put_alias).delete(rooms::delete_alias)),
+        ("/user/{user_id}/account_data/{data_type}", get(account_data::get_global).put(account_data::put_global)),
+        (
+            "/user/{user_id}/rooms/{room_id}/account_data/{data_type}",
+            get(account_data::get_room).put(account_data::put_room),
+        ),
+        ("/user/{user_id}/rooms/{room_id}/tags", get(account_data::get_tags)),
+        ("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(account_data::put_tag).delete(account_data::delete_tag)),
+        ("/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipts::post_receipt)),
+        ("/rooms/{room_id}/read_markers", post(receipts::read_markers)),
+        ("/rooms/{room_id}/typing/{user_id}", put(receipts::typing)),
     ] {
         r = client(r, path, handler);
     }
