@@ -12,6 +12,7 @@ use crate::http::metrics::Metrics;
 use crate::http::ratelimit::RateLimiters;
 use crate::keys::ServerKey;
 use crate::rooms::RoomLocks;
+use crate::rooms::typing::Typing;
 use crate::users::password::Passwords;
 use crate::users::profile::ProfileChange;
 
@@ -36,6 +37,23 @@ pub struct Inner {
     pub room_cache: moka::sync::Cache<String, crate::rooms::Room>,
     /// The highest event stream position committed by this process; sync waits on it.
     pub event_stream: tokio::sync::watch::Sender<i64>,
+    /// Same, for the account data stream (storage::account_data) and the receipt stream.
+    pub account_data_stream: tokio::sync::watch::Sender<i64>,
+    pub receipt_stream: tokio::sync::watch::Sender<i64>,
+    /// Who is typing where (in memory only).
+    pub typing: Typing,
+}
+
+/// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
+pub fn advance(stream: &tokio::sync::watch::Sender<i64>, pos: i64) {
+    stream.send_if_modified(|cur| {
+        if pos > *cur {
+            *cur = pos;
+            true
+        } else {
+            false
+        }
+    });
 }
 
 impl std::ops::Deref for AppState {
@@ -67,6 +85,9 @@ impl AppState {
             room_locks: RoomLocks::default(),
             room_cache: moka::sync::Cache::new(100_000),
             event_stream: tokio::sync::watch::channel(0).0,
+            account_data_stream: tokio::sync::watch::channel(0).0,
+            receipt_stream: tokio::sync::watch::channel(0).0,
+            typing: Typing::default(),
             server_key,
             db,
             config,

@@ -16,7 +16,9 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
 }
 
 pub fn router() -> Router<AppState> {
-    use client::{account, devices, directory, discovery, login, profile, register, relations, rooms};
+    use client::{
+        account, account_data, devices, directory, discovery, login, profile, receipts, register, relations, rooms,
+    };
 
     let mut r = Router::new()
         .route("/_matrix/client/versions", get(discovery::versions))
@@ -71,6 +73,16 @@ pub fn router() -> Router<AppState> {
         ("/user_directory/search", post(directory::search_users)),
         ("/rooms/{room_id}/report/{event_id}", post(directory::report_event)),
         ("/rooms/{room_id}/report", post(directory::report_room)),
+        ("/user/{user_id}/account_data/{data_type}", get(account_data::get_global).put(account_data::put_global)),
+        (
+            "/user/{user_id}/rooms/{room_id}/account_data/{data_type}",
+            get(account_data::get_room).put(account_data::put_room),
+        ),
+        ("/user/{user_id}/rooms/{room_id}/tags", get(account_data::get_tags)),
+        ("/user/{user_id}/rooms/{room_id}/tags/{tag}", put(account_data::put_tag).delete(account_data::delete_tag)),
+        ("/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipts::post_receipt)),
+        ("/rooms/{room_id}/read_markers", post(receipts::read_markers)),
+        ("/rooms/{room_id}/typing/{user_id}", put(receipts::typing)),
     ] {
         r = client(r, path, handler);
     }

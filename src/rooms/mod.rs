@@ -11,6 +11,7 @@ pub mod client;
 pub mod create;
 pub mod pdu;
 pub mod relations;
+pub mod typing;
 
 use std::collections::HashMap;
 use std::sync::Arc;

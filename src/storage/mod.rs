@@ -4,11 +4,13 @@
 //! Queries use sqlx's runtime-checked API (`sqlx::query`/`query_as`) so the build needs no live
 //! database; every query is exercised by the integration tests.
 
+pub mod account_data;
 pub mod devices;
 pub mod directory;
 pub mod events;
 pub mod meta;
 pub mod profiles;
+pub mod receipts;
 pub mod registration;
 pub mod rooms;
 pub mod state;

@@ -5,6 +5,7 @@ mod cli;
 mod common;
 mod devices_profile;
 mod discovery;
+mod ephemeral;
 mod errors_limits;
 mod rooms;
 mod rooms_more;

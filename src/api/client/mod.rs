@@ -1,11 +1,13 @@
 //! Client-server API handlers, one module per chapter of the spec.
 
 pub mod account;
+pub mod account_data;
 pub mod devices;
 pub mod directory;
 pub mod discovery;
 pub mod login;
 pub mod profile;
+pub mod receipts;
 pub mod register;
 pub mod relations;
 pub mod rooms;
