@@ -161,14 +161,7 @@ pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<(
 
 /// Wakes whoever waits for new events (the sync engine).
 pub fn notify(state: &AppState, stream: i64) {
-    state.event_stream.send_if_modified(|cur| {
-        if stream > *cur {
-            *cur = stream;
-            true
-        } else {
-            false
-        }
-    });
+    crate::state::advance(&state.event_stream, stream);
 }
 
 fn forbidden(reason: impl std::fmt::Display) -> Error {
