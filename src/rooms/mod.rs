@@ -112,8 +112,24 @@ pub struct Appended {
     pub stream: i64,
 }
 
-/// Per-room in-process locks.
-pub struct RoomLocks(moka::sync::Cache<i64, Arc<tokio::sync::Mutex<()>>>);
+/// A send waiting for its room's writer.
+struct Pending {
+    sender: String,
+    ev: NewEvent,
+    txn: Option<(String, String)>,
+    reply: tokio::sync::oneshot::Sender<ApiResult<OwnedEventId>>,
+}
+
+/// Per-room write queue: sends are queued, and whoever holds the room's writer lock appends
+/// everything queued in one transaction (group commit: one fsync for many events).
+#[derive(Default)]
+pub struct RoomQueue {
+    pending: parking_lot::Mutex<Vec<Pending>>,
+    writer: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The write queues of the rooms of this process (the database lock is the authority).
+pub struct RoomLocks(moka::sync::Cache<i64, Arc<RoomQueue>>);
 
 impl Default for RoomLocks {
     fn default() -> Self {
@@ -122,10 +138,13 @@ impl Default for RoomLocks {
 }
 
 impl RoomLocks {
-    pub fn get(&self, room_nid: i64) -> Arc<tokio::sync::Mutex<()>> {
+    fn get(&self, room_nid: i64) -> Arc<RoomQueue> {
         self.0.get_with(room_nid, Default::default)
     }
 }
+
+/// Most events appended in one transaction.
+const MAX_BATCH: usize = 64;
 
 /// Sends one event into a room on behalf of a local user, idempotently per client transaction.
 pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn: Txn<'_>) -> ApiResult<OwnedEventId> {
@@ -134,24 +153,92 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
     {
         return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
     }
-    let lock = state.room_locks.get(room.nid);
-    let _guard = lock.lock().await;
-    let mut tx = state.db.begin().await?;
-    lock_room(&mut tx, room.nid).await?;
-    let appended = match append(state, &mut tx, room, sender, ev, txn).await {
-        Err(e) if e.errcode == DUPLICATE_TXN => {
-            // A concurrent retry of the same transaction won: answer with its event.
-            drop(tx);
-            let (device, txn_id) = txn.ok_or_else(Error::internal)?;
-            let existing =
-                storage::events::txn_event(&state.db, sender, device, txn_id).await?.ok_or_else(Error::internal)?;
-            return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
-        }
-        other => other?,
+    let queue = state.room_locks.get(room.nid);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    queue.pending.lock().push(Pending {
+        sender: sender.to_owned(),
+        ev,
+        txn: txn.map(|(d, t)| (d.to_owned(), t.to_owned())),
+        reply,
+    });
+    // Whoever gets the writer drains the queue; our own send may already have been taken by the
+    // previous writer, in which case there is little or nothing left to do.
+    let guard = queue.writer.clone().lock_owned().await;
+    let batch: Vec<Pending> = {
+        let mut p = queue.pending.lock();
+        let n = p.len().min(MAX_BATCH);
+        p.drain(..n).collect()
     };
-    tx.commit().await?;
-    notify(state, appended.stream);
-    Ok(appended.event_id)
+    if !batch.is_empty() {
+        // A task of its own: a client hanging up must not abort the others' events.
+        let (state, room) = (state.clone(), room.clone());
+        let _ = tokio::spawn(async move {
+            write_batch(&state, &room, batch).await;
+            drop(guard);
+        })
+        .await;
+    } else {
+        drop(guard);
+    }
+    answer.await.map_err(|_| Error::internal())?
+}
+
+/// Appends a batch of sends in one transaction and answers each sender.
+async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
+    let mut tx = match state.db.begin().await {
+        Ok(tx) => tx,
+        Err(e) => return fail_all(batch, e.into()),
+    };
+    if let Err(e) = lock_room(&mut tx, room.nid).await {
+        return fail_all(batch, e.into());
+    }
+    let mut done: Vec<(tokio::sync::oneshot::Sender<ApiResult<OwnedEventId>>, ApiResult<OwnedEventId>)> = Vec::new();
+    let mut last_stream = 0;
+    for p in batch {
+        let txn = p.txn.as_ref().map(|(d, t)| (d.as_str(), t.as_str()));
+        let result = match append(state, &mut tx, room, &p.sender, p.ev, txn).await {
+            Ok(a) => {
+                last_stream = a.stream;
+                Ok(a.event_id)
+            }
+            // The same client transaction was recorded first (by this batch or another
+            // process): answer with that event. Nothing of ours was written yet.
+            Err(e) if e.errcode == DUPLICATE_TXN => match txn {
+                Some((d, t)) => match storage::events::txn_event(&mut *tx, &p.sender, d, t).await {
+                    Ok(Some(id)) => OwnedEventId::try_from(id).map_err(|_| Error::internal()),
+                    Ok(None) => Err(Error::internal()),
+                    Err(e) => Err(e.into()),
+                },
+                None => Err(Error::internal()),
+            },
+            Err(e) => Err(e),
+        };
+        done.push((p.reply, result));
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            if last_stream > 0 {
+                notify(state, last_stream);
+            }
+            for (reply, result) in done {
+                let _ = reply.send(result);
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "room write batch failed to commit");
+            for (reply, result) in done {
+                // Rejections stay rejections; accepted events were lost with the transaction.
+                let _ = reply.send(result.and_then(|_| Err(Error::internal())));
+            }
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Pending>, e: Error) {
+    tracing::error!(error = %e, "room write batch failed");
+    for p in batch {
+        let _ = p.reply.send(Err(Error::internal()));
+    }
 }
 
 pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<()> {
@@ -265,6 +352,12 @@ pub async fn append(
     )
     .map_err(forbidden)?;
 
+    // The client transaction first: if it was already recorded, nothing of this event is written.
+    if let Some((device, txn_id)) = txn
+        && !storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?
+    {
+        return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
+    }
     let relation = ev.content.get("m.relates_to");
     let rel_type = relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str);
     let relates_to = relation.and_then(|r| r.get("event_id")).and_then(Value::as_str);
@@ -295,11 +388,6 @@ pub async fn append(
     storage::events::replace_extremities(conn, room.nid, &[prev_nid], event_nid).await?;
     if let Some(target) = &ev.redacts {
         storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
-    }
-    if let Some((device, txn_id)) = txn
-        && !storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?
-    {
-        return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
     }
     Ok(Appended { event_id, event_nid, stream })
 }
