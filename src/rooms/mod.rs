@@ -147,12 +147,8 @@ impl RoomLocks {
 const MAX_BATCH: usize = 64;
 
 /// Sends one event into a room on behalf of a local user, idempotently per client transaction.
+/// A retried transaction is recognised when its `event_txns` row conflicts (see `append`).
 pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn: Txn<'_>) -> ApiResult<OwnedEventId> {
-    if let Some((device, txn_id)) = txn
-        && let Some(existing) = storage::events::txn_event(&state.db, sender, device, txn_id).await?
-    {
-        return OwnedEventId::try_from(existing).map_err(|_| Error::internal());
-    }
     let queue = state.room_locks.get(room.nid);
     let (reply, answer) = tokio::sync::oneshot::channel();
     queue.pending.lock().push(Pending {
