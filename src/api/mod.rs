@@ -17,7 +17,8 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
 
 pub fn router() -> Router<AppState> {
     use client::{
-        account, account_data, devices, directory, discovery, login, profile, receipts, register, relations, rooms,
+        account, account_data, devices, directory, discovery, login, profile, pushrules, receipts, register, relations,
+        rooms,
     };
 
     let mut r = Router::new()
@@ -83,6 +84,16 @@ pub fn router() -> Router<AppState> {
         ("/rooms/{room_id}/receipt/{receipt_type}/{event_id}", post(receipts::post_receipt)),
         ("/rooms/{room_id}/read_markers", post(receipts::read_markers)),
         ("/rooms/{room_id}/typing/{user_id}", put(receipts::typing)),
+        ("/pushrules/", get(pushrules::get_all)),
+        ("/pushrules", get(pushrules::get_all)),
+        ("/pushrules/{scope}/", get(pushrules::get_scope)),
+        ("/pushrules/{scope}", get(pushrules::get_scope)),
+        (
+            "/pushrules/{scope}/{kind}/{rule_id}",
+            get(pushrules::get_rule).put(pushrules::put_rule).delete(pushrules::delete_rule),
+        ),
+        ("/pushrules/{scope}/{kind}/{rule_id}/enabled", get(pushrules::get_enabled).put(pushrules::put_enabled)),
+        ("/pushrules/{scope}/{kind}/{rule_id}/actions", get(pushrules::get_actions).put(pushrules::put_actions)),
     ] {
         r = client(r, path, handler);
     }

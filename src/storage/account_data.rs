@@ -138,3 +138,45 @@ pub async fn changed_since(db: impl PgExecutor<'_>, user_id: &str, since: i64) -
 pub async fn current_stream_position(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM account_data").fetch_one(db).await
 }
+
+/// Read-modify-write of one piece of account data, safe against concurrent writers: under the
+/// stream lock (taken first, so two writers racing to create the row cannot both see it absent)
+/// the current content is read `FOR UPDATE` and handed to `change`. If `change` returns new
+/// content it is stored with the next stream position, which is returned; `Ok(None)` from
+/// `change` leaves everything as it was (no position is taken). An error from `change` rolls back.
+pub async fn update<E: From<sqlx::Error>>(
+    db: &PgPool,
+    user_id: &str,
+    room_id: Option<&str>,
+    data_type: &str,
+    change: impl FnOnce(Option<Value>) -> Result<Option<Value>, E>,
+) -> Result<Option<i64>, E> {
+    let mut tx = db.begin().await?;
+    lock_stream(&mut tx).await?;
+    let current: Option<(Json<Value>,)> = sqlx::query_as(
+        "SELECT content FROM account_data WHERE user_id = $1 AND room_id = $2 AND data_type = $3 FOR UPDATE",
+    )
+    .bind(user_id)
+    .bind(room_id.unwrap_or(""))
+    .bind(data_type)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(content) = change(current.map(|(j,)| j.0))? else {
+        return Ok(None);
+    };
+    let pos = sqlx::query_scalar(
+        "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering)
+         VALUES ($1, $2, $3, $4, nextval('account_data_stream_seq'))
+         ON CONFLICT (user_id, room_id, data_type) DO UPDATE
+           SET content = EXCLUDED.content, stream_ordering = EXCLUDED.stream_ordering
+         RETURNING stream_ordering",
+    )
+    .bind(user_id)
+    .bind(room_id.unwrap_or(""))
+    .bind(data_type)
+    .bind(Json(&content))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(pos))
+}

@@ -7,6 +7,7 @@ pub mod directory;
 pub mod discovery;
 pub mod login;
 pub mod profile;
+pub mod pushrules;
 pub mod receipts;
 pub mod register;
 pub mod relations;
