@@ -101,10 +101,13 @@ CREATE TABLE room_memberships (
 );
 CREATE INDEX room_memberships_user ON room_memberships (user_id, membership);
 
-CREATE TABLE forward_extremities (
-    room_nid  BIGINT NOT NULL REFERENCES rooms (room_nid),
-    event_nid BIGINT NOT NULL REFERENCES events (event_nid),
-    PRIMARY KEY (room_nid, event_nid)
+-- The forward extremities (heads) of each room's DAG, as one row per room: every send replaces
+-- them, and an UPDATE of a non-indexed column is a HOT update that leaves no dead index entries
+-- (a row per extremity, deleted and re-inserted on every send, made the head lookup scan ever
+-- more dead index entries between vacuums).
+CREATE TABLE room_extremities (
+    room_nid   BIGINT PRIMARY KEY REFERENCES rooms (room_nid),
+    event_nids BIGINT[] NOT NULL
 );
 
 -- Client transaction IDs: a retried PUT /send returns the same event.

@@ -161,7 +161,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
         .await?;
     storage::state::set_current(&mut tx, room_nid, key, create_nid).await?;
     storage::rooms::set_current_group(&mut tx, room_nid, group).await?;
-    sqlx::query("INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $2)")
+    sqlx::query("INSERT INTO room_extremities (room_nid, event_nids) VALUES ($1, ARRAY[$2::bigint])")
         .bind(room_nid)
         .bind(create_nid)
         .execute(&mut *tx)

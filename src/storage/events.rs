@@ -111,8 +111,8 @@ pub async fn by_ids(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec
 pub async fn extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<Vec<(i64, String, i64, Option<i64>)>> {
     sqlx::query_as(
         "SELECT e.event_nid, e.event_id, e.depth, e.state_after
-         FROM forward_extremities f JOIN events e ON e.event_nid = f.event_nid
-         WHERE f.room_nid = $1 ORDER BY e.depth, e.stream_ordering",
+         FROM room_extremities x JOIN events e ON e.event_nid = ANY(x.event_nids)
+         WHERE x.room_nid = $1 ORDER BY e.depth, e.stream_ordering",
     )
     .bind(room_nid)
     .fetch_all(conn)
@@ -122,8 +122,9 @@ pub async fn extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result
 /// Replaces the given extremities by the new event (one round trip).
 pub async fn replace_extremities(conn: &mut PgConnection, room_nid: i64, old: &[i64], new: i64) -> sqlx::Result<()> {
     sqlx::query(
-        "WITH gone AS (DELETE FROM forward_extremities WHERE room_nid = $1 AND event_nid = ANY($2))
-         INSERT INTO forward_extremities (room_nid, event_nid) VALUES ($1, $3)",
+        "UPDATE room_extremities
+         SET event_nids = ARRAY(SELECT x FROM unnest(event_nids) x WHERE x <> ALL($2)) || $3::bigint
+         WHERE room_nid = $1",
     )
     .bind(room_nid)
     .bind(old)
