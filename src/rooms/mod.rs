@@ -181,6 +181,7 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
 
 /// Appends a batch of sends in one transaction and answers each sender.
 async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
+    tracing::debug!(room = %room.room_id, size = batch.len(), "room write batch");
     let mut tx = match state.db.begin().await {
         Ok(tx) => tx,
         Err(e) => return fail_all(batch, e.into()),
