@@ -54,19 +54,7 @@ pub async fn set(
 ) -> sqlx::Result<i64> {
     let mut tx = db.begin().await?;
     lock_stream(&mut tx).await?;
-    let pos = sqlx::query_scalar(
-        "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering)
-         VALUES ($1, $2, $3, $4, nextval('account_data_stream_seq'))
-         ON CONFLICT (user_id, room_id, data_type) DO UPDATE
-           SET content = EXCLUDED.content, stream_ordering = EXCLUDED.stream_ordering
-         RETURNING stream_ordering",
-    )
-    .bind(user_id)
-    .bind(room_id.unwrap_or(""))
-    .bind(data_type)
-    .bind(Json(content))
-    .fetch_one(&mut *tx)
-    .await?;
+    let pos = upsert(&mut tx, user_id, room_id, data_type, content).await?;
     tx.commit().await?;
     Ok(pos)
 }
@@ -164,7 +152,20 @@ pub async fn update<E: From<sqlx::Error>>(
     let Some(content) = change(current.map(|(j,)| j.0))? else {
         return Ok(None);
     };
-    let pos = sqlx::query_scalar(
+    let pos = upsert(&mut tx, user_id, room_id, data_type, &content).await?;
+    tx.commit().await?;
+    Ok(Some(pos))
+}
+
+/// Writes one entry with the next stream position (the caller holds the stream lock).
+async fn upsert(
+    conn: &mut sqlx::PgConnection,
+    user_id: &str,
+    room_id: Option<&str>,
+    data_type: &str,
+    content: &Value,
+) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
         "INSERT INTO account_data (user_id, room_id, data_type, content, stream_ordering)
          VALUES ($1, $2, $3, $4, nextval('account_data_stream_seq'))
          ON CONFLICT (user_id, room_id, data_type) DO UPDATE
@@ -174,9 +175,7 @@ pub async fn update<E: From<sqlx::Error>>(
     .bind(user_id)
     .bind(room_id.unwrap_or(""))
     .bind(data_type)
-    .bind(Json(&content))
-    .fetch_one(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Some(pos))
+    .bind(Json(content))
+    .fetch_one(conn)
+    .await
 }

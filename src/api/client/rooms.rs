@@ -397,22 +397,22 @@ pub async fn send_message(
     Ok(axum::Json(json!({ "event_id": id })))
 }
 
+/// `/rooms/{room_id}/state/{event_type}[/{state_key}]`: the state key may be absent (empty).
+#[derive(Deserialize)]
+pub struct StatePath {
+    room_id: String,
+    event_type: String,
+    #[serde(default)]
+    state_key: String,
+}
+
 pub async fn put_state(
     State(state): State<AppState>,
     auth: Auth,
-    Path((room_id, event_type, state_key)): Path<(String, String, String)>,
+    Path(p): Path<StatePath>,
     Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
-    put_state_inner(&state, &auth, &room_id, &event_type, &state_key, body).await
-}
-
-pub async fn put_state_empty_key(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path((room_id, event_type)): Path<(String, String)>,
-    Json(body): Json<Value>,
-) -> ApiResult<axum::Json<Value>> {
-    put_state_inner(&state, &auth, &room_id, &event_type, "", body).await
+    put_state_inner(&state, &auth, &p.room_id, &p.event_type, &p.state_key, body).await
 }
 
 async fn put_state_inner(
@@ -521,19 +521,10 @@ pub struct FormatQuery {
 pub async fn get_state_event(
     State(state): State<AppState>,
     auth: Auth,
-    Path((room_id, event_type, state_key)): Path<(String, String, String)>,
+    Path(p): Path<StatePath>,
     Query(q): Query<FormatQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    get_state_event_inner(&state, &auth, &room_id, &event_type, &state_key, q).await
-}
-
-pub async fn get_state_event_empty_key(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path((room_id, event_type)): Path<(String, String)>,
-    Query(q): Query<FormatQuery>,
-) -> ApiResult<axum::Json<Value>> {
-    get_state_event_inner(&state, &auth, &room_id, &event_type, "", q).await
+    get_state_event_inner(&state, &auth, &p.room_id, &p.event_type, &p.state_key, q).await
 }
 
 async fn get_state_event_inner(
