@@ -261,3 +261,15 @@ pub fn assert_err(resp: &(StatusCode, Value), status: u16, errcode: &str) {
     assert_eq!(resp.1["errcode"], errcode, "unexpected errcode, body: {}", resp.1);
     assert!(resp.1["error"].is_string(), "error message missing: {}", resp.1);
 }
+
+/// Percent-encodes a path segment (room IDs, aliases and event IDs contain `!`, `#`, `$`, `:`).
+pub fn enc(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
+}
+
+/// Creates a room; returns its ID.
+pub async fn create(s: &TestServer, u: &User, body: Value) -> String {
+    let (st, v) = s.post("/_matrix/client/v3/createRoom", Some(&u.token), body).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["room_id"].as_str().unwrap().to_owned()
+}

@@ -9,10 +9,6 @@ use crate::common::*;
 
 const BASE: &str = "/_matrix/client/v3/pushrules";
 
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
 fn rule(kind: &str, id: &str) -> String {
     format!("{BASE}/global/{kind}/{}", enc(id))
 }

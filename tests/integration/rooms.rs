@@ -3,16 +3,6 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn enc(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect()
-}
-
-async fn create(s: &TestServer, u: &User, body: Value) -> String {
-    let (st, v) = s.post("/_matrix/client/v3/createRoom", Some(&u.token), body).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    v["room_id"].as_str().unwrap().to_owned()
-}
-
 async fn send_text(s: &TestServer, u: &User, room: &str, txn: &str, body: &str) -> (StatusCode, Value) {
     s.put(
         &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room)),

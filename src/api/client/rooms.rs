@@ -409,21 +409,11 @@ pub struct StatePath {
 pub async fn put_state(
     State(state): State<AppState>,
     auth: Auth,
-    Path(p): Path<StatePath>,
+    Path(StatePath { room_id, event_type: kind, state_key: key }): Path<StatePath>,
     Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
-    put_state_inner(&state, &auth, &p.room_id, &p.event_type, &p.state_key, body).await
-}
-
-async fn put_state_inner(
-    state: &AppState,
-    auth: &Auth,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-    body: Value,
-) -> ApiResult<axum::Json<Value>> {
-    let room = Room::load(state, room_id).await?;
+    let state = &state;
+    let room = Room::load(state, &room_id).await?;
     let content = object(body)?;
     if kind == "m.room.canonical_alias" {
         let mut aliases: Vec<&str> =
@@ -444,7 +434,7 @@ async fn put_state_inner(
             }
         }
     }
-    let id = rooms::send(state, &room, &auth.user_id, NewEvent::state(kind, key, content), None).await?;
+    let id = rooms::send(state, &room, &auth.user_id, NewEvent::state(&kind, &key, content), None).await?;
     Ok(axum::Json(json!({ "event_id": id })))
 }
 
@@ -521,27 +511,17 @@ pub struct FormatQuery {
 pub async fn get_state_event(
     State(state): State<AppState>,
     auth: Auth,
-    Path(p): Path<StatePath>,
+    Path(StatePath { room_id, event_type: kind, state_key: key }): Path<StatePath>,
     Query(q): Query<FormatQuery>,
 ) -> ApiResult<axum::Json<Value>> {
-    get_state_event_inner(&state, &auth, &p.room_id, &p.event_type, &p.state_key, q).await
-}
-
-async fn get_state_event_inner(
-    state: &AppState,
-    auth: &Auth,
-    room_id: &str,
-    kind: &str,
-    key: &str,
-    q: FormatQuery,
-) -> ApiResult<axum::Json<Value>> {
-    let room = Room::load(state, room_id).await?;
+    let state = &state;
+    let room = Room::load(state, &room_id).await?;
     let row = match readable_state_group(state, &room, &auth.user_id).await? {
-        None => storage::rooms::current_state_for(&state.db, room.nid, &[(kind.into(), key.into())]).await?.pop(),
+        None => storage::rooms::current_state_for(&state.db, room.nid, &[(kind.clone(), key.clone())]).await?.pop(),
         Some(group) => storage::rooms::state_events_of_group(&state.db, group)
             .await?
             .into_iter()
-            .find(|r| r.event_type == kind && r.state_key.as_deref() == Some(key)),
+            .find(|r| r.event_type == kind && r.state_key.as_deref() == Some(key.as_str())),
     }
     .ok_or_else(|| Error::not_found("State event not found"))?;
     let ev = format(&room, &row, None);
