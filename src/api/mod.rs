@@ -112,6 +112,7 @@ pub fn router() -> Router<AppState> {
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
+        .route("/_synapse/admin/v1/event_reports", get(admin::reports::list))
         .route("/_synapse/admin/v1/registration_tokens/new", post(admin::registration_tokens::create))
         .route(
             "/_synapse/admin/v1/registration_tokens/{token}",

@@ -118,3 +118,42 @@ pub async fn insert_report(
     .await?;
     Ok(())
 }
+
+#[derive(Debug, sqlx::FromRow)]
+pub struct ReportRow {
+    pub id: i64,
+    pub room_id: String,
+    pub event_id: Option<String>,
+    pub reporter: String,
+    pub reason: Option<String>,
+    pub score: Option<i32>,
+    pub received_ts: i64,
+}
+
+/// Reports, newest first, with optional filters; returns the page and the total count.
+pub async fn list_reports(
+    db: &sqlx::PgPool,
+    offset: i64,
+    limit: i64,
+    room_id: Option<&str>,
+    reporter: Option<&str>,
+) -> sqlx::Result<(Vec<ReportRow>, i64)> {
+    let rows = sqlx::query_as(
+        "SELECT * FROM reports WHERE ($1::text IS NULL OR room_id = $1) AND ($2::text IS NULL OR reporter = $2)
+         ORDER BY received_ts DESC, id DESC OFFSET $3 LIMIT $4",
+    )
+    .bind(room_id)
+    .bind(reporter)
+    .bind(offset)
+    .bind(limit)
+    .fetch_all(db)
+    .await?;
+    let total = sqlx::query_scalar(
+        "SELECT count(*) FROM reports WHERE ($1::text IS NULL OR room_id = $1) AND ($2::text IS NULL OR reporter = $2)",
+    )
+    .bind(room_id)
+    .bind(reporter)
+    .fetch_one(db)
+    .await?;
+    Ok((rows, total))
+}

@@ -2,6 +2,7 @@
 
 pub mod register;
 pub mod registration_tokens;
+pub mod reports;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
