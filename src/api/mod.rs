@@ -94,6 +94,8 @@ pub fn router() -> Router<AppState> {
         ),
         ("/pushrules/{scope}/{kind}/{rule_id}/enabled", get(pushrules::get_enabled).put(pushrules::put_enabled)),
         ("/pushrules/{scope}/{kind}/{rule_id}/actions", get(pushrules::get_actions).put(pushrules::put_actions)),
+        ("/user/{user_id}/filter", post(client::filter::create)),
+        ("/user/{user_id}/filter/{filter_id}", get(client::filter::get)),
     ] {
         r = client(r, path, handler);
     }

@@ -8,6 +8,7 @@ pub mod account_data;
 pub mod devices;
 pub mod directory;
 pub mod events;
+pub mod filters;
 pub mod meta;
 pub mod profiles;
 pub mod receipts;

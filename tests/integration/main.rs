@@ -7,6 +7,7 @@ mod devices_profile;
 mod discovery;
 mod ephemeral;
 mod errors_limits;
+mod filters;
 mod pushrules;
 mod rooms;
 mod rooms_more;
