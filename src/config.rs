@@ -34,6 +34,20 @@ pub struct Config {
     pub turn: TurnConfig,
     pub rooms: RoomsConfig,
     pub user_directory: UserDirectoryConfig,
+    pub presence: PresenceConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PresenceConfig {
+    /// Track and share presence. Large deployments often turn it off to save load.
+    pub enabled: bool,
+}
+
+impl Default for PresenceConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -205,6 +219,7 @@ impl Default for Config {
             turn: TurnConfig::default(),
             rooms: RoomsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
+            presence: PresenceConfig::default(),
         }
     }
 }

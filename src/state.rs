@@ -40,6 +40,7 @@ pub struct Inner {
     /// Same, for the account data stream (storage::account_data) and the receipt stream.
     pub account_data_stream: tokio::sync::watch::Sender<i64>,
     pub receipt_stream: tokio::sync::watch::Sender<i64>,
+    pub presence_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
 }
@@ -87,6 +88,7 @@ impl AppState {
             event_stream: tokio::sync::watch::channel(0).0,
             account_data_stream: tokio::sync::watch::channel(0).0,
             receipt_stream: tokio::sync::watch::channel(0).0,
+            presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
             server_key,
             db,

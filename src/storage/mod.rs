@@ -10,6 +10,7 @@ pub mod directory;
 pub mod events;
 pub mod filters;
 pub mod meta;
+pub mod presence;
 pub mod profiles;
 pub mod receipts;
 pub mod registration;

@@ -8,6 +8,7 @@ mod discovery;
 mod ephemeral;
 mod errors_limits;
 mod filters;
+mod presence;
 mod pushrules;
 mod rooms;
 mod rooms_more;
