@@ -97,6 +97,8 @@ pub fn router() -> Router<AppState> {
         ("/user/{user_id}/filter", post(client::filter::create)),
         ("/user/{user_id}/filter/{filter_id}", get(client::filter::get)),
         ("/presence/{user_id}/status", get(client::presence::get).put(client::presence::set)),
+        ("/pushers", get(client::pushers::list)),
+        ("/pushers/set", post(client::pushers::set)),
     ] {
         r = client(r, path, handler);
     }

@@ -9,6 +9,7 @@ pub mod filter;
 pub mod login;
 pub mod presence;
 pub mod profile;
+pub mod pushers;
 pub mod pushrules;
 pub mod receipts;
 pub mod register;

@@ -1,0 +1,80 @@
+//! `pushers`: where to deliver push notifications for a user.
+
+use serde_json::Value;
+use sqlx::PgExecutor;
+
+use super::now_ms;
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PusherRow {
+    pub app_id: String,
+    pub pushkey: String,
+    pub kind: String,
+    pub app_display_name: String,
+    pub device_display_name: String,
+    pub profile_tag: Option<String>,
+    pub lang: String,
+    pub data: sqlx::types::Json<Value>,
+}
+
+pub struct NewPusher<'a> {
+    pub user_id: &'a str,
+    pub device_id: &'a str,
+    pub row: &'a PusherRow,
+}
+
+pub async fn list(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Vec<PusherRow>> {
+    sqlx::query_as(
+        "SELECT app_id, pushkey, kind, app_display_name, device_display_name, profile_tag, lang, data
+         FROM pushers WHERE user_id = $1 ORDER BY created_ts",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}
+
+/// Creates or replaces the user's pusher for (app_id, pushkey). Unless `append`, the same
+/// (app_id, pushkey) registered by other users is removed, as the spec asks.
+pub async fn upsert(db: &sqlx::PgPool, p: &NewPusher<'_>, append: bool) -> sqlx::Result<()> {
+    let mut tx = db.begin().await?;
+    if !append {
+        sqlx::query("DELETE FROM pushers WHERE app_id = $1 AND pushkey = $2 AND user_id <> $3")
+            .bind(&p.row.app_id)
+            .bind(&p.row.pushkey)
+            .bind(p.user_id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query(
+        "INSERT INTO pushers (user_id, device_id, app_id, pushkey, kind, app_display_name, device_display_name,
+                              profile_tag, lang, data, created_ts)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+         ON CONFLICT (app_id, pushkey, user_id) DO UPDATE SET device_id = EXCLUDED.device_id, kind = EXCLUDED.kind,
+           app_display_name = EXCLUDED.app_display_name, device_display_name = EXCLUDED.device_display_name,
+           profile_tag = EXCLUDED.profile_tag, lang = EXCLUDED.lang, data = EXCLUDED.data",
+    )
+    .bind(p.user_id)
+    .bind(p.device_id)
+    .bind(&p.row.app_id)
+    .bind(&p.row.pushkey)
+    .bind(&p.row.kind)
+    .bind(&p.row.app_display_name)
+    .bind(&p.row.device_display_name)
+    .bind(&p.row.profile_tag)
+    .bind(&p.row.lang)
+    .bind(&p.row.data)
+    .bind(now_ms())
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await
+}
+
+pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, app_id: &str, pushkey: &str) -> sqlx::Result<()> {
+    sqlx::query("DELETE FROM pushers WHERE user_id = $1 AND app_id = $2 AND pushkey = $3")
+        .bind(user_id)
+        .bind(app_id)
+        .bind(pushkey)
+        .execute(db)
+        .await?;
+    Ok(())
+}
