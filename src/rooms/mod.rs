@@ -451,21 +451,59 @@ pub async fn current_content(state: &AppState, room: &Room, kind: &str, state_ke
     Ok(rows.first().and_then(|r| serde_json::from_str::<Value>(&r.json).ok()).map(|v| v["content"].clone()))
 }
 
-/// A user's power level in the current state (creators are above every number in v12).
-pub async fn power_level(state: &AppState, room: &Room, user: &str) -> ApiResult<(i64, Value)> {
-    let pl = current_content(state, room, "m.room.power_levels", "").await?.unwrap_or(Value::Null);
-    if room.rules.authorization.explicitly_privilege_room_creators {
-        let create = current_content(state, room, "m.room.create", "").await?.unwrap_or(Value::Null);
-        let rows =
-            storage::rooms::current_state_for(&state.db, room.nid, &[("m.room.create".into(), String::new())]).await?;
-        let creator = rows.first().map(|r| r.sender.clone()).unwrap_or_default();
-        let additional = create["additional_creators"].as_array().cloned().unwrap_or_default();
-        if creator == user || additional.iter().any(|u| u == user) {
-            return Ok((i64::MAX, pl));
+/// The current power levels of a room, loaded once (one query) and asked about many users.
+pub struct PowerLevels {
+    content: Value,
+    /// v12: the room's creators, who outrank every number.
+    creators: Vec<String>,
+}
+
+impl PowerLevels {
+    pub async fn load(state: &AppState, room: &Room) -> ApiResult<Self> {
+        let keys = [("m.room.power_levels".to_owned(), String::new()), ("m.room.create".to_owned(), String::new())];
+        let mut content = Value::Null;
+        let mut creators = Vec::new();
+        for row in storage::rooms::current_state_for(&state.db, room.nid, &keys).await? {
+            let ev: Value = serde_json::from_str(&row.json).unwrap_or(Value::Null);
+            if row.event_type == "m.room.power_levels" {
+                content = ev["content"].clone();
+            } else if room.rules.authorization.explicitly_privilege_room_creators {
+                creators.push(row.sender.clone());
+                creators.extend(
+                    ev["content"]["additional_creators"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned),
+                );
+            }
         }
+        Ok(Self { content, creators })
     }
-    let level = pl["users"][user].as_i64().or_else(|| pl["users_default"].as_i64()).unwrap_or(0);
-    Ok((level, pl))
+
+    /// The power level of `user`.
+    pub fn of(&self, user: &str) -> i64 {
+        if self.creators.iter().any(|c| c == user) {
+            return i64::MAX;
+        }
+        self.content["users"][user].as_i64().or_else(|| self.content["users_default"].as_i64()).unwrap_or(0)
+    }
+
+    /// The level an action (`redact`, `invite`, `kick`, ...) needs, with the spec's default.
+    pub fn action(&self, name: &str, default: i64) -> i64 {
+        self.content[name].as_i64().unwrap_or(default)
+    }
+
+    /// The level needed to send the state event `kind`.
+    pub fn state_event(&self, kind: &str) -> i64 {
+        self.content["events"][kind].as_i64().or_else(|| self.content["state_default"].as_i64()).unwrap_or(50)
+    }
+
+    /// The raw content, for building a modified copy.
+    pub fn content(&self) -> &Value {
+        &self.content
+    }
 }
 
 /// Follows profile changes into the rooms a user is joined to, as `m.room.member` updates.

@@ -151,9 +151,8 @@ pub async fn set_visibility(
         _ => return Err(Error::invalid_param("visibility must be public or private")),
     };
     // Publishing speaks for the room: require the power to set its canonical alias.
-    let (level, pl) = rooms::power_level(&state, &room, &auth.user_id).await?;
-    let needed = pl["events"]["m.room.canonical_alias"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
-    if level < needed && !auth.is_admin {
+    let levels = rooms::PowerLevels::load(&state, &room).await?;
+    if levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") && !auth.is_admin {
         return Err(Error::forbidden("You may not change this room's directory visibility"));
     }
     storage::rooms::set_public(&state.db, room.nid, public).await?;

@@ -127,15 +127,14 @@ async fn restricted_join_authoriser(
     if !eligible {
         return Ok(None);
     }
-    let (_, pl) = rooms::power_level(state, room, user).await?;
-    let invite_level = pl["invite"].as_i64().unwrap_or(0);
+    let pl = rooms::PowerLevels::load(state, room).await?;
+    let invite_level = pl.action("invite", 0);
     for member in storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await? {
         let Some(candidate) = member.state_key else { continue };
         if !candidate.ends_with(&format!(":{}", state.config.server_name)) {
             continue;
         }
-        let (level, _) = rooms::power_level(state, room, &candidate).await?;
-        if level >= invite_level {
+        if pl.of(&candidate) >= invite_level {
             return Ok(Some(candidate));
         }
     }
@@ -180,9 +179,8 @@ pub async fn upgrade(
     let old = Room::load(&state, &room_id).await?;
     let (_, new_rules) = rooms::rules_for(&body.new_version)?;
     require_joined(&state, &old, &auth.user_id).await?;
-    let (level, pl) = rooms::power_level(&state, &old, &auth.user_id).await?;
-    let needed = pl["events"]["m.room.tombstone"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
-    if level < needed {
+    let levels = rooms::PowerLevels::load(&state, &old).await?;
+    if levels.of(&auth.user_id) < levels.state_event("m.room.tombstone") {
         return Err(Error::forbidden("You may not upgrade this room"));
     }
     let keys: Vec<(String, String)> = UPGRADE_COPIED_STATE.iter().map(|t| (t.to_string(), String::new())).collect();
@@ -192,7 +190,7 @@ pub async fn upgrade(
         let v: Value = serde_json::from_str(&row.json).unwrap_or(Value::Null);
         initial_state.push(json!({ "type": row.event_type, "state_key": "", "content": v["content"] }));
     }
-    let mut pl_override = pl.as_object().cloned().unwrap_or_default();
+    let mut pl_override = levels.content().as_object().cloned().unwrap_or_default();
     if new_rules.authorization.explicitly_privilege_room_creators
         && let Some(users) = pl_override.get_mut("users").and_then(Value::as_object_mut)
     {
@@ -220,9 +218,9 @@ pub async fn upgrade(
     // Point the old room at the new one and stop conversation there.
     let tombstone = json!({ "body": "This room has been replaced", "replacement_room": created.room_id });
     rooms::send(&state, &old, &auth.user_id, NewEvent::state("m.room.tombstone", "", tombstone), None).await?;
-    let users_default = pl["users_default"].as_i64().unwrap_or(0);
+    let users_default = levels.content()["users_default"].as_i64().unwrap_or(0);
     let restricted = (users_default + 1).max(50);
-    let mut old_pl = pl.clone();
+    let mut old_pl = levels.content().clone();
     old_pl["events_default"] = json!(restricted);
     old_pl["invite"] = json!(restricted);
     if let Err(e) =
@@ -300,22 +298,20 @@ pub async fn leave(
     Ok(axum::Json(json!({})))
 }
 
+/// Kick, ban and unban: a membership change of `body.user_id` by the caller, after checking the
+/// target's current membership with `allowed` (the auth rules then check the caller's power).
 async fn moderate(
     state: &AppState,
     auth: &Auth,
     room_id: &str,
     body: TargetBody,
     membership: &str,
+    allowed: fn(Option<&str>) -> Result<(), &'static str>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(state, room_id).await?;
     <&ruma::UserId>::try_from(body.user_id.as_str()).map_err(|_| Error::invalid_param("Invalid user_id"))?;
-    if membership == "leave" {
-        // Unban and kick both produce `leave`; check the target's current state for clarity.
-        let current = storage::rooms::membership(&state.db, room.nid, &body.user_id).await?;
-        if current.is_none() {
-            return Err(Error::forbidden("The user is not a member of this room"));
-        }
-    }
+    let current = storage::rooms::membership(&state.db, room.nid, &body.user_id).await?;
+    allowed(current.as_ref().map(|(m, _, _)| m.as_str())).map_err(Error::forbidden)?;
     set_membership(state, &room, &auth.user_id, &body.user_id, membership, body.reason).await?;
     Ok(axum::Json(json!({})))
 }
@@ -326,7 +322,8 @@ pub async fn kick(
     Path(room_id): Path<String>,
     Json(body): Json<TargetBody>,
 ) -> ApiResult<axum::Json<Value>> {
-    moderate(&state, &auth, &room_id, body, "leave").await
+    moderate(&state, &auth, &room_id, body, "leave", |m| m.map(|_| ()).ok_or("The user is not a member of this room"))
+        .await
 }
 
 pub async fn ban(
@@ -335,7 +332,8 @@ pub async fn ban(
     Path(room_id): Path<String>,
     Json(body): Json<TargetBody>,
 ) -> ApiResult<axum::Json<Value>> {
-    moderate(&state, &auth, &room_id, body, "ban").await
+    // Banning works whether or not the user ever was in the room.
+    moderate(&state, &auth, &room_id, body, "ban", |_| Ok(())).await
 }
 
 pub async fn unban(
@@ -344,12 +342,10 @@ pub async fn unban(
     Path(room_id): Path<String>,
     Json(body): Json<TargetBody>,
 ) -> ApiResult<axum::Json<Value>> {
-    let room = Room::load(&state, &room_id).await?;
-    match storage::rooms::membership(&state.db, room.nid, &body.user_id).await? {
-        Some((m, _, _)) if m == "ban" => {}
-        _ => return Err(Error::forbidden("The user is not banned")),
-    }
-    moderate(&state, &auth, &room_id, body, "leave").await
+    moderate(&state, &auth, &room_id, body, "leave", |m| {
+        if m == Some("ban") { Ok(()) } else { Err("The user is not banned") }
+    })
+    .await
 }
 
 pub async fn forget(
@@ -455,9 +451,8 @@ pub async fn redact(
         .filter(|e| e.room_nid == room.nid)
         .ok_or_else(|| Error::not_found("Event not found"))?;
     if target.sender != *auth.user_id {
-        let (level, pl) = rooms::power_level(&state, &room, &auth.user_id).await?;
-        let needed = pl["redact"].as_i64().unwrap_or(50);
-        if level < needed {
+        let levels = rooms::PowerLevels::load(&state, &room).await?;
+        if levels.of(&auth.user_id) < levels.action("redact", 50) {
             return Err(Error::forbidden("You cannot redact other users' events"));
         }
     }
@@ -820,10 +815,8 @@ pub async fn delete_alias(
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
     if creator != *auth.user_id && !auth.is_admin {
         let room = Room::load(&state, &room_id).await?;
-        let (level, pl) = rooms::power_level(&state, &room, &auth.user_id).await?;
-        let needed =
-            pl["events"]["m.room.canonical_alias"].as_i64().or_else(|| pl["state_default"].as_i64()).unwrap_or(50);
-        if level < needed {
+        let levels = rooms::PowerLevels::load(&state, &room).await?;
+        if levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
             return Err(Error::forbidden("You may not delete this alias"));
         }
     }
