@@ -5,7 +5,7 @@ use ruma::RoomId;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{NewEvent, Room, append, lock_room, notify, rules_for, sign};
+use super::{NewEvent, Room, append, committed, lock_room, rules_for, sign};
 use crate::error::{ApiResult, Error};
 use crate::state::AppState;
 use crate::storage::{self, now_ms};
@@ -238,9 +238,9 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
         let p = storage::profiles::get(&mut *tx, u).await?.unwrap_or_default();
         events.push(NewEvent::state("m.room.member", u, member_content("invite", &p, req.is_direct)));
     }
-    let mut last = 0;
+    let mut appended = Vec::with_capacity(events.len());
     for ev in events {
-        last = append(state, &mut tx, &room, creator, ev, None).await?.stream;
+        appended.push(append(state, &mut tx, &room, creator, ev, None).await?);
     }
     if let Some(a) = &alias {
         storage::rooms::insert_alias(&mut *tx, a, room_nid, creator).await?;
@@ -249,7 +249,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
         storage::rooms::set_public(&mut *tx, room_nid, true).await?;
     }
     tx.commit().await?;
-    notify(state, last);
+    committed(state, &room, &appended);
     tracing::info!(room_id = %room_id, version, preset, "room created");
     Ok(Created { room_id: room_id.to_string(), alias })
 }

@@ -110,6 +110,10 @@ pub struct Appended {
     pub event_id: OwnedEventId,
     pub event_nid: i64,
     pub stream: i64,
+    /// The event as stored (what the sync cache and push evaluation work from).
+    pub row: storage::events::EventRow,
+    /// Its content, already parsed.
+    pub content: Value,
 }
 
 /// A send waiting for its room's writer.
@@ -190,13 +194,14 @@ async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
         return fail_all(batch, e.into());
     }
     let mut done: Vec<(tokio::sync::oneshot::Sender<ApiResult<OwnedEventId>>, ApiResult<OwnedEventId>)> = Vec::new();
-    let mut last_stream = 0;
+    let mut appended: Vec<Appended> = Vec::new();
     for p in batch {
         let txn = p.txn.as_ref().map(|(d, t)| (d.as_str(), t.as_str()));
         let result = match append(state, &mut tx, room, &p.sender, p.ev, txn).await {
             Ok(a) => {
-                last_stream = a.stream;
-                Ok(a.event_id)
+                let id = a.event_id.clone();
+                appended.push(a);
+                Ok(id)
             }
             // The same client transaction was recorded first (by this batch or another
             // process): answer with that event. Nothing of ours was written yet.
@@ -214,9 +219,7 @@ async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
     }
     match tx.commit().await {
         Ok(()) => {
-            if last_stream > 0 {
-                notify(state, last_stream);
-            }
+            committed(state, room, &appended);
             for (reply, result) in done {
                 let _ = reply.send(result);
             }
@@ -243,9 +246,12 @@ pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<(
     Ok(())
 }
 
-/// Wakes whoever waits for new events (the sync engine).
-pub fn notify(state: &AppState, stream: i64) {
-    crate::state::advance(&state.event_stream, stream);
+/// Called after a transaction that appended `events` to `room` committed: wakes whoever waits
+/// for new events (the sync engine).
+pub fn committed(state: &AppState, _room: &Room, events: &[Appended]) {
+    if let Some(last) = events.iter().map(|a| a.stream).max() {
+        crate::state::advance(&state.event_stream, last);
+    }
 }
 
 fn forbidden(reason: impl std::fmt::Display) -> Error {
@@ -379,18 +385,38 @@ pub async fn append(
     )
     .await?;
     storage::events::insert_edges(conn, event_nid, &[prev_id], &auth_nids).await?;
-    if let Some(sk) = &ev.state_key {
-        apply_state(conn, room.nid, event_nid, stream, state_before, &ev.kind, sk, &ev.content).await?;
-    }
+    let state_after = match &ev.state_key {
+        Some(sk) => {
+            Some(apply_state(conn, room.nid, event_nid, stream, state_before, &ev.kind, sk, &ev.content).await?)
+        }
+        None => state_before,
+    };
     storage::events::replace_extremities(conn, room.nid, &[prev_nid], event_nid).await?;
     if let Some(target) = &ev.redacts {
         storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
     }
-    Ok(Appended { event_id, event_nid, stream })
+    let row = storage::events::EventRow {
+        event_nid,
+        event_id: event_id.to_string(),
+        room_nid: room.nid,
+        stream_ordering: stream,
+        depth,
+        event_type: ev.kind,
+        state_key: ev.state_key,
+        sender: sender.to_owned(),
+        origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+        json: json_text,
+        redacted_by: None,
+        txn_device: txn.map(|t| t.0.to_owned()),
+        txn_id: txn.map(|t| t.1.to_owned()),
+        state_before,
+        state_after,
+    };
+    Ok(Appended { event_id, event_nid, stream, row, content: ev.content })
 }
 
 /// Records a state event: a new state group (delta on the state before), current state, and the
-/// membership table for member events.
+/// membership table for member events. Returns the new group (the state after the event).
 #[allow(clippy::too_many_arguments)]
 async fn apply_state(
     conn: &mut PgConnection,
@@ -401,7 +427,7 @@ async fn apply_state(
     kind: &str,
     state_key: &str,
     content: &Value,
-) -> ApiResult<()> {
+) -> ApiResult<i64> {
     let key_nid = storage::state::intern_key(conn, kind, state_key).await?;
     let group = storage::state::create_group(conn, room_nid, state_before, &[(key_nid, event_nid)]).await?;
     sqlx::query("UPDATE events SET state_after = $2 WHERE event_nid = $1")
@@ -415,7 +441,7 @@ async fn apply_state(
         let membership = content.get("membership").and_then(Value::as_str).unwrap_or("leave");
         storage::rooms::set_membership(conn, room_nid, state_key, membership, event_nid, stream).await?;
     }
-    Ok(())
+    Ok(group)
 }
 
 /// Hashes and signs a PDU with the server key; returns its event ID and canonical JSON text.
