@@ -35,6 +35,20 @@ pub struct Config {
     pub rooms: RoomsConfig,
     pub user_directory: UserDirectoryConfig,
     pub presence: PresenceConfig,
+    pub sync: SyncConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncConfig {
+    /// Memory budget of the sync cache of rooms (recent timelines and current state), in MiB.
+    pub room_cache_mb: u64,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self { room_cache_mb: 256 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -220,6 +234,7 @@ impl Default for Config {
             rooms: RoomsConfig::default(),
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
+            sync: SyncConfig::default(),
         }
     }
 }

@@ -11,4 +11,5 @@ pub mod rooms;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod sync;
 pub mod users;

@@ -51,7 +51,9 @@ pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
     }
     let key = crate::keys::load_or_create(&pool, config.signing_key.path.as_deref()).await?;
     tracing::info!(server_name = %config.server_name, key_id = %key.key_id, "database ready");
-    AppState::new(config, pool, key)
+    let state = AppState::new(config, pool, key)?;
+    crate::sync::init(&state).await?;
+    Ok(state)
 }
 
 /// A running server. Dropping it does not stop it; call [`RunningServer::shutdown`].
@@ -107,6 +109,13 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     }
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
+    let mut typing_changes = state.typing.room_changes();
+    let typing_state = state.clone();
+    tokio::spawn(async move {
+        while let Some(room_nid) = typing_changes.recv().await {
+            crate::sync::typing_changed(&typing_state, room_nid);
+        }
+    });
     tracing::info!(%client_addr, ?metrics_addr, "listening");
     Ok(RunningServer { client_addr, metrics_addr, state, stop, tasks })
 }

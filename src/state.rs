@@ -43,6 +43,8 @@ pub struct Inner {
     pub presence_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
+    /// The sync engine's caches, stream heads and notifier.
+    pub sync: crate::sync::cache::SyncCaches,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -90,6 +92,7 @@ impl AppState {
             receipt_stream: tokio::sync::watch::channel(0).0,
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
+            sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
             server_key,
             db,
             config,

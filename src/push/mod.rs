@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::error::{ApiResult, Error};
-use crate::state::{self, AppState};
+use crate::state::AppState;
 use crate::storage;
 
 /// The account data type the ruleset is stored under.
@@ -116,7 +116,7 @@ pub async fn modify<T>(
     })
     .await?;
     if let Some(pos) = pos {
-        state::advance(&state.account_data_stream, pos);
+        crate::sync::account_data_changed(state, user, pos);
     }
     out.ok_or_else(|| anyhow::anyhow!("push rule change did not run").into())
 }

@@ -129,6 +129,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
     })
     .map_err(Error::forbidden)?;
 
+    let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = state.db.begin().await?;
     let room_nid = storage::rooms::insert(&mut tx, room_id.as_str(), &version, creator).await?;
     lock_room(&mut tx, room_nid).await?;
@@ -249,7 +250,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
         storage::rooms::set_public(&mut *tx, room_nid, true).await?;
     }
     tx.commit().await?;
-    committed(state, &room, &appended);
+    committed(state, &room, writer, &appended);
     tracing::info!(room_id = %room_id, version, preset, "room created");
     Ok(Created { room_id: room_id.to_string(), alias })
 }

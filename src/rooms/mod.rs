@@ -186,6 +186,7 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
 /// Appends a batch of sends in one transaction and answers each sender.
 async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
     tracing::debug!(room = %room.room_id, size = batch.len(), "room write batch");
+    let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = match state.db.begin().await {
         Ok(tx) => tx,
         Err(e) => return fail_all(batch, e.into()),
@@ -219,7 +220,7 @@ async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
     }
     match tx.commit().await {
         Ok(()) => {
-            committed(state, room, &appended);
+            committed(state, room, writer, &appended);
             for (reply, result) in done {
                 let _ = reply.send(result);
             }
@@ -246,12 +247,11 @@ pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<(
     Ok(())
 }
 
-/// Called after a transaction that appended `events` to `room` committed: wakes whoever waits
-/// for new events (the sync engine).
-pub fn committed(state: &AppState, _room: &Room, events: &[Appended]) {
-    if let Some(last) = events.iter().map(|a| a.stream).max() {
-        crate::state::advance(&state.event_stream, last);
-    }
+/// Called after a transaction that appended `events` to `room` committed: updates the sync
+/// cache, then moves the event stream watermark (which wakes the syncs waiting for the room).
+pub fn committed(state: &AppState, room: &Room, writer: crate::sync::cache::Writer<'_>, events: &[Appended]) {
+    state.sync.committed(&state.config.server_name, room, events);
+    writer.finish(events.iter().map(|a| a.stream).max().unwrap_or(0));
 }
 
 fn forbidden(reason: impl std::fmt::Display) -> Error {

@@ -30,13 +30,15 @@ struct Shared {
     rooms: Mutex<HashMap<i64, RoomTyping>>,
     /// The stream position: bumped (and watchers woken) on every change.
     stream: watch::Sender<u64>,
+    /// Rooms whose typing set changed, for the sync notifier.
+    changes: Mutex<Option<tokio::sync::mpsc::UnboundedSender<i64>>>,
 }
 
 pub struct Typing(Arc<Shared>);
 
 impl Default for Typing {
     fn default() -> Self {
-        Self(Arc::new(Shared { rooms: Mutex::default(), stream: watch::channel(0).0 }))
+        Self(Arc::new(Shared { rooms: Mutex::default(), stream: watch::channel(0).0, changes: Mutex::default() }))
     }
 }
 
@@ -48,13 +50,16 @@ impl Shared {
     }
 
     /// Takes the next stream position, records it on the room and wakes watchers.
-    fn bump(&self, room: &mut RoomTyping) -> u64 {
+    fn bump(&self, room_nid: i64, room: &mut RoomTyping) -> u64 {
         let mut pos = 0;
         self.stream.send_modify(|p| {
             *p += 1;
             pos = *p;
         });
         room.position = pos;
+        if let Some(tx) = self.changes.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            let _ = tx.send(room_nid);
+        }
         pos
     }
 
@@ -66,7 +71,7 @@ impl Shared {
             let before = room.users.len();
             room.users.retain(|_, until| *until > now);
             if room.users.len() != before {
-                self.bump(room);
+                self.bump(room_nid, room);
             }
         }
     }
@@ -85,7 +90,7 @@ impl Typing {
             let mut rooms = self.0.rooms();
             let room = rooms.entry(room_nid).or_default();
             room.users.insert(user_id.to_owned(), until);
-            self.0.bump(room)
+            self.0.bump(room_nid, room)
         };
         // Expiry must wake sync long-polls even if nobody reads the typing set meanwhile.
         let weak: Weak<Shared> = Arc::downgrade(&self.0);
@@ -104,7 +109,7 @@ impl Typing {
         let mut rooms = self.0.rooms();
         let room = rooms.get_mut(&room_nid)?;
         room.users.remove(user_id)?;
-        Some(self.0.bump(room))
+        Some(self.0.bump(room_nid, room))
     }
 
     /// The users currently typing in a room, sorted; expired entries are dropped first.
@@ -125,6 +130,13 @@ impl Typing {
     /// The current typing stream position.
     pub fn current_position(&self) -> u64 {
         *self.0.stream.borrow()
+    }
+
+    /// The rooms whose typing set changes from now on (one receiver: the sync notifier).
+    pub fn room_changes(&self) -> tokio::sync::mpsc::UnboundedReceiver<i64> {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        *self.0.changes.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        rx
     }
 
     /// A receiver that sync long-polls can await (`changed()`) for any typing change.

@@ -335,3 +335,50 @@ pub async fn closest_to_ts(
     .fetch_optional(db)
     .await
 }
+
+/// The newest `limit` events of a room with stream positions in `(after, upto]`, newest first.
+pub async fn latest_in_range(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND stream_ordering > $2 AND stream_ordering <= $3
+         ORDER BY stream_ordering DESC LIMIT $4"
+    )))
+    .bind(room_nid)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// The latest state event per `(type, state_key)` among a room's events with stream positions in
+/// `(after, before)`: the state changes a gappy sync timeline skipped.
+pub async fn state_changes_between(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    after: i64,
+    before: i64,
+) -> sqlx::Result<Vec<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT * FROM (
+             SELECT DISTINCT ON (event_type, state_key) {COLUMNS} FROM events
+             WHERE room_nid = $1 AND stream_ordering > $2 AND stream_ordering < $3 AND state_key IS NOT NULL
+             ORDER BY event_type, state_key, stream_ordering DESC
+         ) s ORDER BY stream_ordering"
+    )))
+    .bind(room_nid)
+    .bind(after)
+    .bind(before)
+    .fetch_all(db)
+    .await
+}
+
+/// The highest committed event stream position (0 when empty).
+pub async fn current_stream_position(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM events").fetch_one(db).await
+}

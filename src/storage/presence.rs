@@ -59,3 +59,8 @@ pub async fn share_a_room(db: impl PgExecutor<'_>, a: &str, b: &str) -> sqlx::Re
     .fetch_one(db)
     .await
 }
+
+/// The highest committed position of the presence stream (0 when empty).
+pub async fn current_stream_position(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM presence").fetch_one(db).await
+}

@@ -236,3 +236,34 @@ pub async fn aliases_of(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<
         .fetch_all(db)
         .await
 }
+
+pub async fn by_nid(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<Option<RoomRow>> {
+    sqlx::query_as(
+        "SELECT room_nid, room_id, room_version, creator, is_public, current_state_group FROM rooms WHERE room_nid = $1",
+    )
+    .bind(room_nid)
+    .fetch_optional(db)
+    .await
+}
+
+/// A user's membership in one room, as sync tracks it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserMembership {
+    pub room_nid: i64,
+    pub room_id: String,
+    pub membership: String,
+    pub event_nid: i64,
+    pub stream_ordering: i64,
+}
+
+/// Every room `user_id` has (or had, unless forgotten) a membership in.
+pub async fn user_memberships(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Vec<UserMembership>> {
+    sqlx::query_as(
+        "SELECT m.room_nid, r.room_id, m.membership, m.event_nid, m.stream_ordering
+         FROM room_memberships m JOIN rooms r ON r.room_nid = m.room_nid
+         WHERE m.user_id = $1 AND NOT m.forgotten",
+    )
+    .bind(user_id)
+    .fetch_all(db)
+    .await
+}

@@ -14,3 +14,4 @@ mod pushrules;
 mod rooms;
 mod rooms_more;
 mod sdk;
+mod sync;

@@ -7,7 +7,7 @@ use serde_json::{Map, Value, json};
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, Path};
 use crate::rooms::Room;
-use crate::state::{self, AppState};
+use crate::state::AppState;
 use crate::storage;
 
 /// Types the server maintains itself: `m.fully_read` through `/read_markers` and `/receipt`,
@@ -72,7 +72,7 @@ pub async fn put_global(
     check_name("account data type", &data_type)?;
     ensure_client_writable(&data_type)?;
     let pos = storage::account_data::set(&state.db, &user_id, None, &data_type, &Value::Object(body)).await?;
-    state::advance(&state.account_data_stream, pos);
+    crate::sync::account_data_changed(&state, &user_id, pos);
     Ok(axum::Json(json!({})))
 }
 
@@ -102,7 +102,7 @@ pub async fn put_room(
     let pos =
         storage::account_data::set(&state.db, &user_id, Some(room.room_id.as_str()), &data_type, &Value::Object(body))
             .await?;
-    state::advance(&state.account_data_stream, pos);
+    crate::sync::account_data_changed(&state, &user_id, pos);
     Ok(axum::Json(json!({})))
 }
 
@@ -135,7 +135,7 @@ pub async fn put_tag(
     let room = known_room(&state, &room_id).await?;
     let pos =
         storage::account_data::set_tag(&state.db, &user_id, room.room_id.as_str(), &tag, &Value::Object(body)).await?;
-    state::advance(&state.account_data_stream, pos);
+    crate::sync::account_data_changed(&state, &user_id, pos);
     Ok(axum::Json(json!({})))
 }
 
@@ -148,7 +148,7 @@ pub async fn delete_tag(
     let room = known_room(&state, &room_id).await?;
     // Removing a tag that is not set succeeds (the end state is what the client asked for).
     if let Some(pos) = storage::account_data::remove_tag(&state.db, &user_id, room.room_id.as_str(), &tag).await? {
-        state::advance(&state.account_data_stream, pos);
+        crate::sync::account_data_changed(&state, &user_id, pos);
     }
     Ok(axum::Json(json!({})))
 }

@@ -15,3 +15,4 @@ pub mod receipts;
 pub mod register;
 pub mod relations;
 pub mod rooms;
+pub mod sync;

@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, Path};
-use crate::state::{self, AppState};
+use crate::state::AppState;
 use crate::storage::{self, now_ms};
 
 /// Activity within this window counts as "currently active".
@@ -43,7 +43,7 @@ pub async fn set(
         return Err(Error::invalid_param("status_msg is longer than 1024 bytes"));
     }
     let pos = storage::presence::set(&state.db, &user_id, &body.presence, body.status_msg.as_deref()).await?;
-    state::advance(&state.presence_stream, pos);
+    crate::sync::presence_changed(&state, &user_id, pos);
     Ok(axum::Json(json!({})))
 }
 

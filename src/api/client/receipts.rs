@@ -10,7 +10,7 @@ use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, Path};
 use crate::rooms::client::{require_joined, visible_range};
 use crate::rooms::{Room, typing};
-use crate::state::{self, AppState};
+use crate::state::AppState;
 use crate::storage;
 use crate::storage::events::EventRow;
 
@@ -43,7 +43,7 @@ async fn set_fully_read(state: &AppState, room: &Room, user: &str, ev: &EventRow
     }
     let content = json!({ "event_id": ev.event_id });
     let pos = storage::account_data::set(&state.db, user, Some(room_id), FULLY_READ, &content).await?;
-    state::advance(&state.account_data_stream, pos);
+    crate::sync::account_data_changed(state, user, pos);
     Ok(())
 }
 
@@ -64,7 +64,7 @@ async fn set_receipt(
         event_stream: ev.stream_ordering,
     };
     if let Some(pos) = storage::receipts::upsert(&state.db, &receipt).await? {
-        state::advance(&state.receipt_stream, pos);
+        crate::sync::receipt_changed(state, room.nid, pos);
     }
     Ok(())
 }

@@ -360,6 +360,7 @@ pub async fn forget(
         }
         _ => {
             storage::rooms::forget(&state.db, room.nid, &auth.user_id).await?;
+            state.sync.invalidate_user(&auth.user_id);
             Ok(axum::Json(json!({})))
         }
     }

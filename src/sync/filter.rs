@@ -1,0 +1,227 @@
+//! Sync filters (the spec's `Filter`): parsed from a stored filter ID or inline JSON, and
+//! applied to events in memory.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::cache::CachedEvent;
+use crate::error::{ApiResult, Error};
+use crate::state::AppState;
+use crate::storage;
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct Filter {
+    pub event_fields: Option<Vec<String>>,
+    pub event_format: Option<String>,
+    pub presence: EventFilter,
+    pub account_data: EventFilter,
+    pub room: RoomFilter,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct EventFilter {
+    pub limit: Option<i64>,
+    pub types: Option<Vec<String>>,
+    pub not_types: Option<Vec<String>>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct RoomFilter {
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Option<Vec<String>>,
+    pub include_leave: bool,
+    pub ephemeral: RoomEventFilter,
+    pub state: RoomEventFilter,
+    pub timeline: RoomEventFilter,
+    pub account_data: RoomEventFilter,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct RoomEventFilter {
+    pub limit: Option<i64>,
+    pub types: Option<Vec<String>>,
+    pub not_types: Option<Vec<String>>,
+    pub senders: Option<Vec<String>>,
+    pub not_senders: Option<Vec<String>>,
+    pub rooms: Option<Vec<String>>,
+    pub not_rooms: Option<Vec<String>>,
+    pub contains_url: Option<bool>,
+    pub lazy_load_members: bool,
+    pub include_redundant_members: bool,
+    pub unread_thread_notifications: bool,
+}
+
+/// `*` matches any run of characters (the spec's wildcard for types).
+pub fn glob(pattern: &str, value: &str) -> bool {
+    match pattern.split_once('*') {
+        None => pattern == value,
+        Some((head, tail)) => {
+            value.len() >= head.len()
+                && value.starts_with(head)
+                && (tail.is_empty() || (0..=value.len() - head.len()).any(|i| glob(tail, &value[head.len() + i..])))
+        }
+    }
+}
+
+fn type_ok(types: &Option<Vec<String>>, not_types: &Option<Vec<String>>, kind: &str) -> bool {
+    if not_types.as_ref().is_some_and(|t| t.iter().any(|p| glob(p, kind))) {
+        return false;
+    }
+    types.as_ref().is_none_or(|t| t.iter().any(|p| glob(p, kind)))
+}
+
+fn sender_ok(senders: &Option<Vec<String>>, not_senders: &Option<Vec<String>>, sender: &str) -> bool {
+    if not_senders.as_ref().is_some_and(|s| s.iter().any(|x| x == sender)) {
+        return false;
+    }
+    senders.as_ref().is_none_or(|s| s.iter().any(|x| x == sender))
+}
+
+impl EventFilter {
+    pub fn allows(&self, kind: &str, sender: Option<&str>) -> bool {
+        type_ok(&self.types, &self.not_types, kind)
+            && sender.is_none_or(|s| sender_ok(&self.senders, &self.not_senders, s))
+    }
+
+    pub fn limit(&self, default: i64) -> usize {
+        self.limit.unwrap_or(default).clamp(0, 1000) as usize
+    }
+}
+
+impl RoomEventFilter {
+    pub fn allows_room(&self, room_id: &str) -> bool {
+        !self.not_rooms.as_ref().is_some_and(|r| r.iter().any(|x| x == room_id))
+            && self.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
+    }
+
+    pub fn allows_kind(&self, kind: &str, sender: Option<&str>) -> bool {
+        type_ok(&self.types, &self.not_types, kind)
+            && sender.is_none_or(|s| sender_ok(&self.senders, &self.not_senders, s))
+    }
+
+    pub fn allows(&self, ev: &CachedEvent) -> bool {
+        self.allows_kind(&ev.row.event_type, Some(&ev.row.sender))
+            && self.contains_url.is_none_or(|want| want == ev.has_url)
+    }
+
+    pub fn limit(&self, default: i64) -> usize {
+        self.limit.unwrap_or(default).clamp(1, 1000) as usize
+    }
+}
+
+impl RoomFilter {
+    pub fn allows_room(&self, room_id: &str) -> bool {
+        !self.not_rooms.as_ref().is_some_and(|r| r.iter().any(|x| x == room_id))
+            && self.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
+    }
+}
+
+impl Filter {
+    /// The `filter` query parameter of `/sync`: a filter ID of this user, or inline JSON.
+    pub async fn resolve(state: &AppState, user_id: &str, param: Option<&str>) -> ApiResult<Self> {
+        let Some(param) = param.map(str::trim).filter(|p| !p.is_empty()) else {
+            return Ok(Self::default());
+        };
+        let value: Value = if param.starts_with('{') {
+            serde_json::from_str(param).map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?
+        } else {
+            let id: i64 =
+                param.parse().map_err(|_| Error::invalid_param("filter must be a filter ID or a JSON object"))?;
+            storage::filters::get(&state.db, user_id, id)
+                .await?
+                .ok_or_else(|| Error::not_found(format!("No filter {param} for this user")))?
+        };
+        let filter: Self = serde_path_to_error::deserialize(value)
+            .map_err(|e| Error::invalid_param(format!("Invalid filter at {}: {}", e.path(), e.inner())))?;
+        if let Some(f) = &filter.event_format
+            && f != "client"
+            && f != "federation"
+        {
+            return Err(Error::invalid_param("event_format must be client or federation"));
+        }
+        Ok(filter)
+    }
+
+    /// Applies `event_fields` (dotted paths, `\.` escaping a dot) to a client event.
+    pub fn project(&self, ev: Value) -> Value {
+        let Some(fields) = &self.event_fields else { return ev };
+        let mut out = serde_json::Map::new();
+        for f in fields {
+            let path = split_path(f);
+            if let Some(v) = lookup(&ev, &path) {
+                insert_path(&mut out, &path, v.clone());
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+fn split_path(f: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut chars = f.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&'.') => {
+                parts.last_mut().unwrap_or(&mut String::new()).push('.');
+                chars.next();
+            }
+            '.' => parts.push(String::new()),
+            c => {
+                if let Some(p) = parts.last_mut() {
+                    p.push(c)
+                }
+            }
+        }
+    }
+    parts
+}
+
+fn lookup<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, k| v.get(k))
+}
+
+fn insert_path(out: &mut serde_json::Map<String, Value>, path: &[String], v: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            out.insert(last.clone(), v);
+        }
+        [first, rest @ ..] => {
+            let child = out.entry(first.clone()).or_insert_with(|| Value::Object(Default::default()));
+            if let Value::Object(m) = child {
+                insert_path(m, rest, v);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn wildcards() {
+        assert!(glob("m.*", "m.room.message"));
+        assert!(glob("*", "x"));
+        assert!(glob("m.room.*age", "m.room.message"));
+        assert!(!glob("m.room.*age", "m.room.member"));
+        assert!(!glob("m.room.member", "m.room.member2"));
+    }
+
+    #[test]
+    fn event_fields_projection() {
+        let f = Filter {
+            event_fields: Some(vec!["type".into(), "content.body".into(), "content.m\\.x".into()]),
+            ..Default::default()
+        };
+        let ev = json!({"type": "m.room.message", "sender": "@a:x", "content": {"body": "hi", "msgtype": "m.text", "m.x": 1}});
+        assert_eq!(f.project(ev), json!({"type": "m.room.message", "content": {"body": "hi", "m.x": 1}}));
+    }
+}

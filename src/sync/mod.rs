@@ -1,0 +1,811 @@
+//! `/sync`: initial and incremental sync over the in-memory room cache ([`cache`]), with
+//! long-polling woken by a per-user notifier.
+//!
+//! An incremental sync with nothing new costs no database query: the user's rooms come from the
+//! cache, and each stream's per-key heads (room events, receipts, account data, presence) say
+//! whether anything changed since the token. A sync that finds changes reads the cache, and the
+//! database only for what the cache does not hold (old history, receipts, account data).
+
+pub mod cache;
+pub mod filter;
+pub mod token;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Map, Value, json};
+use tokio::time::Instant;
+
+use crate::api::client::rooms::token as topo_token;
+use crate::error::{ApiResult, Error};
+use crate::rooms::Room;
+use crate::state::AppState;
+use crate::storage::rooms::UserMembership;
+use crate::storage::{self, now_ms};
+use cache::{CachedEvent, RoomEntry, StateMap};
+use filter::Filter;
+use token::SyncToken;
+
+/// Longest long-poll accepted.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(300);
+/// Timeline events per room when the filter does not say.
+const DEFAULT_TIMELINE_LIMIT: i64 = 10;
+/// Activity within this window counts as "currently active".
+const CURRENTLY_ACTIVE_MS: i64 = 5 * 60 * 1000;
+/// Sync refreshes the user's presence in the database at most this often when it is unchanged.
+const PRESENCE_REFRESH_MS: i64 = 60 * 1000;
+
+pub struct SyncRequest {
+    pub since: Option<String>,
+    pub filter: Option<String>,
+    pub full_state: bool,
+    pub set_presence: Option<String>,
+    pub timeout: Duration,
+}
+
+/// Reads the current positions of every stream at start-up, so that watermarks and the heads'
+/// floors start where the database is.
+pub async fn init(state: &AppState) -> anyhow::Result<()> {
+    let events = storage::events::current_stream_position(&state.db).await?;
+    let account_data = storage::account_data::current_stream_position(&state.db).await?;
+    let receipts = storage::receipts::current_stream_position(&state.db).await?;
+    let presence = storage::presence::current_stream_position(&state.db).await?;
+    let c = &state.sync;
+    c.set_start(events);
+    crate::state::advance(&state.event_stream, events);
+    crate::state::advance(&state.account_data_stream, account_data);
+    crate::state::advance(&state.receipt_stream, receipts);
+    crate::state::advance(&state.presence_stream, presence);
+    c.room_heads.set_floor(events);
+    c.user_heads.set_floor(events);
+    c.account_data_heads.set_floor(account_data);
+    c.receipt_heads.set_floor(receipts);
+    c.presence_heads.set_floor(presence);
+    Ok(())
+}
+
+/// The positions every stream has safely reached.
+pub fn current_token(state: &AppState) -> SyncToken {
+    SyncToken {
+        events: *state.event_stream.borrow(),
+        account_data: *state.account_data_stream.borrow(),
+        receipts: *state.receipt_stream.borrow(),
+        presence: *state.presence_stream.borrow(),
+        typing: state.typing.current_position() as i64,
+        to_device: 0,
+        device_lists: 0,
+    }
+}
+
+/// Records an account data change of `user` (after commit) and wakes their syncs.
+pub fn account_data_changed(state: &AppState, user: &str, pos: i64) {
+    state.sync.account_data_heads.raise(&user.to_owned(), pos);
+    crate::state::advance(&state.account_data_stream, pos);
+    state.sync.wake_user(user);
+}
+
+/// Records a receipt in a room (after commit) and wakes the room's members.
+pub fn receipt_changed(state: &AppState, room_nid: i64, pos: i64) {
+    state.sync.receipt_heads.raise(&room_nid, pos);
+    crate::state::advance(&state.receipt_stream, pos);
+    state.sync.wake_room(room_nid);
+}
+
+/// Records a presence change of `user` (after commit) and wakes those who may see it.
+pub fn presence_changed(state: &AppState, user: &str, pos: i64) {
+    state.sync.presence_heads.raise(&user.to_owned(), pos);
+    crate::state::advance(&state.presence_stream, pos);
+    state.sync.wake_all();
+}
+
+/// Wakes the members of a room whose typing set changed.
+pub fn typing_changed(state: &AppState, room_nid: i64) {
+    state.sync.wake_room(room_nid);
+}
+
+pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) -> ApiResult<Value> {
+    let filter = Filter::resolve(state, user, req.filter.as_deref()).await?;
+    let since = req.since.as_deref().map(SyncToken::parse).transpose()?;
+    if let Some(p) = &req.set_presence
+        && !["online", "offline", "unavailable"].contains(&p.as_str())
+    {
+        return Err(Error::invalid_param("set_presence must be online, offline or unavailable"));
+    }
+    set_presence(state, user, req.set_presence.as_deref().unwrap_or("online")).await?;
+    let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
+    let waiter = state.sync.waiter(user);
+    loop {
+        // Registered before looking, so a change between the look and the wait still wakes us.
+        let notified = waiter.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let rooms = state.sync.user_rooms(state, user).await?;
+        let membership_upto = rooms.read().upto;
+        wait_for_events(state, membership_upto).await;
+        let current = current_token(state);
+        let since = since.map(|s| s.clamp_to(current));
+        let next = since.map_or(current, |s| s.max(current));
+        let memberships: Vec<UserMembership> = rooms.read().rooms.values().cloned().collect();
+        let mut b = Builder { state, user, device, filter: &filter, since, next, full_state: req.full_state };
+        let (body, has_content) = b.build(memberships).await?;
+        if has_content || since.is_none() || req.full_state || Instant::now() >= deadline {
+            return Ok(body);
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            // Timed out: one last look (cheap when nothing changed) answers with the latest token.
+            continue;
+        }
+    }
+}
+
+/// Memberships are recorded at commit, the watermark a moment later, once every earlier writer
+/// has committed too: give it that moment so a new room is not skipped.
+async fn wait_for_events(state: &AppState, upto: i64) {
+    if *state.event_stream.borrow() >= upto {
+        return;
+    }
+    let mut rx = state.event_stream.subscribe();
+    let _ = tokio::time::timeout(Duration::from_secs(2), rx.wait_for(|w| *w >= upto)).await;
+}
+
+/// Marks the user online/unavailable as their client syncs, writing only on a change (or at
+/// most once a minute to refresh `last_active_ago`).
+async fn set_presence(state: &AppState, user: &str, presence: &str) -> ApiResult<()> {
+    if !state.config.presence.enabled || presence == "offline" {
+        return Ok(());
+    }
+    let now = now_ms();
+    if let Some((p, at)) = state.sync.presence_written.get(user)
+        && p == presence
+        && now - at < PRESENCE_REFRESH_MS
+    {
+        return Ok(());
+    }
+    let current = storage::presence::get(&state.db, user).await?;
+    let status = current.as_ref().and_then(|c| c.status_msg.clone());
+    let pos = storage::presence::set(&state.db, user, presence, status.as_deref()).await?;
+    state.sync.presence_written.insert(user.to_owned(), (presence.to_owned(), now));
+    if current.is_none_or(|c| c.state != presence) {
+        presence_changed(state, user, pos);
+    } else {
+        // Only the activity time moved: recorded, but not worth waking anyone.
+        state.sync.presence_heads.raise(&user.to_owned(), pos);
+        crate::state::advance(&state.presence_stream, pos);
+    }
+    Ok(())
+}
+
+struct Builder<'a> {
+    state: &'a AppState,
+    user: &'a str,
+    device: &'a str,
+    filter: &'a Filter,
+    since: Option<SyncToken>,
+    next: SyncToken,
+    full_state: bool,
+}
+
+/// A room's timeline for one response.
+struct Timeline {
+    events: Vec<Arc<CachedEvent>>,
+    limited: bool,
+}
+
+impl Builder<'_> {
+    async fn build(&mut self, memberships: Vec<UserMembership>) -> ApiResult<(Value, bool)> {
+        let since_events = self.since.map_or(0, |s| s.events);
+        let mut join = Map::new();
+        let mut invite = Map::new();
+        let mut knock = Map::new();
+        let mut leave = Map::new();
+
+        // Account data: one query, only if this user's changed since the token.
+        let ad_since = self.since.map_or(0, |s| s.account_data);
+        let mut global_ad = Vec::new();
+        let mut room_ad: HashMap<String, Vec<Value>> = HashMap::new();
+        if self.since.is_none() || self.state.sync.account_data_heads.get(&self.user.to_owned()) > ad_since {
+            for row in storage::account_data::changed_since(&self.state.db, self.user, ad_since).await? {
+                if row.stream_ordering > self.next.account_data {
+                    continue;
+                }
+                let ev = json!({ "type": row.data_type, "content": row.content });
+                match row.room_id {
+                    None if self.filter.account_data.allows(&row.data_type, None) => global_ad.push(ev),
+                    Some(r) if self.filter.room.account_data.allows_kind(&row.data_type, None) => {
+                        room_ad.entry(r).or_default().push(ev)
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        // Receipts: one query for the rooms whose receipts moved.
+        let joined: Vec<&UserMembership> = memberships
+            .iter()
+            .filter(|m| m.membership == "join" && m.stream_ordering <= self.next.events)
+            .filter(|m| self.filter.room.allows_room(&m.room_id))
+            .collect();
+        let receipt_since = self.since.map_or(0, |s| s.receipts);
+        let receipt_rooms: Vec<i64> = joined
+            .iter()
+            .filter(|m| {
+                self.since.is_none()
+                    || m.stream_ordering > since_events
+                    || self.state.sync.receipt_heads.get(&m.room_nid) > receipt_since
+            })
+            .filter(|m| self.filter.room.ephemeral.allows_room(&m.room_id))
+            .map(|m| m.room_nid)
+            .collect();
+        let mut receipts: HashMap<i64, Vec<storage::receipts::ReceiptRow>> = HashMap::new();
+        if !receipt_rooms.is_empty() && self.filter.room.ephemeral.allows_kind("m.receipt", None) {
+            // Newly joined rooms get all their receipts, the others what changed.
+            let newly: HashSet<i64> = joined
+                .iter()
+                .filter(|m| self.since.is_none() || m.stream_ordering > since_events || self.full_state)
+                .map(|m| m.room_nid)
+                .collect();
+            let (new_rooms, old_rooms): (Vec<i64>, Vec<i64>) = receipt_rooms.iter().partition(|r| newly.contains(r));
+            for (rooms, from) in [(new_rooms, 0), (old_rooms, receipt_since)] {
+                if rooms.is_empty() {
+                    continue;
+                }
+                for r in storage::receipts::for_rooms_since(&self.state.db, &rooms, self.user, from).await? {
+                    if r.stream_ordering <= self.next.receipts {
+                        receipts.entry(r.room_nid).or_default().push(r);
+                    }
+                }
+            }
+        }
+
+        for m in &memberships {
+            if m.stream_ordering > self.next.events || !self.filter.room.allows_room(&m.room_id) {
+                continue;
+            }
+            let changed = self.since.is_none() || m.stream_ordering > since_events;
+            match m.membership.as_str() {
+                "join" => {
+                    if let Some(v) =
+                        self.joined_room(m, room_ad.remove(&m.room_id), receipts.remove(&m.room_nid)).await?
+                    {
+                        join.insert(m.room_id.clone(), v);
+                    }
+                }
+                "invite" if changed => {
+                    invite.insert(m.room_id.clone(), json!({ "invite_state": { "events": self.stripped(m).await? } }));
+                }
+                "knock" if changed => {
+                    knock.insert(m.room_id.clone(), json!({ "knock_state": { "events": self.stripped(m).await? } }));
+                }
+                "leave" | "ban"
+                    if (self.since.is_some() && changed)
+                        || (self.filter.room.include_leave && (changed || self.full_state)) =>
+                {
+                    if let Some(v) = self.left_room(m, room_ad.remove(&m.room_id)).await? {
+                        leave.insert(m.room_id.clone(), v);
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        let presence = self.presence(&memberships).await?;
+        let has_content = !(join.is_empty()
+            && invite.is_empty()
+            && knock.is_empty()
+            && leave.is_empty()
+            && presence.is_empty()
+            && global_ad.is_empty());
+        let mut body = json!({ "next_batch": self.next.to_string() });
+        let mut rooms = Map::new();
+        for (k, v) in [("join", join), ("invite", invite), ("knock", knock), ("leave", leave)] {
+            if !v.is_empty() {
+                rooms.insert(k.into(), Value::Object(v));
+            }
+        }
+        if !rooms.is_empty() {
+            body["rooms"] = Value::Object(rooms);
+        }
+        if !presence.is_empty() {
+            body["presence"] = json!({ "events": presence });
+        }
+        if !global_ad.is_empty() {
+            body["account_data"] = json!({ "events": global_ad });
+        }
+        Ok((body, has_content))
+    }
+
+    fn viewer(&self) -> Option<(&str, &str)> {
+        Some((self.user, self.device))
+    }
+
+    fn format(&self, ev: &CachedEvent) -> Value {
+        let v = if self.filter.event_format.as_deref() == Some("federation") {
+            serde_json::from_str(&ev.row.json).unwrap_or(Value::Null)
+        } else {
+            ev.to_client(self.viewer())
+        };
+        self.filter.project(v)
+    }
+
+    async fn room_of(&self, m: &UserMembership) -> ApiResult<(Room, Arc<parking_lot::RwLock<RoomEntry>>)> {
+        let room = Room::load(self.state, &m.room_id).await?;
+        let entry = self.state.sync.room(self.state, &room).await?;
+        Ok((room, entry))
+    }
+
+    /// A joined room's section, or `None` if nothing changed for an incremental sync.
+    async fn joined_room(
+        &self,
+        m: &UserMembership,
+        account_data: Option<Vec<Value>>,
+        receipts: Option<Vec<storage::receipts::ReceiptRow>>,
+    ) -> ApiResult<Option<Value>> {
+        let since_events = self.since.map_or(0, |s| s.events);
+        // A room new to this client (initial sync, or joined since the token) gets its recent
+        // history and full state; `full_state` asks for the full state with the normal timeline.
+        let initial = self.since.is_none() || m.stream_ordering > since_events;
+        let full = initial || self.full_state;
+        let typing_since = self.since.map_or(0, |s| s.typing);
+        let typing_changed = self.state.typing.room_position(m.room_nid) as i64 > typing_since;
+        let events_changed = self.state.sync.room_heads.get(&m.room_nid) > since_events;
+        if !full && !events_changed && !typing_changed && account_data.is_none() && receipts.is_none() {
+            return Ok(None);
+        }
+        let (room, entry) = self.room_of(m).await?;
+        let upto = self.next.events;
+        let limit = self.filter.room.timeline.limit(DEFAULT_TIMELINE_LIMIT);
+        let mut out = Map::new();
+
+        let timeline = if initial {
+            let after = visibility_floor(&entry.read().state, m);
+            self.timeline(&room, &entry, after, upto, limit).await?
+        } else if events_changed || full {
+            self.timeline(&room, &entry, since_events, upto, limit).await?
+        } else {
+            Timeline { events: Vec::new(), limited: false }
+        };
+        let start = timeline.events.first().map_or(upto + 1, |e| e.stream());
+        let state_events = if full {
+            let state = self.state_before(&room, &entry, start, timeline.events.first()).await?;
+            self.lazy_filter(&room, &entry, state, &timeline, true)
+        } else if timeline.limited {
+            let gap = self.state_between(&room, &entry, since_events, start).await?;
+            self.lazy_filter(&room, &entry, gap, &timeline, false)
+        } else {
+            self.lazy_filter(&room, &entry, Vec::new(), &timeline, false)
+        };
+        let members_changed =
+            full || timeline.events.iter().chain(state_events.iter()).any(|e| e.row.event_type == "m.room.member");
+        let initial = full;
+
+        if initial || !timeline.events.is_empty() {
+            let prev_batch = match timeline.events.first() {
+                Some(e) => topo_token(e.row.depth, e.stream()),
+                None => self.next.to_string(),
+            };
+            out.insert(
+                "timeline".into(),
+                json!({
+                    "events": timeline.events.iter().map(|e| self.format(e)).collect::<Vec<_>>(),
+                    "limited": timeline.limited,
+                    "prev_batch": prev_batch,
+                }),
+            );
+        }
+        if initial || !state_events.is_empty() {
+            out.insert(
+                "state".into(),
+                json!({ "events": state_events.iter().map(|e| self.format(e)).collect::<Vec<_>>() }),
+            );
+        }
+        if members_changed {
+            out.insert("summary".into(), summary(&entry.read().state, self.user));
+        }
+
+        let mut ephemeral = Vec::new();
+        let eph = &self.filter.room.ephemeral;
+        if eph.allows_room(&m.room_id) && eph.allows_kind("m.typing", None) && (initial || typing_changed) {
+            let users = self.state.typing.typing_users(m.room_nid);
+            if !users.is_empty() || !initial {
+                ephemeral.push(json!({ "type": "m.typing", "content": { "user_ids": users } }));
+            }
+        }
+        if let Some(rows) = receipts
+            && !rows.is_empty()
+        {
+            ephemeral.push(receipt_event(&rows));
+        }
+        if !ephemeral.is_empty() {
+            out.insert("ephemeral".into(), json!({ "events": ephemeral }));
+        }
+        if let Some(ad) = account_data {
+            out.insert("account_data".into(), json!({ "events": ad }));
+        }
+        if out.is_empty() {
+            return Ok(None);
+        }
+        if initial {
+            for k in ["timeline", "state", "ephemeral", "account_data"] {
+                out.entry(k).or_insert_with(|| json!({ "events": [] }));
+            }
+        }
+        Ok(Some(Value::Object(out)))
+    }
+
+    /// A room the user left (or was kicked or banned from): the timeline up to their departure.
+    async fn left_room(&self, m: &UserMembership, account_data: Option<Vec<Value>>) -> ApiResult<Option<Value>> {
+        let (room, entry) = self.room_of(m).await?;
+        let since_events = self.since.map_or(0, |s| s.events);
+        let limit = self.filter.room.timeline.limit(DEFAULT_TIMELINE_LIMIT);
+        let was_joined = {
+            let e = entry.read();
+            let leave = e.timeline.iter().find(|ev| ev.row.event_nid == m.event_nid).cloned();
+            match leave {
+                Some(ev) => ev.replaces.as_ref().is_some_and(|p| p.membership() == Some("join")),
+                None => true,
+            }
+        };
+        let incremental = self.since.is_some() && !self.full_state && since_events > 0;
+        let (timeline, state) = if !was_joined {
+            // A rejected invite or a knock withdrawn: only the membership event itself.
+            let ev = storage::events::by_nids(&self.state.db, &[m.event_nid]).await?;
+            let events = ev.into_iter().map(|r| Arc::new(CachedEvent::new(&room, r, None))).collect();
+            (Timeline { events, limited: false }, Vec::new())
+        } else if incremental {
+            let timeline = self.timeline(&room, &entry, since_events, m.stream_ordering, limit).await?;
+            let state = if timeline.limited {
+                let before = timeline.events.first().map_or(m.stream_ordering + 1, |e| e.stream());
+                self.state_between(&room, &entry, since_events, before).await?
+            } else {
+                Vec::new()
+            };
+            (timeline, state)
+        } else {
+            let after = 0;
+            let timeline = self.timeline(&room, &entry, after, m.stream_ordering, limit).await?;
+            let start = timeline.events.first().map_or(m.stream_ordering + 1, |e| e.stream());
+            let state = self.state_before(&room, &entry, start, timeline.events.first()).await?;
+            (timeline, state)
+        };
+        let prev_batch = match timeline.events.first() {
+            Some(e) => topo_token(e.row.depth, e.stream()),
+            None => self.next.to_string(),
+        };
+        Ok(Some(json!({
+            "timeline": {
+                "events": timeline.events.iter().map(|e| self.format(e)).collect::<Vec<_>>(),
+                "limited": timeline.limited,
+                "prev_batch": prev_batch,
+            },
+            "state": { "events": state.iter().map(|e| self.format(e)).collect::<Vec<_>>() },
+            "account_data": { "events": account_data.unwrap_or_default() },
+        })))
+    }
+
+    /// The stripped state shown with an invite or a knock.
+    async fn stripped(&self, m: &UserMembership) -> ApiResult<Vec<Value>> {
+        let (_, entry) = self.room_of(m).await?;
+        let e = entry.read();
+        let mut out = Vec::new();
+        for kind in [
+            "m.room.create",
+            "m.room.name",
+            "m.room.avatar",
+            "m.room.topic",
+            "m.room.join_rules",
+            "m.room.canonical_alias",
+            "m.room.encryption",
+        ] {
+            if let Some(ev) = e.state.get(&(kind.to_owned(), String::new())) {
+                out.push(stripped_event(ev));
+            }
+        }
+        // The membership event itself (and who sent it, for "X invited you").
+        if let Some(ev) = e.state.get(&("m.room.member".to_owned(), self.user.to_owned())) {
+            if ev.row.sender != self.user
+                && let Some(inviter) = e.state.get(&("m.room.member".to_owned(), ev.row.sender.clone()))
+            {
+                out.push(stripped_event(inviter));
+            }
+            out.push(stripped_event(ev));
+        }
+        Ok(out)
+    }
+
+    /// The last `limit` events (after the filter) in `(after, upto]`, from the cache when it holds
+    /// enough of them, else from the database.
+    async fn timeline(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        after: i64,
+        upto: i64,
+        limit: usize,
+    ) -> ApiResult<Timeline> {
+        let f = &self.filter.room.timeline;
+        {
+            let e = entry.read();
+            let from = after.max(e.complete_from);
+            let mut candidates: Vec<Arc<CachedEvent>> = e
+                .timeline
+                .iter()
+                .filter(|ev| ev.stream() > from && ev.stream() <= upto && f.allows(ev))
+                .cloned()
+                .collect();
+            if candidates.len() > limit {
+                let cut = candidates.len() - limit;
+                candidates.drain(..cut);
+                return Ok(Timeline { events: candidates, limited: true });
+            }
+            if after >= e.complete_from {
+                return Ok(Timeline { events: candidates, limited: false });
+            }
+        }
+        // Older than the cache: read backwards from the database (bounded).
+        let mut events = Vec::new();
+        let mut cursor = upto;
+        let mut exhausted = false;
+        for _ in 0..10 {
+            let rows = storage::events::latest_in_range(&self.state.db, room.nid, after, cursor, 200).await?;
+            let n = rows.len();
+            for row in rows {
+                cursor = row.stream_ordering - 1;
+                let ev = CachedEvent::new(room, row, None);
+                if f.allows(&ev) {
+                    events.push(Arc::new(ev));
+                    if events.len() > limit {
+                        break;
+                    }
+                }
+            }
+            if n < 200 {
+                exhausted = true;
+                break;
+            }
+            if events.len() > limit {
+                break;
+            }
+        }
+        let limited = events.len() > limit || !exhausted;
+        events.truncate(limit);
+        events.reverse();
+        Ok(Timeline { events, limited })
+    }
+
+    /// The state before stream position `at` (the start of a timeline), after the state filter.
+    async fn state_before(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        at: i64,
+        first: Option<&Arc<CachedEvent>>,
+    ) -> ApiResult<Vec<Arc<CachedEvent>>> {
+        let cached = entry.read().state_before(at);
+        let mut events: Vec<Arc<CachedEvent>> = match cached {
+            Some(s) => s.into_values().collect(),
+            None => {
+                let group = first.and_then(|f| f.row.state_before);
+                match group {
+                    Some(g) => storage::rooms::state_events_of_group(&self.state.db, g)
+                        .await?
+                        .into_iter()
+                        .map(|r| Arc::new(CachedEvent::new(room, r, None)))
+                        .collect(),
+                    None => Vec::new(),
+                }
+            }
+        };
+        let f = &self.filter.room.state;
+        events.retain(|e| f.allows(e));
+        events.sort_by_key(|e| e.stream());
+        Ok(events)
+    }
+
+    /// The latest state event per key in `(after, before)`: what a gappy timeline skipped.
+    async fn state_between(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        after: i64,
+        before: i64,
+    ) -> ApiResult<Vec<Arc<CachedEvent>>> {
+        let cached = entry.read().events_in(after, before - 1);
+        let mut events: Vec<Arc<CachedEvent>> = match cached {
+            Some(evs) => {
+                let mut latest: HashMap<(String, String), Arc<CachedEvent>> = HashMap::new();
+                for ev in evs {
+                    if let Some(k) = ev.key() {
+                        latest.insert(k, ev);
+                    }
+                }
+                latest.into_values().collect()
+            }
+            None => storage::events::state_changes_between(&self.state.db, room.nid, after, before)
+                .await?
+                .into_iter()
+                .map(|r| Arc::new(CachedEvent::new(room, r, None)))
+                .collect(),
+        };
+        let f = &self.filter.room.state;
+        events.retain(|e| f.allows(e));
+        events.sort_by_key(|e| e.stream());
+        Ok(events)
+    }
+
+    /// Lazy-loading members: keeps only the member events of the timeline's senders (and the
+    /// user's own on an initial sync), adding missing ones from the current state, and, unless
+    /// redundant members are asked for, not those this device already has.
+    fn lazy_filter(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        state: Vec<Arc<CachedEvent>>,
+        timeline: &Timeline,
+        initial: bool,
+    ) -> Vec<Arc<CachedEvent>> {
+        let f = &self.filter.room.state;
+        if !f.lazy_load_members {
+            return state;
+        }
+        let mut wanted: HashSet<&str> = timeline.events.iter().map(|e| e.row.sender.as_str()).collect();
+        if initial {
+            wanted.insert(self.user);
+        }
+        // Senders whose member event is in the timeline already have it.
+        for e in &timeline.events {
+            if e.row.event_type == "m.room.member"
+                && let Some(k) = &e.row.state_key
+            {
+                wanted.remove(k.as_str());
+            }
+        }
+        let key = (self.user.to_owned(), self.device.to_owned(), room.nid);
+        let sent = self.state.sync.lazy_sent.get_with(key, Default::default);
+        let mut sent = sent.lock();
+        if initial {
+            sent.clear();
+        }
+        let mut out: Vec<Arc<CachedEvent>> = Vec::new();
+        let mut have: HashSet<String> = HashSet::new();
+        for e in state {
+            if e.row.event_type != "m.room.member" {
+                out.push(e);
+                continue;
+            }
+            let who = e.row.state_key.clone().unwrap_or_default();
+            if wanted.contains(who.as_str()) && (f.include_redundant_members || !sent.contains(&who)) {
+                have.insert(who.clone());
+                out.push(e);
+            }
+        }
+        // Senders whose member event is not in the delta: their current one.
+        {
+            let e = entry.read();
+            for who in wanted {
+                if have.contains(who) || (!f.include_redundant_members && sent.contains(who)) {
+                    continue;
+                }
+                if let Some(ev) = e.state.get(&("m.room.member".to_owned(), who.to_owned())) {
+                    out.push(ev.clone());
+                    have.insert(who.to_owned());
+                }
+            }
+        }
+        sent.extend(have);
+        for e in &timeline.events {
+            if e.row.event_type == "m.room.member"
+                && let Some(k) = &e.row.state_key
+            {
+                sent.insert(k.clone());
+            }
+        }
+        out.sort_by_key(|e| e.stream());
+        out
+    }
+
+    /// Presence of the users the syncing user shares a joined room with (and their own).
+    async fn presence(&self, memberships: &[UserMembership]) -> ApiResult<Vec<Value>> {
+        if !self.state.config.presence.enabled {
+            return Ok(Vec::new());
+        }
+        let since = self.since.map_or(0, |s| s.presence);
+        if self.since.is_some() && self.next.presence <= since {
+            return Ok(Vec::new());
+        }
+        let mut users: HashSet<String> = HashSet::new();
+        users.insert(self.user.to_owned());
+        for m in memberships.iter().filter(|m| m.membership == "join") {
+            let (_, entry) = self.room_of(m).await?;
+            let e = entry.read();
+            users.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned));
+        }
+        let heads = &self.state.sync.presence_heads;
+        let users: Vec<String> = users.into_iter().filter(|u| self.since.is_none() || heads.get(u) > since).collect();
+        if users.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pf = &self.filter.presence;
+        if !pf.allows("m.presence", None) {
+            return Ok(Vec::new());
+        }
+        let now = now_ms();
+        let mut out = Vec::new();
+        for p in storage::presence::changed_since(&self.state.db, &users, since).await? {
+            if p.stream_ordering > self.next.presence || !pf.allows("m.presence", Some(&p.user_id)) {
+                continue;
+            }
+            let ago = (now - p.last_active_ts).max(0);
+            let mut content = json!({
+                "presence": p.state,
+                "last_active_ago": ago,
+                "currently_active": p.state == "online" && ago < CURRENTLY_ACTIVE_MS,
+            });
+            if let Some(msg) = p.status_msg {
+                content["status_msg"] = json!(msg);
+            }
+            out.push(json!({ "type": "m.presence", "sender": p.user_id, "content": content }));
+        }
+        out.truncate(pf.limit(1000).max(1));
+        Ok(out)
+    }
+}
+
+/// The lower bound of what a member may see, from the room's history visibility: `joined`
+/// rooms hide what happened before the user's membership event.
+fn visibility_floor(state: &StateMap, m: &UserMembership) -> i64 {
+    let visibility = state
+        .get(&("m.room.history_visibility".to_owned(), String::new()))
+        .and_then(|e| e.client["content"]["history_visibility"].as_str().map(str::to_owned))
+        .unwrap_or_else(|| "shared".into());
+    match visibility.as_str() {
+        "joined" | "invited" => m.stream_ordering - 1,
+        _ => 0,
+    }
+}
+
+fn stripped_event(ev: &CachedEvent) -> Value {
+    json!({
+        "type": ev.row.event_type,
+        "state_key": ev.row.state_key,
+        "sender": ev.row.sender,
+        "content": ev.client["content"],
+    })
+}
+
+/// The room summary: heroes and member counts.
+fn summary(state: &StateMap, user: &str) -> Value {
+    let mut members: Vec<(&str, &str, i64)> = state
+        .iter()
+        .filter(|((t, _), _)| t == "m.room.member")
+        .map(|((_, k), e)| (k.as_str(), e.membership().unwrap_or("leave"), e.stream()))
+        .collect();
+    members.sort_by_key(|(_, _, s)| *s);
+    let joined = members.iter().filter(|(_, m, _)| *m == "join").count();
+    let invited = members.iter().filter(|(_, m, _)| *m == "invite").count();
+    let mut heroes: Vec<&str> = members
+        .iter()
+        .filter(|(u, m, _)| *u != user && matches!(*m, "join" | "invite"))
+        .map(|(u, _, _)| *u)
+        .take(5)
+        .collect();
+    if heroes.is_empty() {
+        heroes = members.iter().filter(|(u, _, _)| *u != user).map(|(u, _, _)| *u).take(5).collect();
+    }
+    json!({ "m.heroes": heroes, "m.joined_member_count": joined, "m.invited_member_count": invited })
+}
+
+/// Receipts of one room as an `m.receipt` event.
+fn receipt_event(rows: &[storage::receipts::ReceiptRow]) -> Value {
+    let mut content = Map::new();
+    for r in rows {
+        let mut receipt = json!({ "ts": r.ts });
+        if let Some(t) = &r.thread_id {
+            receipt["thread_id"] = json!(t);
+        }
+        let by_event = content.entry(r.event_id.clone()).or_insert_with(|| json!({}));
+        by_event[&r.receipt_type][&r.user_id] = receipt;
+    }
+    json!({ "type": "m.receipt", "content": content })
+}
