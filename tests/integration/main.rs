@@ -1,3 +1,4 @@
+#![recursion_limit = "256"]
 //! Integration tests: real servers, real PostgreSQL, real HTTP.
 
 mod accounts;

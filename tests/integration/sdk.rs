@@ -166,3 +166,73 @@ async fn two_users_converse_in_a_room() {
     assert_eq!(joined["joined"].as_object().unwrap().len(), 1, "{joined}");
     s.stop().await;
 }
+
+/// A matrix-sdk client syncs: its room list (names, heroes, member counts) is right, and it sees
+/// another client's messages in real time through a long-polling sync loop.
+#[tokio::test]
+async fn sdk_room_list_and_live_messages() {
+    use matrix_sdk::config::SyncSettings;
+    use matrix_sdk::ruma::api::client::room::create_room::v3::Request as CreateRoom;
+    use matrix_sdk::ruma::events::room::message::{OriginalSyncRoomMessageEvent, RoomMessageEventContent};
+    use std::time::Duration;
+
+    let s = TestServer::start().await;
+    s.register("agent.c", false).await;
+    s.register("agent.d", false).await;
+    let c = client(&s).await;
+    c.matrix_auth().login_username("agent.c", PASSWORD).send().await.expect("login c");
+    c.account().set_display_name(Some("Camille")).await.unwrap();
+    let d = client(&s).await;
+    let d_login = d.matrix_auth().login_username("agent.d", PASSWORD).send().await.expect("login d");
+
+    let mut req = CreateRoom::new();
+    req.name = Some("Astreinte".into());
+    let named = c.create_room(req).await.expect("named room");
+    named.invite_user_by_id(&d_login.user_id).await.unwrap();
+    let unnamed = c.create_room(CreateRoom::new()).await.expect("unnamed room");
+    unnamed.invite_user_by_id(&d_login.user_id).await.unwrap();
+
+    // D's first sync: two invites; D joins both; the room list is then right.
+    d.sync_once(SyncSettings::default()).await.expect("initial sync");
+    assert_eq!(d.invited_rooms().len(), 2);
+    d.join_room_by_id(named.room_id()).await.unwrap();
+    d.join_room_by_id(unnamed.room_id()).await.unwrap();
+    d.sync_once(SyncSettings::default()).await.expect("sync after joins");
+    let named_d = d.get_room(named.room_id()).expect("named room known");
+    assert_eq!(named_d.display_name().await.unwrap().to_string(), "Astreinte");
+    assert_eq!(named_d.joined_members_count(), 2);
+    let unnamed_d = d.get_room(unnamed.room_id()).expect("unnamed room known");
+    // No name: the SDK names the room after its heroes, here the other member.
+    assert_eq!(unnamed_d.display_name().await.unwrap().to_string(), "Camille");
+    assert!(unnamed_d.heroes().iter().any(|h| h.user_id.as_str() == "@agent.c:localhost"));
+
+    // Live: D's sync loop receives C's messages as they are sent.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, std::time::Instant)>();
+    d.add_event_handler(move |ev: OriginalSyncRoomMessageEvent| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send((ev.content.body().to_owned(), std::time::Instant::now()));
+        }
+    });
+    let d_loop = d.clone();
+    let sync_task = tokio::spawn(async move {
+        let _ = d_loop.sync(SyncSettings::default().timeout(Duration::from_secs(30))).await;
+    });
+    // Let the loop reach its long-poll.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        let sent_at = std::time::Instant::now();
+        named.send(RoomMessageEventContent::text_plain(format!("alerte {i}"))).await.expect("send");
+        let (body, at) = loop {
+            let (body, at) =
+                tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivered").unwrap();
+            if body.starts_with("alerte") {
+                break (body, at);
+            }
+        };
+        assert_eq!(body, format!("alerte {i}"));
+        assert!(at.duration_since(sent_at) < Duration::from_secs(5), "real time, not at the long-poll timeout");
+    }
+    sync_task.abort();
+    s.stop().await;
+}
