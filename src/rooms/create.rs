@@ -97,7 +97,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
     if rules.authorization.additional_room_creators && trusted && !req.invite.is_empty() {
         create_content.insert("additional_creators".into(), json!(req.invite));
     }
-    let ts = now_ms();
+    let ts = create_ts();
     let provisional_room_id = if rules.authorization.room_create_event_id_as_room_id {
         None
     } else {
@@ -253,6 +253,20 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
     committed(state, &room, writer, &appended);
     tracing::info!(room_id = %room_id, version, preset, "room created");
     Ok(Created { room_id: room_id.to_string(), alias })
+}
+
+/// The create event's timestamp, strictly increasing within this process: from room version 12 the
+/// room ID is the create event's hash, so two rooms created by the same user with the same
+/// options in the same millisecond would otherwise get the same ID.
+fn create_ts() -> i64 {
+    static LAST: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+    let now = now_ms();
+    let prev = LAST
+        .fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |last| {
+            Some(now.max(last + 1))
+        })
+        .unwrap_or(now);
+    now.max(prev + 1)
 }
 
 /// Member event content carrying the user's current profile.

@@ -477,6 +477,13 @@ impl SyncCaches {
         Ok(entry)
     }
 
+    /// The rooms a user is joined to, if their rooms are cached.
+    pub fn cached_joined_rooms(&self, user: &str) -> Option<Vec<i64>> {
+        let u = self.users.get(user)?;
+        let u = u.read();
+        Some(u.rooms.values().filter(|m| m.membership == "join").map(|m| m.room_nid).collect())
+    }
+
     /// Forgets a user's cached rooms (after `forget`, which changes no stream).
     pub fn invalidate_user(&self, user: &str) {
         self.users.invalidate(user);

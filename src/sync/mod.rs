@@ -92,11 +92,20 @@ pub fn receipt_changed(state: &AppState, room_nid: i64, pos: i64) {
     state.sync.wake_room(room_nid);
 }
 
-/// Records a presence change of `user` (after commit) and wakes those who may see it.
+/// Records a presence change of `user` (after commit) and wakes those who may see it: the
+/// members of their joined rooms (everyone, when their rooms are not cached).
 pub fn presence_changed(state: &AppState, user: &str, pos: i64) {
     state.sync.presence_heads.raise(&user.to_owned(), pos);
     crate::state::advance(&state.presence_stream, pos);
-    state.sync.wake_all();
+    state.sync.wake_user(user);
+    match state.sync.cached_joined_rooms(user) {
+        Some(rooms) => {
+            for room in rooms {
+                state.sync.wake_room(room);
+            }
+        }
+        None => state.sync.wake_all(),
+    }
 }
 
 /// Wakes the members of a room whose typing set changed.

@@ -469,3 +469,25 @@ async fn knocking_restricted_joins_and_upgrades() {
     assert_eq!(join(&s, &bob, new).await.0, 200);
     s.stop().await;
 }
+
+/// From room version 12 a room ID is the hash of its create event: rooms created at once by the
+/// same user with the same options must still get distinct IDs.
+#[tokio::test]
+async fn concurrent_identical_creates_get_distinct_rooms() {
+    let s = TestServer::start().await;
+    let u = s.register("twins", false).await;
+    let body = serde_json::json!({ "preset": "public_chat" });
+    let creates = (0..8).map(|_| s.post("/_matrix/client/v3/createRoom", Some(&u.token), body.clone()));
+    let results = futures_util::future::join_all(creates).await;
+    let mut ids: Vec<String> = results
+        .iter()
+        .map(|(st, v)| {
+            assert_eq!(*st, 200, "{v}");
+            v["room_id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 8);
+    s.stop().await;
+}
