@@ -43,6 +43,10 @@ pub struct Inner {
     pub presence_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
+    /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
+    pub push_rules: crate::push::eval::RulesCache,
+    /// Delivery to push gateways.
+    pub push_gateway: crate::push::gateway::Gateway,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -74,6 +78,8 @@ impl AppState {
         let rate_limits = RateLimiters::new(&config.rate_limits);
         let (profile_changes, _) = broadcast::channel(1024);
         let version = server_key.key_id.trim_start_matches("ed25519:").to_owned();
+        let push_rules = crate::push::eval::RulesCache::new(&config.push);
+        let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -90,6 +96,8 @@ impl AppState {
             receipt_stream: tokio::sync::watch::channel(0).0,
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
+            push_rules,
+            push_gateway,
             server_key,
             db,
             config,
