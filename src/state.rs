@@ -45,6 +45,8 @@ pub struct Inner {
     pub typing: Typing,
     /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
     pub push_rules: crate::push::eval::RulesCache,
+    /// Room state as push evaluation last saw it, per room.
+    pub push_views: crate::push::eval::ViewCache,
     /// Delivery to push gateways.
     pub push_gateway: crate::push::gateway::Gateway,
 }
@@ -97,6 +99,7 @@ impl AppState {
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
             push_rules,
+            push_views: Default::default(),
             push_gateway,
             server_key,
             db,

@@ -2,10 +2,11 @@
 //! write transaction (so unread counts never miss or double-count an event), and the push jobs
 //! handed to the gateway after commit.
 //!
-//! Per batch of events of one room: one query for the room state before the batch (joined
-//! members with their display names, power levels, create event, name, canonical alias), which
-//! is then walked forward through the batch's own state events; at most one query for the push
-//! settings of users missing from the cache; one `INSERT` for all resulting rows. Each event is
+//! Per batch of events of one room: the room state before the batch (joined members with their
+//! display names, power levels, create event, name, canonical alias), from the view the previous
+//! batch left in memory or else one query, walked forward through the batch's own state events;
+//! at most one query for the push settings of users missing from the cache; one `INSERT` for all
+//! resulting rows. Each event is
 //! flattened once and evaluated against the rulesets of every joined member but its sender, plus
 //! the invitee of an invite. The rules decide everything else (member events, notices, edits...
 //! are `dont_notify` by the server-default rules).
@@ -157,6 +158,41 @@ impl RulesCache {
     }
 }
 
+/// Most joined members (summed over rooms) whose room views are kept in memory.
+const VIEW_CACHE_MEMBERS: u64 = 500_000;
+
+/// The room view after the last batch of each recently written room, keyed by the state group it
+/// describes. State groups never change and their IDs are never reused, so an entry is valid
+/// exactly when the next batch starts from the same group (always, for a room written only by
+/// this process): the state query is then skipped. A group from a rolled-back transaction simply
+/// never matches.
+pub struct ViewCache(moka::sync::Cache<i64, Arc<(i64, RoomView)>>);
+
+impl Default for ViewCache {
+    fn default() -> Self {
+        Self(
+            moka::sync::Cache::builder()
+                .max_capacity(VIEW_CACHE_MEMBERS)
+                .weigher(|_, v: &Arc<(i64, RoomView)>| u32::try_from(v.1.members.len() + 1).unwrap_or(u32::MAX))
+                .build(),
+        )
+    }
+}
+
+impl ViewCache {
+    fn get(&self, room_nid: i64, group: i64) -> Option<RoomView> {
+        self.0.get(&room_nid).filter(|e| e.0 == group).map(|e| e.1.clone())
+    }
+
+    fn put(&self, room_nid: i64, group: i64, view: RoomView) {
+        self.0.insert(room_nid, Arc::new((group, view)));
+    }
+
+    fn forget(&self, room_nid: i64) {
+        self.0.invalidate(&room_nid);
+    }
+}
+
 /// Evicts cached push settings after a change of account data that affects them.
 pub fn account_data_changed(state: &AppState, user_id: &str, data_type: &str) {
     if data_type == IGNORED_USERS_TYPE || data_type == super::ACCOUNT_DATA_TYPE {
@@ -173,7 +209,7 @@ pub struct Member {
 
 /// The room as evaluation sees it just before an event: joined members (with their display
 /// names) and the state that push conditions and the gateway need.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct RoomView {
     /// Joined members (those with a valid user ID) by user ID.
     pub members: HashMap<String, Member>,
@@ -413,11 +449,13 @@ async fn record(
 ) -> ApiResult<Vec<PushJob>> {
     let Some(first) = events.first() else { return Ok(Vec::new()) };
     let started = std::time::Instant::now();
-    let rows = match first.row.state_before {
-        Some(group) => storage::push::room_push_state(&mut *conn, group).await?,
-        None => Vec::new(),
+    let mut view = match first.row.state_before {
+        Some(group) => match state.push_views.get(room.nid, group) {
+            Some(view) => view,
+            None => RoomView::from_rows(storage::push::room_push_state(&mut *conn, group).await?),
+        },
+        None => RoomView::default(),
     };
-    let mut view = RoomView::from_rows(rows);
 
     // Everyone who can be a recipient in this batch: the members before it, those who join
     // during it, and invitees.
@@ -485,6 +523,13 @@ async fn record(
         }
     }
     storage::push::insert_actions(conn, room.nid, now_ms(), &rows).await?;
+    // A redaction can blank a display name or the room name without a new state group.
+    match events.last().and_then(|a| a.row.state_after) {
+        Some(group) if !events.iter().any(|a| a.row.event_type == "m.room.redaction") => {
+            state.push_views.put(room.nid, group, view)
+        }
+        _ => state.push_views.forget(room.nid),
+    }
     tracing::debug!(
         room = %room.room_id,
         events = events.len(),

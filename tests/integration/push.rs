@@ -521,3 +521,54 @@ async fn invite_notifies_the_invitee() {
     assert_eq!(StatusCode::OK, s.get("/_matrix/client/v3/notifications", Some(&alice.token)).await.0);
     s.stop().await;
 }
+
+/// Who an event notified, from the push actions table: `(user, highlight)`, sorted.
+async fn notified(s: &TestServer, event_id: &str) -> Vec<(String, bool)> {
+    sqlx::query_as(
+        "SELECT a.user_id, a.highlight FROM event_push_actions a JOIN events e ON e.event_nid = a.event_nid
+         WHERE e.event_id = $1 ORDER BY a.user_id",
+    )
+    .bind(event_id)
+    .fetch_all(&s.state().db)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn recipients_follow_membership_and_display_names() {
+    let s = TestServer::start().await;
+    let alice = s.register("alice", false).await;
+    let bob = s.register("bob", false).await;
+    let carol = s.register("carol", false).await;
+    let room = room_with(&s, &alice, &[&bob]).await;
+    let m1 = send(&s, &alice, &room, "m1", text("un")).await;
+    assert_eq!(notified(&s, &m1).await, [(bob.user_id.clone(), false)]);
+
+    join(&s, &carol, &room).await;
+    let m2 = send(&s, &alice, &room, "m2", text("deux")).await;
+    assert_eq!(notified(&s, &m2).await, [(bob.user_id.clone(), false), (carol.user_id.clone(), false)]);
+
+    let (st, _) = s.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&room)), Some(&bob.token), json!({})).await;
+    assert_eq!(st, 200);
+    let m3 = send(&s, &alice, &room, "m3", text("trois")).await;
+    assert_eq!(notified(&s, &m3).await, [(carol.user_id.clone(), false)]);
+
+    // Carol highlights her display name, then takes a new one in this room only.
+    let (st, v) = s
+        .put(
+            "/_matrix/client/v3/pushrules/global/override/display-name",
+            Some(&carol.token),
+            json!({ "conditions": [{ "kind": "contains_display_name" }], "actions": ["notify", { "set_tweak": "highlight" }] }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&room), enc(&carol.user_id));
+    let (st, v) =
+        s.put(&path, Some(&carol.token), json!({ "membership": "join", "displayname": "Caroline Dupont" })).await;
+    assert_eq!(st, 200, "{v}");
+    let old_name = send(&s, &alice, &room, "m4", text("carol ?")).await;
+    assert_eq!(notified(&s, &old_name).await, [(carol.user_id.clone(), false)]);
+    let new_name = send(&s, &alice, &room, "m5", text("Caroline Dupont ?")).await;
+    assert_eq!(notified(&s, &new_name).await, [(carol.user_id.clone(), true)]);
+    s.stop().await;
+}
