@@ -36,6 +36,7 @@ pub struct Config {
     pub user_directory: UserDirectoryConfig,
     pub presence: PresenceConfig,
     pub sync: SyncConfig,
+    pub push: PushConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -48,6 +49,73 @@ pub struct SyncConfig {
 impl Default for SyncConfig {
     fn default() -> Self {
         Self { room_cache_mb: 256 }
+    }
+}
+
+/// Push notifications: rule evaluation and delivery to push gateways (HTTP pushers).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Gateway URLs are chosen by clients: addresses in these CIDR ranges are never contacted
+    /// (the host is resolved first; every resolved address must be allowed).
+    pub gateway_ip_blacklist: Vec<String>,
+    /// Exceptions to the blacklist (e.g. a push gateway on the local network).
+    pub gateway_ip_whitelist: Vec<String>,
+    /// Timeout of one request to a gateway, connection included.
+    pub gateway_timeout_secs: u64,
+    /// Most attempts per notification (network errors, 5xx and 429 are retried).
+    pub gateway_max_attempts: u32,
+    /// Delay before the first retry; it doubles after each failed attempt.
+    pub gateway_retry_initial_ms: u64,
+    /// Longest delay between two attempts.
+    pub gateway_retry_max_ms: u64,
+    /// Give up on a notification this long after its first attempt.
+    pub gateway_retry_total_secs: u64,
+    /// Deliveries under way at once, all gateways together; further ones wait.
+    pub gateway_max_concurrency: usize,
+    /// Users whose push rules are kept in memory for evaluation.
+    pub ruleset_cache_capacity: u64,
+    /// How long a cached ruleset is used. Changes made through this instance apply at once;
+    /// changes made through another instance sharing the database apply within this delay.
+    pub ruleset_cache_ttl_secs: u64,
+}
+
+/// Addresses no client-chosen URL may reach: loopback, private (RFC 1918), carrier-grade NAT,
+/// link-local, unspecified, multicast, broadcast and reserved ranges, IPv6 unique-local and
+/// link-local. IPv4-mapped IPv6 addresses are checked as IPv4.
+pub const DEFAULT_IP_BLACKLIST: &[&str] = &[
+    "127.0.0.0/8",
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "169.254.0.0/16",
+    "0.0.0.0/8",
+    "192.0.0.0/24",
+    "198.18.0.0/15",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "::1/128",
+    "::/128",
+    "fe80::/10",
+    "fc00::/7",
+    "ff00::/8",
+];
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            gateway_ip_blacklist: DEFAULT_IP_BLACKLIST.iter().map(|s| (*s).to_owned()).collect(),
+            gateway_ip_whitelist: Vec::new(),
+            gateway_timeout_secs: 10,
+            gateway_max_attempts: 8,
+            gateway_retry_initial_ms: 1000,
+            gateway_retry_max_ms: 60_000,
+            gateway_retry_total_secs: 600,
+            gateway_max_concurrency: 64,
+            ruleset_cache_capacity: 100_000,
+            ruleset_cache_ttl_secs: 300,
+        }
     }
 }
 
@@ -235,6 +303,7 @@ impl Default for Config {
             user_directory: UserDirectoryConfig::default(),
             presence: PresenceConfig::default(),
             sync: SyncConfig::default(),
+            push: PushConfig::default(),
         }
     }
 }
@@ -419,6 +488,23 @@ impl Config {
         }
         if self.limits.max_request_body_bytes < 1024 {
             return Err(("limits.max_request_body_bytes", "must be at least 1024".into()));
+        }
+        for (key, list) in [
+            ("push.gateway_ip_blacklist", &self.push.gateway_ip_blacklist),
+            ("push.gateway_ip_whitelist", &self.push.gateway_ip_whitelist),
+        ] {
+            for cidr in list {
+                crate::push::gateway::IpRange::parse(cidr).map_err(|e| (key, e))?;
+            }
+        }
+        for (key, value) in [
+            ("push.gateway_timeout_secs", self.push.gateway_timeout_secs),
+            ("push.gateway_max_attempts", u64::from(self.push.gateway_max_attempts)),
+            ("push.gateway_max_concurrency", self.push.gateway_max_concurrency as u64),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
         }
         Ok(())
     }

@@ -45,6 +45,12 @@ pub struct Inner {
     pub typing: Typing,
     /// The sync engine's caches, stream heads and notifier.
     pub sync: crate::sync::cache::SyncCaches,
+    /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
+    pub push_rules: crate::push::eval::RulesCache,
+    /// Room state as push evaluation last saw it, per room.
+    pub push_views: crate::push::eval::ViewCache,
+    /// Delivery to push gateways.
+    pub push_gateway: crate::push::gateway::Gateway,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -76,6 +82,8 @@ impl AppState {
         let rate_limits = RateLimiters::new(&config.rate_limits);
         let (profile_changes, _) = broadcast::channel(1024);
         let version = server_key.key_id.trim_start_matches("ed25519:").to_owned();
+        let push_rules = crate::push::eval::RulesCache::new(&config.push);
+        let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -93,6 +101,9 @@ impl AppState {
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
+            push_rules,
+            push_views: Default::default(),
+            push_gateway,
             server_key,
             db,
             config,

@@ -100,6 +100,7 @@ pub fn router() -> Router<AppState> {
         ("/presence/{user_id}/status", get(client::presence::get).put(client::presence::set)),
         ("/pushers", get(client::pushers::list)),
         ("/pushers/set", post(client::pushers::set)),
+        ("/notifications", get(client::notifications::list)),
     ] {
         r = client(r, path, handler);
     }

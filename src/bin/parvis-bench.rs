@@ -449,7 +449,8 @@ async fn incremental_sync(target: Arc<Target>, load: Load) -> anyhow::Result<Rep
     }
     // The other users' first syncs changed their presence: catch up once, as a client would.
     for (token, since) in &tokens {
-        let v = target.sync(token, Some(&since.lock().clone()), None, 0).await?;
+        let from = since.lock().clone();
+        let v = target.sync(token, Some(&from), None, 0).await?;
         *since.lock() = v["next_batch"].as_str().context("next_batch")?.to_owned();
     }
     let tokens = Arc::new(tokens);
@@ -484,7 +485,8 @@ async fn fanout(target: Arc<Target>, receivers: usize, messages: usize, interval
     let epoch = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for (_, token) in users[1..].iter().cloned() {
+    for (_, token) in users[1..].iter() {
+        let token = token.clone();
         let (t, done) = (target.clone(), done.clone());
         let room = room.clone();
         tasks.push(tokio::spawn(async move {

@@ -28,9 +28,15 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
+    push_deliveries: Family<OutcomeLabels, Counter>,
     latency: Family<EndpointLabels, Histogram>,
     db_connections: Gauge,
     db_idle: Gauge,
@@ -51,11 +57,22 @@ impl Metrics {
         });
         let db_connections = Gauge::default();
         let db_idle = Gauge::default();
+        let push_deliveries = Family::<OutcomeLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests handled", requests.clone());
         registry.register("http_request_duration_seconds", "HTTP request latency", latency.clone());
         registry.register("db_pool_connections", "Open database connections", db_connections.clone());
         registry.register("db_pool_idle_connections", "Idle database connections", db_idle.clone());
-        Self { registry, requests, latency, db_connections, db_idle }
+        registry.register(
+            "push_deliveries",
+            "Push gateway deliveries by outcome (delivered, rejected, refused, failed) and retried attempts",
+            push_deliveries.clone(),
+        );
+        Self { registry, requests, push_deliveries, latency, db_connections, db_idle }
+    }
+
+    /// Counts a push delivery outcome (see `push::gateway::Outcome`) or a retried attempt.
+    pub fn push_delivery(&self, outcome: &str) {
+        self.push_deliveries.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
     }
 
     /// The text exposition, with the pool gauges refreshed.

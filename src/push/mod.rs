@@ -10,6 +10,12 @@
 //!
 //! Rule semantics (ordering, `before`/`after`, reserved IDs) are ruma's; this module maps its
 //! errors to the spec's and does the read-modify-write atomically.
+//!
+//! `eval` evaluates the rules for every new event (recording notifications for unread counts and
+//! `GET /notifications`); `gateway` delivers them to HTTP pushers.
+
+pub mod eval;
+pub mod gateway;
 
 use ruma::UserId;
 use ruma::push::{InsertPushRuleError, RemovePushRuleError, RuleKind, Ruleset};
@@ -73,7 +79,7 @@ pub fn to_json(ruleset: &Ruleset) -> Value {
 
 /// The effective ruleset from stored `m.push_rules` content (or none): stored choices merged with
 /// the current server defaults.
-fn effective(user_id: &UserId, stored: Option<&Value>) -> ApiResult<Ruleset> {
+pub(crate) fn effective(user_id: &UserId, stored: Option<&Value>) -> ApiResult<Ruleset> {
     let defaults = Ruleset::server_default(user_id);
     let Some(global) = stored.and_then(|c| c.get("global")) else {
         return Ok(defaults);
@@ -116,6 +122,7 @@ pub async fn modify<T>(
     })
     .await?;
     if let Some(pos) = pos {
+        state.push_rules.invalidate(user);
         crate::sync::account_data_changed(state, user, pos);
     }
     out.ok_or_else(|| anyhow::anyhow!("push rule change did not run").into())

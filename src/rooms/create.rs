@@ -249,8 +249,10 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
     if public {
         storage::rooms::set_public(&mut *tx, room_nid, true).await?;
     }
+    let push_jobs = crate::push::eval::record_batch(state, &mut tx, &room, &appended).await?;
     tx.commit().await?;
     committed(state, &room, writer, &appended);
+    crate::push::gateway::dispatch(state, push_jobs);
     tracing::info!(room_id = %room_id, version, preset, "room created");
     Ok(Created { room_id: room_id.to_string(), alias })
 }

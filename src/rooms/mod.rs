@@ -218,9 +218,11 @@ async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
         };
         done.push((p.reply, result));
     }
+    let push_jobs = crate::push::eval::record_batch(state, &mut tx, room, &appended).await.unwrap_or_default();
     match tx.commit().await {
         Ok(()) => {
             committed(state, room, writer, &appended);
+            crate::push::gateway::dispatch(state, push_jobs);
             for (reply, result) in done {
                 let _ = reply.send(result);
             }

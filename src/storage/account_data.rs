@@ -179,3 +179,20 @@ async fn upsert(
     .fetch_one(conn)
     .await
 }
+
+/// Global account data of several users for the given types, in one query:
+/// `(user_id, data_type, content)` for the rows that exist.
+pub async fn global_for_users(
+    db: impl PgExecutor<'_>,
+    user_ids: &[String],
+    data_types: &[&str],
+) -> sqlx::Result<Vec<(String, String, Json<Value>)>> {
+    sqlx::query_as(
+        "SELECT user_id, data_type, content FROM account_data
+         WHERE user_id = ANY($1) AND room_id = '' AND data_type = ANY($2)",
+    )
+    .bind(user_ids)
+    .bind(data_types)
+    .fetch_all(db)
+    .await
+}

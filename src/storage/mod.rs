@@ -12,6 +12,7 @@ pub mod filters;
 pub mod meta;
 pub mod presence;
 pub mod profiles;
+pub mod push;
 pub mod pushers;
 pub mod receipts;
 pub mod registration;

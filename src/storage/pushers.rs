@@ -78,3 +78,25 @@ pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, app_id: &str, pushke
         .await?;
     Ok(())
 }
+
+/// An HTTP pusher with its owner, for delivery.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserPusher {
+    pub user_id: String,
+    /// When the pusher was registered (ms since the epoch).
+    pub created_ts: i64,
+    #[sqlx(flatten)]
+    pub row: PusherRow,
+}
+
+/// The HTTP pushers of several users, in one query.
+pub async fn http_for_users(db: impl PgExecutor<'_>, user_ids: &[String]) -> sqlx::Result<Vec<UserPusher>> {
+    sqlx::query_as(
+        "SELECT user_id, created_ts, app_id, pushkey, kind, app_display_name, device_display_name, profile_tag, lang,
+                data
+         FROM pushers WHERE user_id = ANY($1) AND kind = 'http'",
+    )
+    .bind(user_ids)
+    .fetch_all(db)
+    .await
+}

@@ -268,6 +268,8 @@ impl Builder<'_> {
             }
         }
 
+        // Rooms whose unread counts may have changed (new events, receipts, or new to the client).
+        let mut count_rooms: Vec<(String, i64)> = Vec::new();
         for m in &memberships {
             if m.stream_ordering > self.next.events || !self.filter.room.allows_room(&m.room_id) {
                 continue;
@@ -275,10 +277,21 @@ impl Builder<'_> {
             let changed = self.since.is_none() || m.stream_ordering > since_events;
             match m.membership.as_str() {
                 "join" => {
-                    if let Some(v) =
-                        self.joined_room(m, room_ad.remove(&m.room_id), receipts.remove(&m.room_nid)).await?
-                    {
-                        join.insert(m.room_id.clone(), v);
+                    // A receipt (the user's own, typically) can lower the counts.
+                    let receipts_moved =
+                        self.since.is_some() && self.state.sync.receipt_heads.get(&m.room_nid) > receipt_since;
+                    match self.joined_room(m, room_ad.remove(&m.room_id), receipts.remove(&m.room_nid)).await? {
+                        Some((v, events_or_new)) => {
+                            join.insert(m.room_id.clone(), v);
+                            if events_or_new || receipts_moved {
+                                count_rooms.push((m.room_id.clone(), m.room_nid));
+                            }
+                        }
+                        None if receipts_moved => {
+                            join.insert(m.room_id.clone(), json!({}));
+                            count_rooms.push((m.room_id.clone(), m.room_nid));
+                        }
+                        None => {}
                     }
                 }
                 "invite" if changed => {
@@ -299,6 +312,7 @@ impl Builder<'_> {
             }
         }
 
+        self.unread_counts(&mut join, &count_rooms).await?;
         let presence = self.presence(&memberships).await?;
         let has_content = !(join.is_empty()
             && invite.is_empty()
@@ -323,6 +337,37 @@ impl Builder<'_> {
             body["account_data"] = json!({ "events": global_ad });
         }
         Ok((body, has_content))
+    }
+
+    /// `unread_notifications` (and per thread, when the filter asks) for the given rooms: one
+    /// query for all of them.
+    async fn unread_counts(&self, join: &mut Map<String, Value>, rooms: &[(String, i64)]) -> ApiResult<()> {
+        if rooms.is_empty() {
+            return Ok(());
+        }
+        let nids: Vec<i64> = rooms.iter().map(|(_, n)| *n).collect();
+        let threaded = self.filter.room.timeline.unread_thread_notifications;
+        let counts = if threaded {
+            storage::push::unread_counts(&self.state.db, self.user, &nids).await?
+        } else {
+            storage::push::unread_counts_unthreaded(&self.state.db, self.user, &nids).await?
+        };
+        for (room_id, nid) in rooms {
+            let (Some(c), Some(Value::Object(section))) = (counts.get(nid), join.get_mut(room_id)) else { continue };
+            section.insert(
+                "unread_notifications".into(),
+                json!({ "notification_count": c.notification_count, "highlight_count": c.highlight_count }),
+            );
+            if threaded {
+                let threads: Map<String, Value> = c
+                    .threads
+                    .iter()
+                    .map(|(t, (n, h))| (t.clone(), json!({ "notification_count": n, "highlight_count": h })))
+                    .collect();
+                section.insert("unread_thread_notifications".into(), Value::Object(threads));
+            }
+        }
+        Ok(())
     }
 
     fn viewer(&self) -> Option<(&str, &str)> {
@@ -350,7 +395,7 @@ impl Builder<'_> {
         m: &UserMembership,
         account_data: Option<Vec<Value>>,
         receipts: Option<Vec<storage::receipts::ReceiptRow>>,
-    ) -> ApiResult<Option<Value>> {
+    ) -> ApiResult<Option<(Value, bool)>> {
         let since_events = self.since.map_or(0, |s| s.events);
         // A room new to this client (initial sync, or joined since the token) gets its recent
         // history and full state; `full_state` asks for the full state with the normal timeline.
@@ -440,7 +485,7 @@ impl Builder<'_> {
                 out.entry(k).or_insert_with(|| json!({ "events": [] }));
             }
         }
-        Ok(Some(Value::Object(out)))
+        Ok(Some((Value::Object(out), initial || !timeline.events.is_empty())))
     }
 
     /// A room the user left (or was kicked or banned from): the timeline up to their departure.

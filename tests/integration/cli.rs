@@ -236,12 +236,23 @@ async fn load_tool_smoke_run() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let reports: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(reports.len(), 3);
+    let names: Vec<&str> = reports.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["login", "whoami", "send/2r", "incremental-sync", "fanout/3", "initial-sync", "initial-sync/lazy"]
+    );
+    for r in &reports {
+        assert_eq!(r["errors"], 0, "{r}");
+        assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(reports[4]["deliveries"], 15, "3 receivers x 5 messages: {}", reports[4]);
+    assert_eq!(reports[5]["rooms"], 3);
     assert_eq!(reports[2]["scenario"], "send/2r");
     assert_eq!(reports[2]["requests"], 40);
     assert_eq!(reports[2]["errors"], 0);
     assert_eq!(reports[1]["scenario"], "whoami");
     assert_eq!(reports[1]["requests"], 200);
     assert_eq!(reports[1]["errors"], 0);
+    assert_eq!(reports[3]["requests"], 200);
     s.stop().await;
 }

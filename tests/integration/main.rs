@@ -10,6 +10,7 @@ mod ephemeral;
 mod errors_limits;
 mod filters;
 mod presence;
+mod push;
 mod pushers;
 mod pushrules;
 mod rooms;

@@ -207,11 +207,11 @@ async fn sdk_room_list_and_live_messages() {
     assert!(unnamed_d.heroes().iter().any(|h| h.user_id.as_str() == "@agent.c:localhost"));
 
     // Live: D's sync loop receives C's messages as they are sent.
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, std::time::Instant)>();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, String, std::time::Instant)>();
     d.add_event_handler(move |ev: OriginalSyncRoomMessageEvent| {
         let tx = tx.clone();
         async move {
-            let _ = tx.send((ev.content.body().to_owned(), std::time::Instant::now()));
+            let _ = tx.send((ev.content.body().to_owned(), ev.event_id.to_string(), std::time::Instant::now()));
         }
     });
     let d_loop = d.clone();
@@ -220,13 +220,15 @@ async fn sdk_room_list_and_live_messages() {
     });
     // Let the loop reach its long-poll.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut latest = String::new();
     for i in 0..3 {
         let sent_at = std::time::Instant::now();
         named.send(RoomMessageEventContent::text_plain(format!("alerte {i}"))).await.expect("send");
         let (body, at) = loop {
-            let (body, at) =
+            let (body, id, at) =
                 tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.expect("delivered").unwrap();
             if body.starts_with("alerte") {
+                latest = id;
                 break (body, at);
             }
         };
@@ -234,5 +236,21 @@ async fn sdk_room_list_and_live_messages() {
         assert!(at.duration_since(sent_at) < Duration::from_secs(5), "real time, not at the long-poll timeout");
     }
     sync_task.abort();
+
+    // The room list's unread count: three unread messages, then none after a read receipt.
+    d.sync_once(SyncSettings::default()).await.unwrap();
+    let counts = named_d.unread_notification_counts();
+    assert_eq!(counts.notification_count, 3, "{counts:?}");
+    let latest = matrix_sdk::ruma::OwnedEventId::try_from(latest).unwrap();
+    named_d
+        .send_single_receipt(
+            matrix_sdk::ruma::api::client::receipt::create_receipt::v3::ReceiptType::Read,
+            matrix_sdk::ruma::events::receipt::ReceiptThread::Unthreaded,
+            latest,
+        )
+        .await
+        .unwrap();
+    d.sync_once(SyncSettings::default()).await.unwrap();
+    assert_eq!(named_d.unread_notification_counts().notification_count, 0);
     s.stop().await;
 }

@@ -592,6 +592,80 @@ async fn scenario_presence(s: &TestServer) {
     assert!(a2["presence"]["events"].as_array().is_none_or(|e| e.iter().all(|p| p["sender"] != carol.user_id)), "{a2}");
 }
 
+/// Unread notification and highlight counts go up with messages and mentions, down with
+/// receipts; threads are counted apart when the filter asks.
+async fn scenario_counts(s: &TestServer) {
+    let alice = s.register("ct_alice", false).await;
+    let bob = s.register("ct_bob", false).await;
+    let room = create(s, &alice, json!({ "preset": "public_chat" })).await;
+    membership(s, &bob, &room, "join", json!({})).await;
+    let b0 = sync(s, &bob, None, None, 0).await;
+    assert_eq!(b0["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0, "{b0}");
+
+    send_text(s, &alice, &room, "un").await;
+    let second = send_text(s, &alice, &room, "deux").await;
+    let b1 = sync(s, &bob, Some(&next(&b0)), None, 0).await;
+    let counts = &b1["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!(counts["notification_count"], 2, "{b1}");
+    assert_eq!(counts["highlight_count"], 0);
+
+    // A mention highlights.
+    let (st, v) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/mention1", enc(&room)),
+            Some(&alice.token),
+            json!({ "msgtype": "m.text", "body": "ct_bob: urgent", "m.mentions": { "user_ids": [bob.user_id] } }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let mention = v["event_id"].as_str().unwrap().to_owned();
+    let b2 = sync(s, &bob, Some(&next(&b1)), None, 0).await;
+    let counts = &b2["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!((counts["notification_count"].as_i64(), counts["highlight_count"].as_i64()), (Some(3), Some(1)), "{b2}");
+    // Alice's own messages do not count for her.
+    let a = sync(s, &alice, None, None, 0).await;
+    assert_eq!(a["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 0);
+
+    // A receipt on the second message leaves the mention unread; one on the mention clears all.
+    async fn receipt(s: &TestServer, u: &User, room: &str, ev: &str) {
+        let path = format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(room), enc(ev));
+        let (st, v) = s.post(&path, Some(&u.token), json!({})).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    receipt(s, &bob, &room, &second).await;
+    let b3 = sync(s, &bob, Some(&next(&b2)), None, 0).await;
+    let counts = &b3["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!((counts["notification_count"].as_i64(), counts["highlight_count"].as_i64()), (Some(1), Some(1)), "{b3}");
+    receipt(s, &bob, &room, &mention).await;
+    let b4 = sync(s, &bob, Some(&next(&b3)), None, 0).await;
+    let counts = &b4["rooms"]["join"][&room]["unread_notifications"];
+    assert_eq!((counts["notification_count"].as_i64(), counts["highlight_count"].as_i64()), (Some(0), Some(0)), "{b4}");
+
+    // Threads: with unread_thread_notifications, a thread reply counts in its thread.
+    let (st, _) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/thr1", enc(&room)),
+            Some(&alice.token),
+            json!({ "msgtype": "m.text", "body": "in thread", "m.relates_to": { "rel_type": "m.thread", "event_id": mention } }),
+        )
+        .await;
+    assert_eq!(st, 200);
+    let threaded = json!({ "room": { "timeline": { "unread_thread_notifications": true } } });
+    let b5 = sync(s, &bob, Some(&next(&b4)), Some(&threaded), 0).await;
+    let r = &b5["rooms"]["join"][&room];
+    assert_eq!(r["unread_notifications"]["notification_count"], 0, "{r}");
+    assert_eq!(r["unread_thread_notifications"][&mention]["notification_count"], 1, "{r}");
+    let b5u = sync(s, &bob, Some(&next(&b4)), None, 0).await;
+    assert_eq!(b5u["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 1, "folded in: {b5u}");
+}
+
+#[tokio::test]
+async fn sync_unread_counts() {
+    let s = TestServer::start().await;
+    scenario_counts(&s).await;
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn sync_sections_and_filters() {
     let s = TestServer::start().await;

@@ -72,6 +72,7 @@ pub async fn put_global(
     check_name("account data type", &data_type)?;
     ensure_client_writable(&data_type)?;
     let pos = storage::account_data::set(&state.db, &user_id, None, &data_type, &Value::Object(body)).await?;
+    crate::push::eval::account_data_changed(&state, &user_id, &data_type);
     crate::sync::account_data_changed(&state, &user_id, pos);
     Ok(axum::Json(json!({})))
 }
