@@ -234,6 +234,8 @@ pub struct AuthConfig {
 pub struct LimitsConfig {
     /// Largest JSON request body accepted (media uploads have their own limit).
     pub max_request_body_bytes: usize,
+    /// To-device messages kept per device until it syncs; older ones are dropped beyond this.
+    pub max_pending_to_device: u64,
 }
 
 /// A token bucket: `burst` requests at once, refilled at `per_second`.
@@ -348,7 +350,7 @@ impl Default for AuthConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        Self { max_request_body_bytes: 1024 * 1024 }
+        Self { max_request_body_bytes: 1024 * 1024, max_pending_to_device: 10_000 }
     }
 }
 

@@ -43,6 +43,9 @@ impl Error {
     pub fn invalid_param(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", msg)
     }
+    pub fn invalid_signature(msg: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE", msg)
+    }
     pub fn missing_param(msg: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", msg)
     }

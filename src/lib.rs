@@ -3,6 +3,7 @@
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod e2ee;
 pub mod error;
 pub mod http;
 pub mod keys;

@@ -146,6 +146,11 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyho
         if let Err(e) = storage::registration::delete_expired_nonces(&state.db, now_ms() - 60_000).await {
             tracing::warn!(error = %e, "nonce clean-up failed");
         }
+        // To-device queues are bounded per device; transaction IDs are kept a day for retries.
+        let max = state.config.limits.max_pending_to_device as i64;
+        if let Err(e) = storage::e2ee::prune_to_device(&state.db, max, now_ms() - 86_400_000).await {
+            tracing::warn!(error = %e, "to-device clean-up failed");
+        }
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Inner {
     pub account_data_stream: tokio::sync::watch::Sender<i64>,
     pub receipt_stream: tokio::sync::watch::Sender<i64>,
     pub presence_stream: tokio::sync::watch::Sender<i64>,
+    /// The to-device and device-list streams (encryption).
+    pub to_device_stream: tokio::sync::watch::Sender<i64>,
+    pub device_list_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
     /// The sync engine's caches, stream heads and notifier.
@@ -99,6 +102,8 @@ impl AppState {
             account_data_stream: tokio::sync::watch::channel(0).0,
             receipt_stream: tokio::sync::watch::channel(0).0,
             presence_stream: tokio::sync::watch::channel(0).0,
+            to_device_stream: tokio::sync::watch::channel(0).0,
+            device_list_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
             push_rules,

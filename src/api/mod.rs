@@ -101,6 +101,32 @@ pub fn router() -> Router<AppState> {
         ("/pushers", get(client::pushers::list)),
         ("/pushers/set", post(client::pushers::set)),
         ("/notifications", get(client::notifications::list)),
+        ("/keys/upload", post(client::keys::upload)),
+        ("/keys/query", post(client::keys::query)),
+        ("/keys/claim", post(client::keys::claim)),
+        ("/keys/changes", get(client::keys::changes)),
+        ("/keys/device_signing/upload", post(client::keys::device_signing_upload)),
+        ("/keys/signatures/upload", post(client::keys::signatures_upload)),
+        ("/sendToDevice/{event_type}/{txn_id}", put(client::keys::send_to_device)),
+        ("/room_keys/version", post(client::keys::create_backup).get(client::keys::latest_backup)),
+        (
+            "/room_keys/version/{version}",
+            get(client::keys::get_backup).put(client::keys::put_backup).delete(client::keys::delete_backup),
+        ),
+        (
+            "/room_keys/keys",
+            get(client::keys::get_all_keys).put(client::keys::put_all_keys).delete(client::keys::delete_all_keys),
+        ),
+        (
+            "/room_keys/keys/{room_id}",
+            get(client::keys::get_room_keys).put(client::keys::put_room_keys).delete(client::keys::delete_room_keys),
+        ),
+        (
+            "/room_keys/keys/{room_id}/{session_id}",
+            get(client::keys::get_session_key)
+                .put(client::keys::put_session_key)
+                .delete(client::keys::delete_session_key),
+        ),
     ] {
         r = client(r, path, handler);
     }

@@ -166,7 +166,10 @@ pub async fn start_device_session(
     let mut tx = state.db.begin().await?;
     storage::devices::upsert(&mut *tx, user_id, &device_id, display_name, ip).await?;
     let tokens = state.auth.issue(&mut tx, user_id, &device_id, with_refresh).await?;
+    // A new device is news for whoever encrypts for this user.
+    let pos = crate::e2ee::record_device_list_change(&mut tx, user_id).await?;
     tx.commit().await?;
+    crate::e2ee::device_list_committed(state, user_id, pos);
     Ok((device_id, tokens))
 }
 
@@ -174,12 +177,12 @@ pub async fn start_device_session(
 pub async fn delete_devices(state: &crate::state::AppState, user_id: &str, device_ids: &[String]) -> ApiResult<()> {
     let revoked = storage::devices::delete(&state.db, user_id, storage::devices::Selection::These(device_ids)).await?;
     state.auth.evict(&revoked).await;
-    Ok(())
+    crate::e2ee::devices_changed(state, user_id).await
 }
 
 /// Deletes every device of a user but `keep`, revoking their tokens.
 pub async fn delete_other_devices(state: &crate::state::AppState, user_id: &str, keep: Option<&str>) -> ApiResult<()> {
     let revoked = storage::devices::delete(&state.db, user_id, storage::devices::Selection::AllExcept(keep)).await?;
     state.auth.evict(&revoked).await;
-    Ok(())
+    crate::e2ee::devices_changed(state, user_id).await
 }

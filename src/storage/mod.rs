@@ -5,7 +5,9 @@
 //! database; every query is exercised by the integration tests.
 
 pub mod account_data;
+pub mod backup;
 pub mod devices;
+pub mod e2ee;
 pub mod directory;
 pub mod events;
 pub mod filters;

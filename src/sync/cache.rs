@@ -80,6 +80,9 @@ impl CachedEvent {
     }
 }
 
+/// One-time key counts per algorithm and unused fallback key types of a device.
+pub type KeyCounts = Arc<(HashMap<String, i64>, Vec<String>)>;
+
 /// Members whose member event a device already received in a room.
 pub type SentMembers = Arc<Mutex<std::collections::HashSet<String>>>;
 
@@ -290,6 +293,12 @@ pub struct SyncCaches {
     pub account_data_heads: Heads<String>,
     pub receipt_heads: Heads<i64>,
     pub presence_heads: Heads<String>,
+    pub device_list_heads: Heads<String>,
+    pub to_device_heads: Heads<String>,
+    /// One-time key counts and unused fallback key types per (user, device).
+    key_counts: moka::sync::Cache<(String, String), KeyCounts>,
+    /// The highest to-device position delivered to a device and not yet acknowledged.
+    pub to_device_unacked: moka::sync::Cache<(String, String), i64>,
     waiters: Mutex<HashMap<String, Arc<tokio::sync::Notify>>>,
     writers: Mutex<Writers>,
     /// Members already sent to a device per room (lazy loading without redundant members).
@@ -311,6 +320,10 @@ impl SyncCaches {
             account_data_heads: Heads::default(),
             receipt_heads: Heads::default(),
             presence_heads: Heads::default(),
+            device_list_heads: Heads::default(),
+            to_device_heads: Heads::default(),
+            key_counts: moka::sync::Cache::builder().max_capacity(200_000).support_invalidation_closures().build(),
+            to_device_unacked: moka::sync::Cache::builder().max_capacity(200_000).build(),
             waiters: Mutex::new(HashMap::new()),
             writers: Mutex::new(Writers::default()),
             lazy_sent: moka::sync::Cache::builder().max_capacity(100_000).build(),
@@ -482,6 +495,25 @@ impl SyncCaches {
         let u = self.users.get(user)?;
         let u = u.read();
         Some(u.rooms.values().filter(|m| m.membership == "join").map(|m| m.room_nid).collect())
+    }
+
+    pub fn key_counts(&self, user: &str, device: &str) -> Option<KeyCounts> {
+        self.key_counts.get(&(user.to_owned(), device.to_owned()))
+    }
+
+    pub fn put_key_counts(&self, user: &str, device: &str, counts: KeyCounts) {
+        self.key_counts.insert((user.to_owned(), device.to_owned()), counts);
+    }
+
+    /// After keys of a device (or, with `None`, of all the user's devices) changed.
+    pub fn invalidate_key_counts(&self, user: &str, device: Option<&str>) {
+        match device {
+            Some(d) => self.key_counts.invalidate(&(user.to_owned(), d.to_owned())),
+            None => {
+                let user = user.to_owned();
+                let _ = self.key_counts.invalidate_entries_if(move |(u, _), _| *u == user);
+            }
+        }
     }
 
     /// Forgets a user's cached rooms (after `forget`, which changes no stream).

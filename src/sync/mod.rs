@@ -51,7 +51,13 @@ pub async fn init(state: &AppState) -> anyhow::Result<()> {
     let account_data = storage::account_data::current_stream_position(&state.db).await?;
     let receipts = storage::receipts::current_stream_position(&state.db).await?;
     let presence = storage::presence::current_stream_position(&state.db).await?;
+    let to_device = storage::e2ee::to_device_position(&state.db).await?;
+    let device_lists = storage::e2ee::device_list_position(&state.db).await?;
     let c = &state.sync;
+    crate::state::advance(&state.to_device_stream, to_device);
+    crate::state::advance(&state.device_list_stream, device_lists);
+    c.to_device_heads.set_floor(to_device);
+    c.device_list_heads.set_floor(device_lists);
     c.set_start(events);
     crate::state::advance(&state.event_stream, events);
     crate::state::advance(&state.account_data_stream, account_data);
@@ -73,8 +79,8 @@ pub fn current_token(state: &AppState) -> SyncToken {
         receipts: *state.receipt_stream.borrow(),
         presence: *state.presence_stream.borrow(),
         typing: state.typing.current_position() as i64,
-        to_device: 0,
-        device_lists: 0,
+        to_device: *state.to_device_stream.borrow(),
+        device_lists: *state.device_list_stream.borrow(),
     }
 }
 
@@ -314,13 +320,27 @@ impl Builder<'_> {
 
         self.unread_counts(&mut join, &count_rooms).await?;
         let presence = self.presence(&memberships).await?;
+        let to_device = self.to_device().await?;
+        let (changed, left) = self.device_lists(&memberships).await?;
         let has_content = !(join.is_empty()
             && invite.is_empty()
             && knock.is_empty()
             && leave.is_empty()
             && presence.is_empty()
-            && global_ad.is_empty());
+            && global_ad.is_empty()
+            && to_device.is_empty()
+            && changed.is_empty()
+            && left.is_empty());
         let mut body = json!({ "next_batch": self.next.to_string() });
+        if !to_device.is_empty() {
+            body["to_device"] = json!({ "events": to_device });
+        }
+        if !changed.is_empty() || !left.is_empty() {
+            body["device_lists"] = json!({ "changed": changed, "left": left });
+        }
+        let counts = crate::e2ee::key_counts(self.state, self.user, self.device).await?;
+        body["device_one_time_keys_count"] = json!(counts.0);
+        body["device_unused_fallback_key_types"] = json!(counts.1);
         let mut rooms = Map::new();
         for (k, v) in [("join", join), ("invite", invite), ("knock", knock), ("leave", leave)] {
             if !v.is_empty() {
@@ -368,6 +388,108 @@ impl Builder<'_> {
             }
         }
         Ok(())
+    }
+
+    /// To-device messages for this device: those up to `since` are acknowledged (deleted), the
+    /// next ones (at most [`crate::e2ee::TO_DEVICE_PER_SYNC`]) delivered. Without new messages for
+    /// the user, no query.
+    async fn to_device(&mut self) -> ApiResult<Vec<Value>> {
+        let since = self.since.map_or(0, |s| s.to_device);
+        let key = (self.user.to_owned(), self.device.to_owned());
+        let unacked = self.state.sync.to_device_unacked.get(&key);
+        let has_new = self.state.sync.to_device_heads.get(&self.user.to_owned()) > since;
+        if !has_new {
+            if unacked.is_some_and(|x| since >= x) {
+                storage::e2ee::take_to_device(&self.state.db, self.user, self.device, since, since, 0).await?;
+                self.state.sync.to_device_unacked.invalidate(&key);
+            }
+            return Ok(Vec::new());
+        }
+        let limit = crate::e2ee::TO_DEVICE_PER_SYNC;
+        let rows =
+            storage::e2ee::take_to_device(&self.state.db, self.user, self.device, since, self.next.to_device, limit)
+                .await?;
+        if let Some(last) = rows.last() {
+            if rows.len() as i64 == limit {
+                // More are waiting: the token stops after what this response carries.
+                self.next.to_device = last.0.max(since);
+            }
+            self.state.sync.to_device_unacked.insert(key, last.0);
+        } else {
+            self.state.sync.to_device_unacked.invalidate(&key);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(_, sender, kind, content)| json!({ "sender": sender, "type": kind, "content": content }))
+            .collect())
+    }
+
+    /// `device_lists` of an incremental sync: users sharing a room with the user whose devices or
+    /// keys changed since the token, or who started sharing one (`changed`), and users who no
+    /// longer share any (`left`).
+    async fn device_lists(&self, memberships: &[UserMembership]) -> ApiResult<(Vec<String>, Vec<String>)> {
+        let Some(since) = self.since else { return Ok((Vec::new(), Vec::new())) };
+        let sync = &self.state.sync;
+        let mut changed: HashSet<String> = HashSet::new();
+        let mut left_candidates: HashSet<String> = HashSet::new();
+        let mut co: Option<HashSet<String>> = None;
+        if self.next.device_lists > since.device_lists {
+            let members = crate::e2ee::co_members(self.state, self.user).await?;
+            for u in &members {
+                if sync.device_list_heads.get(u) > since.device_lists {
+                    changed.insert(u.clone());
+                }
+            }
+            co = Some(members);
+        }
+        for m in memberships {
+            if m.stream_ordering > self.next.events {
+                continue;
+            }
+            let newly = m.stream_ordering > since.events;
+            let events_moved = sync.room_heads.get(&m.room_nid) > since.events;
+            if !newly && !events_moved {
+                continue;
+            }
+            let (_, entry) = self.room_of(m).await?;
+            let e = entry.read();
+            match (m.membership.as_str(), newly) {
+                ("join", true) => changed.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned)),
+                ("join", false) => match e.events_in(since.events, self.next.events) {
+                    Some(evs) => {
+                        for ev in evs.iter().filter(|ev| ev.row.event_type == "m.room.member") {
+                            let who = ev.row.state_key.clone().unwrap_or_default();
+                            match ev.membership() {
+                                Some("join") if ev.replaces.as_ref().and_then(|p| p.membership()) != Some("join") => {
+                                    changed.insert(who);
+                                }
+                                Some("leave" | "ban") => {
+                                    left_candidates.insert(who);
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    // Too much happened to tell: everyone present may have changed.
+                    None => changed.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned)),
+                },
+                ("leave" | "ban", true) => left_candidates.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned)),
+                _ => {}
+            }
+        }
+        if changed.is_empty() && left_candidates.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let co = match co {
+            Some(c) => c,
+            None => crate::e2ee::co_members(self.state, self.user).await?,
+        };
+        let mut left: Vec<String> =
+            left_candidates.into_iter().filter(|u| !co.contains(u) && u != self.user).collect();
+        let mut changed: Vec<String> = changed.into_iter().filter(|u| co.contains(u)).collect();
+        changed.sort();
+        left.sort();
+        Ok((changed, left))
     }
 
     fn viewer(&self) -> Option<(&str, &str)> {

@@ -58,6 +58,7 @@ pub async fn rename(
     if !storage::devices::rename(&state.db, &auth.user_id, &device_id, body.display_name.as_deref()).await? {
         return Err(Error::not_found("No such device"));
     }
+    crate::e2ee::devices_changed(&state, &auth.user_id).await?;
     Ok(axum::Json(json!({})))
 }
 

@@ -6,6 +6,7 @@ pub mod devices;
 pub mod directory;
 pub mod discovery;
 pub mod filter;
+pub mod keys;
 pub mod login;
 pub mod notifications;
 pub mod presence;

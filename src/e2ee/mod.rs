@@ -1,0 +1,582 @@
+//! End-to-end encryption support: the server stores and routes keys and to-device messages; it
+//! never sees plaintext. Device keys, one-time and fallback keys, cross-signing keys and
+//! signatures (`keys/*`), to-device messages, and the device-list stream that tells clients whose
+//! keys to re-fetch. Key backup is in [`backup`].
+//!
+//! Remote users (federation) are answered in `failures` for now; the seams are
+//! [`query_keys`] and [`claim_keys`], which split the request by server.
+
+pub mod backup;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+use serde_json::{Map, Value, json};
+
+use crate::error::{ApiResult, Error};
+use crate::state::AppState;
+use crate::storage;
+
+/// To-device messages delivered per sync response.
+pub const TO_DEVICE_PER_SYNC: i64 = 100;
+
+fn is_local(state: &AppState, user: &str) -> bool {
+    user.rsplit_once(':').is_some_and(|(_, s)| s == state.config.server_name)
+}
+
+fn server_of(user: &str) -> &str {
+    user.rsplit_once(':').map_or("", |(_, s)| s)
+}
+
+/// Canonical JSON of `obj` without `signatures` and `unsigned`: what a signature covers.
+fn signed_bytes(obj: &Value) -> Option<String> {
+    let mut o = obj.as_object()?.clone();
+    o.remove("signatures");
+    o.remove("unsigned");
+    let canonical = ruma::CanonicalJsonValue::try_from(Value::Object(o)).ok()?;
+    serde_json::to_string(&canonical).ok()
+}
+
+/// Whether `obj` carries a valid ed25519 signature by `signer` with `key_id` (`ed25519:<id>`)
+/// for the unpadded-base64 public key `public_key`.
+pub fn verify(obj: &Value, signer: &str, key_id: &str, public_key: &str) -> bool {
+    let Some(sig) = obj["signatures"][signer][key_id].as_str() else { return false };
+    let (Ok(pk), Ok(sig)) = (crate::keys::decode_base64_lenient(public_key), crate::keys::decode_base64_lenient(sig))
+    else {
+        return false;
+    };
+    let (Ok(pk), Ok(sig)) = (<[u8; 32]>::try_from(pk.as_slice()), <[u8; 64]>::try_from(sig.as_slice())) else {
+        return false;
+    };
+    let Ok(vk) = ed25519_dalek::VerifyingKey::from_bytes(&pk) else { return false };
+    let Some(msg) = signed_bytes(obj) else { return false };
+    vk.verify_strict(msg.as_bytes(), &ed25519_dalek::Signature::from_bytes(&sig)).is_ok()
+}
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::bad_json(msg.into())
+}
+
+/// Records that `user`'s devices or keys changed (inside the caller's transaction); call
+/// [`device_list_committed`] after commit.
+pub async fn record_device_list_change(conn: &mut sqlx::PgConnection, user: &str) -> ApiResult<i64> {
+    Ok(storage::e2ee::record_device_list_change(conn, user).await?)
+}
+
+/// After a device-list change committed: raises the user's head, moves the stream and wakes the
+/// user and their room-mates.
+pub fn device_list_committed(state: &AppState, user: &str, pos: i64) {
+    state.sync.device_list_heads.raise(&user.to_owned(), pos);
+    crate::state::advance(&state.device_list_stream, pos);
+    state.sync.wake_user(user);
+    match state.sync.cached_joined_rooms(user) {
+        Some(rooms) => rooms.into_iter().for_each(|r| state.sync.wake_room(r)),
+        None => state.sync.wake_all(),
+    }
+}
+
+/// Records a device-list change in a transaction of its own (new device, renamed or deleted
+/// devices).
+pub async fn devices_changed(state: &AppState, user: &str) -> ApiResult<()> {
+    let mut tx = state.db.begin().await?;
+    let pos = record_device_list_change(&mut tx, user).await?;
+    tx.commit().await?;
+    state.sync.invalidate_key_counts(user, None);
+    device_list_committed(state, user, pos);
+    Ok(())
+}
+
+/// `POST /keys/upload`.
+pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Value) -> ApiResult<Value> {
+    let mut tx = state.db.begin().await?;
+    let mut changed = false;
+    if let Some(dk) = body.get("device_keys").filter(|v| !v.is_null()) {
+        validate_device_keys(dk, user, device)?;
+        let current = storage::e2ee::device_keys(&mut *tx, user, device).await?;
+        let same = current.as_ref().is_some_and(|c| signed_bytes(c) == signed_bytes(dk));
+        if !same {
+            // Keep signatures made by the user's self-signing key on the previous upload only if
+            // the keys are the same; new keys start with the device's own signatures.
+            storage::e2ee::set_device_keys(&mut tx, user, device, dk).await?;
+            changed = true;
+        }
+    }
+    if let Some(otks) = body.get("one_time_keys").filter(|v| !v.is_null()) {
+        let otks = otks.as_object().ok_or_else(|| bad("one_time_keys must be an object"))?;
+        let mut parsed = Vec::new();
+        for (id, key) in otks {
+            let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid one-time key ID {id}")))?;
+            if alg.is_empty() || key_id.is_empty() || !(key.is_object() || key.is_string()) {
+                return Err(bad(format!("invalid one-time key {id}")));
+            }
+            if let Some(o) = key.as_object()
+                && !o.get("key").is_some_and(Value::is_string)
+            {
+                return Err(bad(format!("one-time key {id} has no key")));
+            }
+            parsed.push((alg.to_owned(), key_id.to_owned(), key.clone()));
+        }
+        let ids: Vec<String> = parsed.iter().map(|(a, k, _)| format!("{a}:{k}")).collect();
+        let existing = storage::e2ee::existing_one_time_keys(&mut *tx, user, device, &ids).await?;
+        for (a, k, v) in &parsed {
+            if let Some(old) = existing.get(&format!("{a}:{k}"))
+                && old != v
+            {
+                return Err(Error::invalid_param(format!("One-time key {a}:{k} already exists with different content")));
+            }
+        }
+        storage::e2ee::insert_one_time_keys(&mut tx, user, device, &parsed).await?;
+    }
+    for field in ["fallback_keys", "org.matrix.msc2732.fallback_keys"] {
+        let Some(fks) = body.get(field).filter(|v| !v.is_null()) else { continue };
+        let fks = fks.as_object().ok_or_else(|| bad(format!("{field} must be an object")))?;
+        for (id, key) in fks {
+            let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid fallback key ID {id}")))?;
+            if !key.get("key").is_some_and(Value::is_string) {
+                return Err(bad(format!("fallback key {id} has no key")));
+            }
+            storage::e2ee::set_fallback_key(&mut tx, user, device, alg, key_id, key).await?;
+        }
+    }
+    let pos = if changed { Some(record_device_list_change(&mut tx, user).await?) } else { None };
+    let counts = storage::e2ee::one_time_key_counts(&mut *tx, user, device).await?;
+    tx.commit().await?;
+    state.sync.invalidate_key_counts(user, Some(device));
+    if let Some(pos) = pos {
+        device_list_committed(state, user, pos);
+    }
+    Ok(json!({ "one_time_key_counts": counts }))
+}
+
+fn validate_device_keys(dk: &Value, user: &str, device: &str) -> ApiResult<()> {
+    if dk["user_id"] != user {
+        return Err(Error::invalid_param("device_keys.user_id is not the authenticated user"));
+    }
+    if dk["device_id"] != device {
+        return Err(Error::invalid_param("device_keys.device_id is not the authenticated device"));
+    }
+    if !dk["algorithms"].as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
+        return Err(bad("device_keys.algorithms must be a list of strings"));
+    }
+    let keys = dk["keys"].as_object().ok_or_else(|| bad("device_keys.keys must be an object"))?;
+    if keys.values().any(|v| !v.is_string()) {
+        return Err(bad("device_keys.keys values must be strings"));
+    }
+    let ed_id = format!("ed25519:{device}");
+    let ed = keys.get(&ed_id).and_then(Value::as_str).ok_or_else(|| bad(format!("device_keys.keys lacks {ed_id}")))?;
+    if !verify(dk, user, &ed_id, ed) {
+        return Err(bad("device_keys are not signed by the device's ed25519 key"));
+    }
+    Ok(())
+}
+
+/// One-time key counts and unused fallback key types of a device (cached for sync).
+pub async fn key_counts(state: &AppState, user: &str, device: &str) -> ApiResult<Arc<(HashMap<String, i64>, Vec<String>)>> {
+    if let Some(c) = state.sync.key_counts(user, device) {
+        return Ok(c);
+    }
+    let counts = storage::e2ee::one_time_key_counts(&state.db, user, device).await?;
+    let fallback = storage::e2ee::unused_fallback_types(&state.db, user, device).await?;
+    let c = Arc::new((counts, fallback));
+    state.sync.put_key_counts(user, device, c.clone());
+    Ok(c)
+}
+
+/// `POST /keys/query`: device and cross-signing keys of the requested users.
+pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiResult<Value> {
+    let wanted = body["device_keys"].as_object().ok_or_else(|| bad("device_keys must be an object"))?;
+    let mut failures = Map::new();
+    let mut local: Vec<String> = Vec::new();
+    let mut devices_wanted: HashMap<String, Option<HashSet<String>>> = HashMap::new();
+    for (user, devices) in wanted {
+        if <&ruma::UserId>::try_from(user.as_str()).is_err() {
+            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
+        }
+        if !is_local(state, user) {
+            // Federation is not there yet: the remote server is reported unreachable.
+            failures.insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            continue;
+        }
+        let list: Option<HashSet<String>> = match devices.as_array() {
+            Some(a) if !a.is_empty() => Some(a.iter().filter_map(|d| d.as_str().map(str::to_owned)).collect()),
+            Some(_) | None if devices.is_array() || devices.is_null() => None,
+            _ => return Err(bad("device_keys values must be lists of device IDs")),
+        };
+        local.push(user.clone());
+        devices_wanted.insert(user.clone(), list);
+    }
+    let mut device_keys: Map<String, Value> = Map::new();
+    for user in &local {
+        device_keys.insert(user.clone(), json!({}));
+    }
+    for d in storage::e2ee::query_device_keys(&state.db, &local).await? {
+        if let Some(Some(only)) = devices_wanted.get(&d.user_id)
+            && !only.contains(&d.device_id)
+        {
+            continue;
+        }
+        let mut keys = d.keys;
+        if let Some(name) = d.display_name {
+            keys["unsigned"] = json!({ "device_display_name": name });
+        }
+        device_keys.entry(d.user_id.clone()).or_insert_with(|| json!({}))[&d.device_id] = keys;
+    }
+    let mut master = Map::new();
+    let mut self_signing = Map::new();
+    let mut user_signing = Map::new();
+    for (user, kind, key) in storage::e2ee::cross_signing_keys(&state.db, &local).await? {
+        match kind.as_str() {
+            "master" => {
+                master.insert(user, key);
+            }
+            "self_signing" => {
+                self_signing.insert(user, key);
+            }
+            "user_signing" if user == requester => {
+                user_signing.insert(user, key);
+            }
+            _ => {}
+        }
+    }
+    // Signatures the requester made on others' master keys (only they see them).
+    for (target, target_key, signer_key, sig) in storage::e2ee::cross_user_signatures_by(&state.db, requester, &local).await? {
+        if let Some(key) = master.get_mut(&target)
+            && key["keys"].get(&target_key).is_some()
+        {
+            key["signatures"][requester][signer_key] = json!(sig);
+        }
+    }
+    Ok(json!({
+        "device_keys": device_keys,
+        "master_keys": master,
+        "self_signing_keys": self_signing,
+        "user_signing_keys": user_signing,
+        "failures": failures,
+    }))
+}
+
+/// `POST /keys/claim`: one one-time key per requested device (its fallback key when none left).
+pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
+    let wanted = body["one_time_keys"].as_object().ok_or_else(|| bad("one_time_keys must be an object"))?;
+    let mut failures = Map::new();
+    let mut requests: Vec<(String, String, String)> = Vec::new();
+    for (user, devices) in wanted {
+        if !is_local(state, user) {
+            failures.insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            continue;
+        }
+        let devices = devices.as_object().ok_or_else(|| bad("one_time_keys values must be objects"))?;
+        for (device, alg) in devices {
+            let alg = alg.as_str().ok_or_else(|| bad("algorithms must be strings"))?;
+            requests.push((user.clone(), device.clone(), alg.to_owned()));
+        }
+    }
+    let mut out: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    if !requests.is_empty() {
+        let mut tx = state.db.begin().await?;
+        let claimed = storage::e2ee::claim_one_time_keys(&mut tx, &requests).await?;
+        let got: HashSet<(String, String, String)> =
+            claimed.iter().map(|(u, d, a, _, _)| (u.clone(), d.clone(), a.clone())).collect();
+        let missing: Vec<(String, String, String)> = requests.iter().filter(|r| !got.contains(r)).cloned().collect();
+        let fallback = storage::e2ee::claim_fallback_keys(&mut tx, &missing).await?;
+        tx.commit().await?;
+        for (u, d, a, k, v) in claimed.into_iter().chain(fallback) {
+            state.sync.invalidate_key_counts(&u, Some(&d));
+            let dev = out.entry(u).or_default().entry(d).or_insert_with(|| json!({}));
+            dev[format!("{a}:{k}")] = v;
+        }
+    }
+    Ok(json!({ "one_time_keys": out, "failures": failures }))
+}
+
+/// `POST /keys/device_signing/upload` (after UIA, done by the handler).
+pub async fn upload_signing_keys(state: &AppState, user: &str, body: &Value) -> ApiResult<()> {
+    let current: HashMap<String, Value> = storage::e2ee::cross_signing_keys(&state.db, &[user.to_owned()])
+        .await?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    let master = match body.get("master_key").filter(|v| !v.is_null()) {
+        Some(m) => {
+            check_cross_signing_key(m, user, "master")?;
+            m.clone()
+        }
+        None => current.get("master").cloned().ok_or_else(|| bad("master_key is required for a first upload"))?,
+    };
+    let (master_id, master_pk) = single_key(&master)?;
+    let mut to_store = Vec::new();
+    if body.get("master_key").is_some_and(|v| !v.is_null()) {
+        to_store.push(("master", master.clone()));
+    }
+    for (field, kind) in [("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")] {
+        if let Some(k) = body.get(field).filter(|v| !v.is_null()) {
+            check_cross_signing_key(k, user, kind)?;
+            if !verify(k, user, &master_id, &master_pk) {
+                return Err(Error::invalid_signature(format!("{field} is not signed by the master key")));
+            }
+            to_store.push((kind, k.clone()));
+        }
+    }
+    if to_store.is_empty() {
+        return Ok(());
+    }
+    let mut tx = state.db.begin().await?;
+    for (kind, key) in &to_store {
+        storage::e2ee::set_cross_signing_key(&mut tx, user, kind, key).await?;
+    }
+    let pos = record_device_list_change(&mut tx, user).await?;
+    tx.commit().await?;
+    device_list_committed(state, user, pos);
+    Ok(())
+}
+
+/// Whether uploading these cross-signing keys may skip UIA: the spec allows it when the user has
+/// no master key yet, or when the upload changes nothing.
+pub async fn signing_upload_needs_auth(state: &AppState, user: &str, body: &Value) -> ApiResult<bool> {
+    let current: HashMap<String, Value> = storage::e2ee::cross_signing_keys(&state.db, &[user.to_owned()])
+        .await?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    if !current.contains_key("master") {
+        return Ok(false);
+    }
+    for (field, kind) in [("master_key", "master"), ("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")] {
+        if let Some(k) = body.get(field).filter(|v| !v.is_null())
+            && current.get(kind).map(signed_bytes) != Some(signed_bytes(k))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+fn check_cross_signing_key(k: &Value, user: &str, usage: &str) -> ApiResult<()> {
+    if k["user_id"] != user {
+        return Err(bad(format!("{usage} key: user_id is not the authenticated user")));
+    }
+    if !k["usage"].as_array().is_some_and(|u| u.iter().any(|x| x == usage)) {
+        return Err(bad(format!("{usage} key: usage must include {usage}")));
+    }
+    single_key(k)?;
+    Ok(())
+}
+
+/// A cross-signing key's only key: (`ed25519:<pk>`, public key).
+fn single_key(k: &Value) -> ApiResult<(String, String)> {
+    let keys = k["keys"].as_object().ok_or_else(|| bad("cross-signing key lacks keys"))?;
+    if keys.len() != 1 {
+        return Err(bad("a cross-signing key has exactly one key"));
+    }
+    let (id, pk) = keys.iter().next().ok_or_else(|| bad("cross-signing key lacks keys"))?;
+    let pk = pk.as_str().ok_or_else(|| bad("cross-signing public key must be a string"))?;
+    if !id.starts_with("ed25519:") {
+        return Err(bad("cross-signing keys are ed25519 keys"));
+    }
+    Ok((id.clone(), pk.to_owned()))
+}
+
+/// `POST /keys/signatures/upload`: signatures of the user's own devices and master key (with
+/// the self-signing key, or a device key), and of other users' master keys (with the
+/// user-signing key). Each signature is verified; failures are reported per key.
+pub async fn upload_signatures(state: &AppState, user: &str, body: &Value) -> ApiResult<Value> {
+    let body = body.as_object().ok_or_else(|| bad("body must be an object"))?;
+    let mut failures: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
+    let fail = |f: &mut BTreeMap<String, Map<String, Value>>, u: &str, k: &str, code: &str, msg: &str| {
+        f.entry(u.to_owned()).or_default().insert(k.to_owned(), json!({ "errcode": code, "error": msg }));
+    };
+    let mine: HashMap<String, Value> = storage::e2ee::cross_signing_keys(&state.db, &[user.to_owned()])
+        .await?
+        .into_iter()
+        .map(|(_, k, v)| (k, v))
+        .collect();
+    let mut tx = state.db.begin().await?;
+    let mut changed_users: HashSet<String> = HashSet::new();
+    for (target_user, keys) in body {
+        let Some(keys) = keys.as_object() else {
+            fail(&mut failures, target_user, "", "M_BAD_JSON", "expected an object of keys");
+            continue;
+        };
+        let target_cs: HashMap<String, Value> = if target_user == user {
+            mine.clone()
+        } else {
+            storage::e2ee::cross_signing_keys(&mut *tx, std::slice::from_ref(target_user))
+                .await?
+                .into_iter()
+                .map(|(_, k, v)| (k, v))
+                .collect()
+        };
+        for (key_id, signed) in keys {
+            let sigs = signed["signatures"][user].as_object().cloned().unwrap_or_default();
+            if sigs.is_empty() {
+                fail(&mut failures, target_user, key_id, "M_INVALID_SIGNATURE", "no signature by the uploader");
+                continue;
+            }
+            if target_user == user {
+                // Own device (signed by the self-signing key) or own master key (signed by a device).
+                let device_keys = storage::e2ee::device_keys(&mut *tx, user, key_id).await?;
+                if let Some(stored) = device_keys {
+                    let Some((ss_id, ss_pk)) = mine.get("self_signing").and_then(|k| single_key(k).ok()) else {
+                        fail(&mut failures, user, key_id, "M_MISSING_SIGNING_KEY", "no self-signing key");
+                        continue;
+                    };
+                    if signed_bytes(&stored) != signed_bytes(signed) {
+                        fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the stored keys");
+                        continue;
+                    }
+                    match sigs.get(&ss_id).and_then(Value::as_str) {
+                        Some(sig) if verify(signed, user, &ss_id, &ss_pk) => {
+                            storage::e2ee::sign_device_keys(&mut tx, user, key_id, user, &ss_id, sig).await?;
+                            changed_users.insert(user.to_owned());
+                        }
+                        _ => fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "invalid self-signing signature"),
+                    }
+                    continue;
+                }
+                let master = mine.get("master").filter(|m| single_key(m).is_ok_and(|(id, _)| id.ends_with(&format!(":{key_id}"))));
+                let Some(master) = master else {
+                    fail(&mut failures, user, key_id, "M_NOT_FOUND", "unknown device or key");
+                    continue;
+                };
+                if signed_bytes(master) != signed_bytes(signed) {
+                    fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the master key");
+                    continue;
+                }
+                // Signed by one of the user's devices.
+                let mut ok = false;
+                for (sig_key_id, sig) in &sigs {
+                    let Some(dev) = sig_key_id.strip_prefix("ed25519:") else { continue };
+                    let Some(dk) = storage::e2ee::device_keys(&mut *tx, user, dev).await? else { continue };
+                    let Some(pk) = dk["keys"][sig_key_id].as_str() else { continue };
+                    if verify(signed, user, sig_key_id, pk)
+                        && let Some(sig) = sig.as_str()
+                    {
+                        storage::e2ee::sign_cross_signing_key(&mut tx, user, "master", user, sig_key_id, sig).await?;
+                        ok = true;
+                    }
+                }
+                if ok {
+                    changed_users.insert(user.to_owned());
+                } else {
+                    fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "no valid device signature");
+                }
+            } else {
+                // Another user's master key, signed with our user-signing key.
+                let Some((us_id, us_pk)) = mine.get("user_signing").and_then(|k| single_key(k).ok()) else {
+                    fail(&mut failures, target_user, key_id, "M_MISSING_SIGNING_KEY", "no user-signing key");
+                    continue;
+                };
+                let Some(master) = target_cs.get("master") else {
+                    fail(&mut failures, target_user, key_id, "M_NOT_FOUND", "this user has no master key");
+                    continue;
+                };
+                let Ok((master_id, _)) = single_key(master) else { continue };
+                if !master_id.ends_with(&format!(":{key_id}")) || signed_bytes(master) != signed_bytes(signed) {
+                    fail(&mut failures, target_user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the master key");
+                    continue;
+                }
+                match sigs.get(&us_id).and_then(Value::as_str) {
+                    Some(sig) if verify(signed, user, &us_id, &us_pk) => {
+                        storage::e2ee::insert_cross_user_signature(&mut tx, user, &us_id, target_user, &master_id, sig)
+                            .await?;
+                        // Only the signer sees it: their own device list "changes" for them.
+                        changed_users.insert(user.to_owned());
+                    }
+                    _ => fail(&mut failures, target_user, key_id, "M_INVALID_SIGNATURE", "invalid user-signing signature"),
+                }
+            }
+        }
+    }
+    let mut positions = Vec::new();
+    for u in &changed_users {
+        positions.push((u.clone(), record_device_list_change(&mut tx, u).await?));
+    }
+    tx.commit().await?;
+    for (u, pos) in positions {
+        device_list_committed(state, &u, pos);
+    }
+    Ok(json!({ "failures": failures }))
+}
+
+/// `PUT /sendToDevice/{eventType}/{txnId}`.
+pub async fn send_to_device(
+    state: &AppState,
+    sender: &str,
+    sender_device: &str,
+    event_type: &str,
+    txn_id: &str,
+    body: &Value,
+) -> ApiResult<()> {
+    let messages = body["messages"].as_object().ok_or_else(|| bad("messages must be an object"))?;
+    let mut rows: Vec<(String, String, Value)> = Vec::new();
+    let mut tx = state.db.begin().await?;
+    if !storage::e2ee::to_device_txn(&mut tx, sender, sender_device, txn_id).await? {
+        // A retry of a transaction already queued.
+        return Ok(());
+    }
+    for (user, devices) in messages {
+        let devices = devices.as_object().ok_or_else(|| bad("messages values must be objects"))?;
+        if <&ruma::UserId>::try_from(user.as_str()).is_err() {
+            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
+        }
+        if !is_local(state, user) {
+            // Federation is not there yet: messages to remote devices cannot be delivered.
+            tracing::debug!(user, "to-device message for a remote user dropped (no federation)");
+            continue;
+        }
+        for (device, content) in devices {
+            if !content.is_object() {
+                return Err(bad("to-device message content must be an object"));
+            }
+            if device == "*" {
+                for d in storage::e2ee::device_ids(&mut *tx, user).await? {
+                    rows.push((user.clone(), d, content.clone()));
+                }
+            } else {
+                rows.push((user.clone(), device.clone(), content.clone()));
+            }
+        }
+    }
+    let pos = storage::e2ee::insert_to_device(&mut tx, sender, event_type, &rows).await?;
+    tx.commit().await?;
+    if pos > 0 {
+        crate::state::advance(&state.to_device_stream, pos);
+        let users: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        for u in users {
+            state.sync.to_device_heads.raise(&u.to_owned(), pos);
+            state.sync.wake_user(u);
+        }
+    }
+    Ok(())
+}
+
+/// `GET /keys/changes`: users whose keys changed between two sync tokens, among those the user
+/// shares a room with; and users they stopped sharing rooms with.
+pub async fn key_changes(state: &AppState, user: &str, from: i64, to: i64) -> ApiResult<(Vec<String>, Vec<String>)> {
+    let changed = storage::e2ee::device_list_changes_between(&state.db, from, to).await?;
+    let shared = co_members(state, user).await?;
+    let mut out: Vec<String> = changed.into_iter().filter(|u| u == user || shared.contains(u)).collect();
+    out.sort();
+    Ok((out, Vec::new()))
+}
+
+/// Everyone the user shares a joined room with (themselves included).
+pub async fn co_members(state: &AppState, user: &str) -> ApiResult<HashSet<String>> {
+    let rooms = state.sync.user_rooms(state, user).await?;
+    let joined: Vec<(String, i64)> = rooms
+        .read()
+        .rooms
+        .values()
+        .filter(|m| m.membership == "join")
+        .map(|m| (m.room_id.clone(), m.room_nid))
+        .collect();
+    let mut out = HashSet::new();
+    out.insert(user.to_owned());
+    for (room_id, _) in joined {
+        let room = crate::rooms::Room::load(state, &room_id).await?;
+        let entry = state.sync.room(state, &room).await?;
+        let e = entry.read();
+        out.extend(crate::sync::cache::RoomEntry::members_of(&e.state, "join").map(str::to_owned));
+    }
+    Ok(out)
+}
