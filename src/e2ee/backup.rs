@@ -82,11 +82,8 @@ async fn check_version(state: &AppState, user: &str, version: &str, write: bool)
         match current {
             Some(c) if c.version == n => Ok(n),
             Some(c) => {
-                let mut e = Error::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "M_WRONG_ROOM_KEYS_VERSION",
-                    "Wrong backup version",
-                );
+                let mut e =
+                    Error::new(axum::http::StatusCode::FORBIDDEN, "M_WRONG_ROOM_KEYS_VERSION", "Wrong backup version");
                 e.extra.insert("current_version".into(), json!(c.version.to_string()));
                 Err(e)
             }
@@ -108,9 +105,11 @@ fn parse_key(room_id: &str, session_id: &str, k: &Value) -> ApiResult<RoomKey> {
         first_message_index: int("first_message_index")?,
         forwarded_count: int("forwarded_count")?,
         is_verified: k["is_verified"].as_bool().ok_or_else(|| Error::bad_json("is_verified must be a boolean"))?,
-        session_data: k.get("session_data").filter(|d| d.is_object()).cloned().ok_or_else(|| {
-            Error::bad_json("session_data must be an object")
-        })?,
+        session_data: k
+            .get("session_data")
+            .filter(|d| d.is_object())
+            .cloned()
+            .ok_or_else(|| Error::bad_json("session_data must be an object"))?,
     })
 }
 
@@ -174,7 +173,9 @@ pub async fn get_keys(
     let n = check_version(state, user, version, false).await?;
     let keys = storage::backup::keys(&state.db, user, n, room_id, session_id).await?;
     match (room_id, session_id) {
-        (Some(_), Some(_)) => keys.first().map(key_json).ok_or_else(|| Error::not_found("No such session in the backup")),
+        (Some(_), Some(_)) => {
+            keys.first().map(key_json).ok_or_else(|| Error::not_found("No such session in the backup"))
+        }
         (Some(_), None) => {
             let sessions: Map<String, Value> = keys.iter().map(|k| (k.session_id.clone(), key_json(k))).collect();
             Ok(json!({ "sessions": sessions }))

@@ -122,7 +122,9 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
             if let Some(old) = existing.get(&format!("{a}:{k}"))
                 && old != v
             {
-                return Err(Error::invalid_param(format!("One-time key {a}:{k} already exists with different content")));
+                return Err(Error::invalid_param(format!(
+                    "One-time key {a}:{k} already exists with different content"
+                )));
             }
         }
         storage::e2ee::insert_one_time_keys(&mut tx, user, device, &parsed).await?;
@@ -171,7 +173,11 @@ fn validate_device_keys(dk: &Value, user: &str, device: &str) -> ApiResult<()> {
 }
 
 /// One-time key counts and unused fallback key types of a device (cached for sync).
-pub async fn key_counts(state: &AppState, user: &str, device: &str) -> ApiResult<Arc<(HashMap<String, i64>, Vec<String>)>> {
+pub async fn key_counts(
+    state: &AppState,
+    user: &str,
+    device: &str,
+) -> ApiResult<Arc<(HashMap<String, i64>, Vec<String>)>> {
     if let Some(c) = state.sync.key_counts(user, device) {
         return Ok(c);
     }
@@ -194,7 +200,8 @@ pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiR
         }
         if !is_local(state, user) {
             // Federation is not there yet: the remote server is reported unreachable.
-            failures.insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            failures
+                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let list: Option<HashSet<String>> = match devices.as_array() {
@@ -239,7 +246,9 @@ pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiR
         }
     }
     // Signatures the requester made on others' master keys (only they see them).
-    for (target, target_key, signer_key, sig) in storage::e2ee::cross_user_signatures_by(&state.db, requester, &local).await? {
+    for (target, target_key, signer_key, sig) in
+        storage::e2ee::cross_user_signatures_by(&state.db, requester, &local).await?
+    {
         if let Some(key) = master.get_mut(&target)
             && key["keys"].get(&target_key).is_some()
         {
@@ -262,7 +271,8 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
     let mut requests: Vec<(String, String, String)> = Vec::new();
     for (user, devices) in wanted {
         if !is_local(state, user) {
-            failures.insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            failures
+                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let devices = devices.as_object().ok_or_else(|| bad("one_time_keys values must be objects"))?;
@@ -341,7 +351,9 @@ pub async fn signing_upload_needs_auth(state: &AppState, user: &str, body: &Valu
     if !current.contains_key("master") {
         return Ok(false);
     }
-    for (field, kind) in [("master_key", "master"), ("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")] {
+    for (field, kind) in
+        [("master_key", "master"), ("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")]
+    {
         if let Some(k) = body.get(field).filter(|v| !v.is_null())
             && current.get(kind).map(signed_bytes) != Some(signed_bytes(k))
         {
@@ -421,7 +433,13 @@ pub async fn upload_signatures(state: &AppState, user: &str, body: &Value) -> Ap
                         continue;
                     };
                     if signed_bytes(&stored) != signed_bytes(signed) {
-                        fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the stored keys");
+                        fail(
+                            &mut failures,
+                            user,
+                            key_id,
+                            "M_INVALID_SIGNATURE",
+                            "signed object differs from the stored keys",
+                        );
                         continue;
                     }
                     match sigs.get(&ss_id).and_then(Value::as_str) {
@@ -433,13 +451,21 @@ pub async fn upload_signatures(state: &AppState, user: &str, body: &Value) -> Ap
                     }
                     continue;
                 }
-                let master = mine.get("master").filter(|m| single_key(m).is_ok_and(|(id, _)| id.ends_with(&format!(":{key_id}"))));
+                let master = mine
+                    .get("master")
+                    .filter(|m| single_key(m).is_ok_and(|(id, _)| id.ends_with(&format!(":{key_id}"))));
                 let Some(master) = master else {
                     fail(&mut failures, user, key_id, "M_NOT_FOUND", "unknown device or key");
                     continue;
                 };
                 if signed_bytes(master) != signed_bytes(signed) {
-                    fail(&mut failures, user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the master key");
+                    fail(
+                        &mut failures,
+                        user,
+                        key_id,
+                        "M_INVALID_SIGNATURE",
+                        "signed object differs from the master key",
+                    );
                     continue;
                 }
                 // Signed by one of the user's devices.
@@ -472,7 +498,13 @@ pub async fn upload_signatures(state: &AppState, user: &str, body: &Value) -> Ap
                 };
                 let Ok((master_id, _)) = single_key(master) else { continue };
                 if !master_id.ends_with(&format!(":{key_id}")) || signed_bytes(master) != signed_bytes(signed) {
-                    fail(&mut failures, target_user, key_id, "M_INVALID_SIGNATURE", "signed object differs from the master key");
+                    fail(
+                        &mut failures,
+                        target_user,
+                        key_id,
+                        "M_INVALID_SIGNATURE",
+                        "signed object differs from the master key",
+                    );
                     continue;
                 }
                 match sigs.get(&us_id).and_then(Value::as_str) {
@@ -482,7 +514,13 @@ pub async fn upload_signatures(state: &AppState, user: &str, body: &Value) -> Ap
                         // Only the signer sees it: their own device list "changes" for them.
                         changed_users.insert(user.to_owned());
                     }
-                    _ => fail(&mut failures, target_user, key_id, "M_INVALID_SIGNATURE", "invalid user-signing signature"),
+                    _ => fail(
+                        &mut failures,
+                        target_user,
+                        key_id,
+                        "M_INVALID_SIGNATURE",
+                        "invalid user-signing signature",
+                    ),
                 }
             }
         }

@@ -12,7 +12,12 @@ pub struct BackupVersion {
 }
 
 /// Creates the next version (the new current one); returns it.
-pub async fn create_version(conn: &mut PgConnection, user_id: &str, algorithm: &str, auth_data: &Value) -> sqlx::Result<i64> {
+pub async fn create_version(
+    conn: &mut PgConnection,
+    user_id: &str,
+    algorithm: &str,
+    auth_data: &Value,
+) -> sqlx::Result<i64> {
     // Serialise version creation per user (two creations must not pick the same number).
     sqlx::query("SELECT pg_advisory_xact_lock(hashtext('room_keys:' || $1))").bind(user_id).execute(&mut *conn).await?;
     sqlx::query_scalar(
@@ -28,7 +33,11 @@ pub async fn create_version(conn: &mut PgConnection, user_id: &str, algorithm: &
 }
 
 /// A version (`None`: the latest) unless deleted.
-pub async fn version(db: impl PgExecutor<'_>, user_id: &str, version: Option<i64>) -> sqlx::Result<Option<BackupVersion>> {
+pub async fn version(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    version: Option<i64>,
+) -> sqlx::Result<Option<BackupVersion>> {
     sqlx::query_as(
         "SELECT version, algorithm, auth_data, etag FROM room_key_backups
          WHERE user_id = $1 AND NOT deleted AND ($2::bigint IS NULL OR version = $2)
@@ -40,26 +49,37 @@ pub async fn version(db: impl PgExecutor<'_>, user_id: &str, version: Option<i64
     .await
 }
 
-pub async fn update_auth_data(db: impl PgExecutor<'_>, user_id: &str, version: i64, auth_data: &Value) -> sqlx::Result<bool> {
-    let n = sqlx::query("UPDATE room_key_backups SET auth_data = $3 WHERE user_id = $1 AND version = $2 AND NOT deleted")
-        .bind(user_id)
-        .bind(version)
-        .bind(auth_data)
-        .execute(db)
-        .await?
-        .rows_affected();
+pub async fn update_auth_data(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    version: i64,
+    auth_data: &Value,
+) -> sqlx::Result<bool> {
+    let n =
+        sqlx::query("UPDATE room_key_backups SET auth_data = $3 WHERE user_id = $1 AND version = $2 AND NOT deleted")
+            .bind(user_id)
+            .bind(version)
+            .bind(auth_data)
+            .execute(db)
+            .await?
+            .rows_affected();
     Ok(n == 1)
 }
 
 /// Deletes a version and its keys; `false` if there was no such version.
 pub async fn delete_version(conn: &mut PgConnection, user_id: &str, version: i64) -> sqlx::Result<bool> {
-    sqlx::query("DELETE FROM room_keys WHERE user_id = $1 AND version = $2").bind(user_id).bind(version).execute(&mut *conn).await?;
-    let n = sqlx::query("UPDATE room_key_backups SET deleted = TRUE WHERE user_id = $1 AND version = $2 AND NOT deleted")
+    sqlx::query("DELETE FROM room_keys WHERE user_id = $1 AND version = $2")
         .bind(user_id)
         .bind(version)
-        .execute(conn)
-        .await?
-        .rows_affected();
+        .execute(&mut *conn)
+        .await?;
+    let n =
+        sqlx::query("UPDATE room_key_backups SET deleted = TRUE WHERE user_id = $1 AND version = $2 AND NOT deleted")
+            .bind(user_id)
+            .bind(version)
+            .execute(conn)
+            .await?
+            .rows_affected();
     Ok(n == 1)
 }
 

@@ -23,7 +23,12 @@ pub async fn device_keys(db: impl PgExecutor<'_>, user_id: &str, device_id: &str
         .await
 }
 
-pub async fn set_device_keys(conn: &mut PgConnection, user_id: &str, device_id: &str, keys: &Value) -> sqlx::Result<()> {
+pub async fn set_device_keys(
+    conn: &mut PgConnection,
+    user_id: &str,
+    device_id: &str,
+    keys: &Value,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO device_keys (user_id, device_id, keys) VALUES ($1, $2, $3)
          ON CONFLICT (user_id, device_id) DO UPDATE SET keys = EXCLUDED.keys",
@@ -172,7 +177,11 @@ pub async fn set_fallback_key(
 }
 
 /// Algorithms of a device's fallback keys not handed out yet.
-pub async fn unused_fallback_types(db: impl PgExecutor<'_>, user_id: &str, device_id: &str) -> sqlx::Result<Vec<String>> {
+pub async fn unused_fallback_types(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT algorithm FROM fallback_keys WHERE user_id = $1 AND device_id = $2 AND NOT used ORDER BY algorithm",
     )
@@ -187,7 +196,10 @@ pub type Claimed = (String, String, String, String, Value);
 
 /// Claims one one-time key per `(user, device, algorithm)` in one statement: each key goes to
 /// exactly one claimer (rows are locked, concurrent claimers skip them).
-pub async fn claim_one_time_keys(conn: &mut PgConnection, wanted: &[(String, String, String)]) -> sqlx::Result<Vec<Claimed>> {
+pub async fn claim_one_time_keys(
+    conn: &mut PgConnection,
+    wanted: &[(String, String, String)],
+) -> sqlx::Result<Vec<Claimed>> {
     let users: Vec<&str> = wanted.iter().map(|w| w.0.as_str()).collect();
     let devices: Vec<&str> = wanted.iter().map(|w| w.1.as_str()).collect();
     let algs: Vec<&str> = wanted.iter().map(|w| w.2.as_str()).collect();
@@ -212,7 +224,10 @@ pub async fn claim_one_time_keys(conn: &mut PgConnection, wanted: &[(String, Str
 }
 
 /// Hands out the fallback keys of `(user, device, algorithm)` (marking them used).
-pub async fn claim_fallback_keys(conn: &mut PgConnection, wanted: &[(String, String, String)]) -> sqlx::Result<Vec<Claimed>> {
+pub async fn claim_fallback_keys(
+    conn: &mut PgConnection,
+    wanted: &[(String, String, String)],
+) -> sqlx::Result<Vec<Claimed>> {
     if wanted.is_empty() {
         return Ok(Vec::new());
     }
@@ -235,14 +250,22 @@ pub async fn claim_fallback_keys(conn: &mut PgConnection, wanted: &[(String, Str
 // ---- cross-signing ----
 
 /// Cross-signing keys of `users`: (user, key type, key).
-pub async fn cross_signing_keys(db: impl PgExecutor<'_>, users: &[String]) -> sqlx::Result<Vec<(String, String, Value)>> {
+pub async fn cross_signing_keys(
+    db: impl PgExecutor<'_>,
+    users: &[String],
+) -> sqlx::Result<Vec<(String, String, Value)>> {
     sqlx::query_as("SELECT user_id, key_type, key_json FROM cross_signing_keys WHERE user_id = ANY($1)")
         .bind(users)
         .fetch_all(db)
         .await
 }
 
-pub async fn set_cross_signing_key(conn: &mut PgConnection, user_id: &str, key_type: &str, key: &Value) -> sqlx::Result<()> {
+pub async fn set_cross_signing_key(
+    conn: &mut PgConnection,
+    user_id: &str,
+    key_type: &str,
+    key: &Value,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO cross_signing_keys (user_id, key_type, key_json) VALUES ($1, $2, $3)
          ON CONFLICT (user_id, key_type) DO UPDATE SET key_json = EXCLUDED.key_json",
@@ -350,7 +373,12 @@ pub async fn device_list_changes_between(db: impl PgExecutor<'_>, from: i64, to:
 // ---- to-device ----
 
 /// Records a to-device transaction; `false` if it was seen before (a retry).
-pub async fn to_device_txn(conn: &mut PgConnection, user_id: &str, device_id: &str, txn_id: &str) -> sqlx::Result<bool> {
+pub async fn to_device_txn(
+    conn: &mut PgConnection,
+    user_id: &str,
+    device_id: &str,
+    txn_id: &str,
+) -> sqlx::Result<bool> {
     let n = sqlx::query(
         "INSERT INTO to_device_txns (user_id, device_id, txn_id, created_ts) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
     )

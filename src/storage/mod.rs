@@ -7,8 +7,8 @@
 pub mod account_data;
 pub mod backup;
 pub mod devices;
-pub mod e2ee;
 pub mod directory;
+pub mod e2ee;
 pub mod events;
 pub mod filters;
 pub mod meta;

@@ -320,7 +320,7 @@ impl Builder<'_> {
 
         self.unread_counts(&mut join, &count_rooms).await?;
         let presence = self.presence(&memberships).await?;
-        let to_device = self.to_device().await?;
+        let to_device = self.take_to_device().await?;
         let (changed, left) = self.device_lists(&memberships).await?;
         let has_content = !(join.is_empty()
             && invite.is_empty()
@@ -393,7 +393,7 @@ impl Builder<'_> {
     /// To-device messages for this device: those up to `since` are acknowledged (deleted), the
     /// next ones (at most [`crate::e2ee::TO_DEVICE_PER_SYNC`]) delivered. Without new messages for
     /// the user, no query.
-    async fn to_device(&mut self) -> ApiResult<Vec<Value>> {
+    async fn take_to_device(&mut self) -> ApiResult<Vec<Value>> {
         let since = self.since.map_or(0, |s| s.to_device);
         let key = (self.user.to_owned(), self.device.to_owned());
         let unacked = self.state.sync.to_device_unacked.get(&key);
@@ -473,7 +473,9 @@ impl Builder<'_> {
                     // Too much happened to tell: everyone present may have changed.
                     None => changed.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned)),
                 },
-                ("leave" | "ban", true) => left_candidates.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned)),
+                ("leave" | "ban", true) => {
+                    left_candidates.extend(RoomEntry::members_of(&e.state, "join").map(str::to_owned))
+                }
                 _ => {}
             }
         }
@@ -484,8 +486,7 @@ impl Builder<'_> {
             Some(c) => c,
             None => crate::e2ee::co_members(self.state, self.user).await?,
         };
-        let mut left: Vec<String> =
-            left_candidates.into_iter().filter(|u| !co.contains(u) && u != self.user).collect();
+        let mut left: Vec<String> = left_candidates.into_iter().filter(|u| !co.contains(u) && u != self.user).collect();
         let mut changed: Vec<String> = changed.into_iter().filter(|u| co.contains(u)).collect();
         changed.sort();
         left.sort();

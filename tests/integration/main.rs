@@ -6,6 +6,7 @@ mod cli;
 mod common;
 mod devices_profile;
 mod discovery;
+mod e2ee;
 mod ephemeral;
 mod errors_limits;
 mod filters;

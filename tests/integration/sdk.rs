@@ -254,3 +254,142 @@ async fn sdk_room_list_and_live_messages() {
     assert_eq!(named_d.unread_notification_counts().notification_count, 0);
     s.stop().await;
 }
+
+/// End-to-end encryption with matrix-sdk (in-memory crypto stores): two users exchange messages
+/// in an encrypted room and decrypt each other's; a second device of the first user logs in,
+/// recovers the cross-signing identity from secret storage (so it is verified), and decrypts the
+/// room's history from the server-side key backup. Every server path is on the way: keys
+/// upload/query/claim, to-device room keys, cross-signing and signature uploads, device lists in
+/// sync, account data (secret storage) and room_keys.
+#[tokio::test]
+async fn sdk_encrypted_conversation_cross_signing_and_backup() {
+    use matrix_sdk::config::SyncSettings;
+    use matrix_sdk::ruma::api::client::room::create_room::v3::Request as CreateRoom;
+    use matrix_sdk::ruma::events::room::message::{OriginalSyncRoomMessageEvent, RoomMessageEventContent};
+    use serde_json::Value;
+    use std::time::Duration;
+
+    let s = TestServer::start().await;
+    s.register("agent.e", false).await;
+    s.register("agent.f", false).await;
+    let e1 = client(&s).await;
+    e1.matrix_auth().login_username("agent.e", PASSWORD).send().await.expect("login e1");
+    let f = client(&s).await;
+    let f_login = f.matrix_auth().login_username("agent.f", PASSWORD).send().await.expect("login f");
+    // First syncs: device keys and one-time keys are uploaded.
+    e1.sync_once(SyncSettings::default()).await.unwrap();
+    f.sync_once(SyncSettings::default()).await.unwrap();
+    e1.encryption().wait_for_e2ee_initialization_tasks().await;
+    f.encryption().wait_for_e2ee_initialization_tasks().await;
+
+    // E sets up recovery: cross-signing, secret storage and key backup.
+    e1.encryption().bootstrap_cross_signing(None).await.expect("cross-signing bootstrap");
+    let recovery_key = e1.encryption().recovery().enable().await.expect("recovery enabled");
+    assert!(e1.encryption().cross_signing_status().await.is_some_and(|c| c.is_complete()));
+
+    // An encrypted room.
+    let mut req = CreateRoom::new();
+    req.invite = vec![f_login.user_id.clone()];
+    req.initial_state = vec![
+        matrix_sdk::ruma::serde::Raw::new(&serde_json::json!({
+            "type": "m.room.encryption", "state_key": "", "content": { "algorithm": "m.megolm.v1.aes-sha2" }
+        }))
+        .unwrap()
+        .cast_unchecked(),
+    ];
+    let room_e = e1.create_room(req).await.expect("create encrypted room");
+    f.sync_once(SyncSettings::default()).await.unwrap();
+    let room_f = f.join_room_by_id(room_e.room_id()).await.expect("join");
+    e1.sync_once(SyncSettings::default()).await.unwrap();
+    f.sync_once(SyncSettings::default()).await.unwrap();
+    assert!(room_e.latest_encryption_state().await.unwrap().is_encrypted());
+
+    // Decrypted messages arrive through each client's event handler.
+    let collect = |c: &matrix_sdk::Client| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        c.add_event_handler(move |ev: OriginalSyncRoomMessageEvent| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(ev.content.body().to_owned());
+            }
+        });
+        rx
+    };
+    let mut f_rx = collect(&f);
+    let mut e_rx = collect(&e1);
+
+    let secret =
+        room_e.send(RoomMessageEventContent::text_plain("code d'accès: 4721")).await.expect("send").response.event_id;
+    // The server only ever saw ciphertext.
+    let (_, raw) = s
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room_e.room_id().as_str()), enc(secret.as_str())),
+            Some(&e1.access_token().unwrap()),
+        )
+        .await;
+    assert_eq!(raw["type"], "m.room.encrypted", "{raw}");
+    assert!(!raw.to_string().contains("4721"));
+
+    let mut got = None;
+    for _ in 0..10 {
+        f.sync_once(SyncSettings::default().timeout(Duration::from_millis(500))).await.unwrap();
+        if let Ok(body) = f_rx.try_recv() {
+            got = Some(body);
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some("code d'accès: 4721"), "F decrypts E's message");
+
+    room_f.send(RoomMessageEventContent::text_plain("reçu")).await.expect("reply");
+    let mut got = None;
+    for _ in 0..10 {
+        e1.sync_once(SyncSettings::default().timeout(Duration::from_millis(500))).await.unwrap();
+        while let Ok(body) = e_rx.try_recv() {
+            if body == "reçu" {
+                got = Some(body);
+            }
+        }
+        if got.is_some() {
+            break;
+        }
+    }
+    assert_eq!(got.as_deref(), Some("reçu"), "E decrypts F's reply");
+
+    // E's room keys reach the backup.
+    e1.encryption().backups().wait_for_steady_state().await.expect("backup upload");
+    let (st, v) = s.get("/_matrix/client/v3/room_keys/version", Some(&e1.access_token().unwrap())).await;
+    assert_eq!(st, 200, "{v}");
+    assert!(v["count"].as_i64().unwrap() >= 1, "{v}");
+
+    // A second device of E: recovers the identity and the backup key from secret storage.
+    let e2 = client(&s).await;
+    let e2_login = e2.matrix_auth().login_username("agent.e", PASSWORD).send().await.expect("login e2");
+    e2.sync_once(SyncSettings::default()).await.unwrap();
+    e2.encryption().wait_for_e2ee_initialization_tasks().await;
+    e2.encryption().recovery().recover(&recovery_key).await.expect("recover from secret storage");
+    let own = e2.encryption().get_own_device().await.unwrap().expect("own device");
+    assert!(own.is_cross_signed_by_owner(), "the new device signed itself with the recovered self-signing key");
+    // The first device sees the second as verified once it syncs the device-list change.
+    let mut verified = false;
+    for _ in 0..10 {
+        e1.sync_once(SyncSettings::default().timeout(Duration::from_millis(300))).await.unwrap();
+        if let Some(d) = e1.encryption().get_device(&e2_login.user_id, &e2_login.device_id).await.unwrap()
+            && d.is_verified()
+        {
+            verified = true;
+            break;
+        }
+    }
+    assert!(verified, "E1 sees E2 verified through cross-signing");
+
+    // History: E2 never received the room key by to-device; it comes from the backup.
+    let room_e2 = e2.get_room(room_e.room_id()).expect("room known to the second device");
+    let before = room_e2.event(&secret, None).await.expect("fetch event");
+    assert_eq!(before.raw().get_field::<String>("type").unwrap().as_deref(), Some("m.room.encrypted"));
+    e2.encryption().backups().download_room_keys_for_room(room_e.room_id()).await.expect("download keys from backup");
+    let after = room_e2.event(&secret, None).await.expect("fetch event again");
+    let ev: Value = after.raw().deserialize_as().unwrap();
+    assert_eq!(ev["type"], "m.room.message", "decrypted from the backup: {ev}");
+    assert_eq!(ev["content"]["body"], "code d'accès: 4721");
+    s.stop().await;
+}
