@@ -122,6 +122,10 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
 
 fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) -> JoinHandle<anyhow::Result<()>> {
     tokio::spawn(async move {
+        // Responses go out as soon as they are written (no Nagle delay waiting for an ACK).
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = stop.wait_for(|s| *s).await;

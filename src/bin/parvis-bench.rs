@@ -101,6 +101,15 @@ enum Scenario {
         #[arg(long, default_value_t = 10)]
         repeat: usize,
     },
+    /// Encryption traffic for a room of `--devices` devices: `keys/claim` of one one-time key per
+    /// device in one request, and a `sendToDevice` to every device in one request (what a client
+    /// does before its first message in an encrypted room), `--rounds` times each.
+    E2ee {
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        #[arg(long, default_value_t = 20)]
+        rounds: usize,
+    },
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
 }
@@ -141,7 +150,11 @@ struct Probe {
 impl Probe {
     async fn start(t: &Target) -> Self {
         let tx = match &t.pool {
-            Some(p) => pg_transactions(p).await,
+            Some(p) => {
+                // Let the set-up's statistics reach pg_stat_database first (see `finish`).
+                tokio::time::sleep(Duration::from_secs(11)).await;
+                pg_transactions(p).await
+            }
             None => None,
         };
         Self { proc: t.server_pid.and_then(proc_stats), pg_cpu: t.server_pid.map(|_| postgres_cpu()), tx }
@@ -163,7 +176,12 @@ impl Probe {
             report.extra.insert("postgres_cpu_s".into(), json!(round(postgres_cpu() - cpu0)));
         }
         if let (Some(p), Some(tx0)) = (&t.pool, self.tx)
-            && let Some(tx1) = pg_transactions(p).await
+            && let Some(tx1) = {
+                // PostgreSQL backends publish their statistics at most once a second, and an idle
+                // backend only after 10 s: wait for them before reading.
+                tokio::time::sleep(Duration::from_secs(11)).await;
+                pg_transactions(p).await
+            }
         {
             // Minus this tool's own statistics query.
             let tx = (tx1 - tx0 - 1).max(0);
@@ -652,6 +670,110 @@ async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: 
     Ok(reports)
 }
 
+/// Signs `obj` (canonical JSON without `signatures`/`unsigned`) as a device would.
+fn sign_json(obj: &mut Value, user: &str, key_id: &str, key: &ed25519_dalek::SigningKey) {
+    use base64::Engine;
+    use ed25519_dalek::Signer;
+    let mut bare = obj.as_object().cloned().unwrap_or_default();
+    bare.remove("signatures");
+    bare.remove("unsigned");
+    let canonical = ruma::CanonicalJsonValue::try_from(Value::Object(bare)).expect("canonical");
+    let sig = key.sign(serde_json::to_string(&canonical).expect("json").as_bytes());
+    obj["signatures"][user][key_id] = json!(base64::engine::general_purpose::STANDARD_NO_PAD.encode(sig.to_bytes()));
+}
+
+async fn e2ee(target: Arc<Target>, devices: usize, rounds: usize) -> anyhow::Result<Vec<Report>> {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD_NO_PAD.encode(b);
+    let users = target.users("e2ee", devices + 1).await?;
+    let claimer = users[0].1.clone();
+    // Every device uploads its keys and one one-time key per round.
+    let mut recipients: Vec<(String, String)> = Vec::new();
+    for (i, (name, token)) in users[1..].iter().enumerate() {
+        let who: Value =
+            target.call(reqwest::Method::GET, "/_matrix/client/v3/account/whoami", token, Value::Null).await?;
+        let user_id = who["user_id"].as_str().context("user_id")?.to_owned();
+        let device_id = who["device_id"].as_str().context("device_id")?.to_owned();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[(i % 250) as u8 + 1; 32]);
+        let key_id = format!("ed25519:{device_id}");
+        let mut dk = json!({
+            "user_id": user_id, "device_id": device_id,
+            "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+            "keys": { format!("curve25519:{device_id}"): b64(&[3; 32]), key_id.clone(): b64(key.verifying_key().as_bytes()) },
+        });
+        sign_json(&mut dk, &user_id, &key_id, &key);
+        let mut otks = serde_json::Map::new();
+        for r in 0..rounds {
+            let mut k = json!({ "key": b64(&[(r % 250) as u8; 32]) });
+            sign_json(&mut k, &user_id, &key_id, &key);
+            otks.insert(format!("signed_curve25519:{name}{r:05}"), k);
+        }
+        target
+            .call(
+                reqwest::Method::POST,
+                "/_matrix/client/v3/keys/upload",
+                token,
+                json!({ "device_keys": dk, "one_time_keys": otks }),
+            )
+            .await?;
+        recipients.push((user_id, device_id));
+    }
+    let mut claim_req = serde_json::Map::new();
+    let mut messages = serde_json::Map::new();
+    for (u, d) in &recipients {
+        claim_req.insert(u.clone(), json!({ d.clone(): "signed_curve25519" }));
+        messages.insert(u.clone(), json!({ d.clone(): { "algorithm": "m.olm.v1.curve25519-aes-sha2", "ciphertext": { "x": { "type": 0, "body": "A".repeat(400) } } } }));
+    }
+    let claim_body = json!({ "one_time_keys": claim_req });
+    let send_body = json!({ "messages": messages });
+    let mut reports = Vec::new();
+    for name in ["keys-claim", "send-to-device"] {
+        let probe = Probe::start(&target).await;
+        let start = Instant::now();
+        let mut lat = Vec::new();
+        let mut errors = 0;
+        for r in 0..rounds {
+            let t0 = Instant::now();
+            let ok = if name == "keys-claim" {
+                match target
+                    .call(reqwest::Method::POST, "/_matrix/client/v3/keys/claim", &claimer, claim_body.clone())
+                    .await
+                {
+                    Ok(v) => v["one_time_keys"].as_object().is_some_and(|o| o.len() == devices),
+                    Err(_) => false,
+                }
+            } else {
+                let path = format!("/_matrix/client/v3/sendToDevice/m.room.encrypted/b{}-{r}", target.run_id);
+                target.call(reqwest::Method::PUT, &path, &claimer, send_body.clone()).await.is_ok()
+            };
+            if !ok {
+                errors += 1;
+            }
+            lat.push(t0.elapsed().as_micros() as u64);
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        let (p50, p90, p99, max) = percentiles(lat);
+        let mut extra = serde_json::Map::new();
+        extra.insert("devices".into(), json!(devices));
+        extra.insert("per_device_per_s".into(), json!(round(rounds as f64 * devices as f64 / seconds)));
+        let mut report = Report {
+            scenario: format!("{name}/{devices}"),
+            requests: rounds as u64,
+            errors,
+            seconds,
+            throughput_per_s: rounds as f64 / seconds,
+            p50_ms: p50,
+            p90_ms: p90,
+            p99_ms: p99,
+            max_ms: max,
+            extra,
+        };
+        probe.finish(&target, &mut report).await;
+        reports.push(report);
+    }
+    Ok(reports)
+}
+
 /// CPU time (seconds) and memory of a process, from /proc.
 fn proc_stats(pid: u32) -> Option<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -746,6 +868,7 @@ async fn main() -> anyhow::Result<()> {
             vec![fanout(target, receivers, messages, interval_ms).await?]
         }
         Scenario::InitialSync { rooms, events, repeat } => initial_sync(target, rooms, events, repeat).await?,
+        Scenario::E2ee { devices, rounds } => e2ee(target, devices, rounds).await?,
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
             let mut v = vec![
