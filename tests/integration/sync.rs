@@ -146,6 +146,28 @@ async fn scenario_basics(s: &TestServer) {
     let bodies: Vec<&str> =
         page["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert_eq!(bodies, ["bonjour"], "{page}");
+
+    // A sync token works as a pagination start too: backwards from it, forwards after it.
+    send_text(s, &alice, &room, "plus tard").await;
+    let token = next(&a3);
+    let (st, back) = s
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=2&from={}", enc(&room), enc(&token)),
+            Some(&alice.token),
+        )
+        .await;
+    assert_eq!(st, 200, "{back}");
+    assert_eq!(back["chunk"][0]["content"]["body"], "salut", "{back}");
+    let (st, fwd) = s
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=5&from={}", enc(&room), enc(&token)),
+            Some(&alice.token),
+        )
+        .await;
+    assert_eq!(st, 200, "{fwd}");
+    let bodies: Vec<&str> =
+        fwd["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    assert_eq!(bodies, ["plus tard"], "{fwd}");
 }
 
 /// More events than the limit: `limited`, with the state changes of the gap in `state`.
@@ -659,6 +681,27 @@ async fn scenario_counts(s: &TestServer) {
     assert_eq!(b5u["rooms"]["join"][&room]["unread_notifications"]["notification_count"], 1, "folded in: {b5u}");
 }
 
+/// A knock shows in `rooms.knock` with stripped state; being let in moves the room to `join`.
+async fn scenario_knock(s: &TestServer) {
+    let alice = s.register("kn_alice", false).await;
+    let bob = s.register("kn_bob", false).await;
+    let room = create(s, &alice, json!({ "name": "Sur demande", "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] })).await;
+    let b0 = sync(s, &bob, None, None, 0).await;
+    let (st, v) = s
+        .post(&format!("/_matrix/client/v3/knock/{}", enc(&room)), Some(&bob.token), json!({ "reason": "accès" }))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let b1 = sync(s, &bob, Some(&next(&b0)), None, 0).await;
+    let ks = &b1["rooms"]["knock"][&room]["knock_state"]["events"];
+    let me = ks.as_array().unwrap().iter().find(|e| e["type"] == "m.room.member").expect("own knock");
+    assert_eq!(me["content"]["membership"], "knock", "{b1}");
+    assert!(ks.as_array().unwrap().iter().any(|e| e["type"] == "m.room.name"));
+    membership(s, &alice, &room, "invite", json!({ "user_id": bob.user_id })).await;
+    membership(s, &bob, &room, "join", json!({})).await;
+    let b2 = sync(s, &bob, Some(&next(&b1)), None, 0).await;
+    assert!(b2["rooms"]["join"].get(&room).is_some(), "{b2}");
+}
+
 #[tokio::test]
 async fn sync_unread_counts() {
     let s = TestServer::start().await;
@@ -674,6 +717,7 @@ async fn sync_sections_and_filters() {
     scenario_leave(&s).await;
     scenario_lazy(&s).await;
     scenario_filters(&s).await;
+    scenario_knock(&s).await;
     s.stop().await;
 }
 

@@ -631,6 +631,18 @@ pub async fn messages(
         .await?
         .ok_or_else(|| Error::forbidden("You are not a member of this room"))?;
     let start = match &q.from {
+        // A sync token (`next_batch`) names a stream position: start at the room's last event
+        // at or before it.
+        Some(t) if t.starts_with('s') => {
+            let pos = crate::sync::token::SyncToken::parse(t)?.events;
+            let upto = (visible.0, visible.1.min(pos));
+            match storage::events::page(&state.db, room.nid, true, (i64::MAX, i64::MAX), upto, 1).await?.first() {
+                Some(e) if backwards => (e.depth, e.stream_ordering + 1),
+                Some(e) => (e.depth, e.stream_ordering),
+                None if backwards => (i64::MIN, i64::MIN),
+                None => (i64::MIN, i64::MIN),
+            }
+        }
         Some(t) => parse_token(t)?,
         None if backwards => (i64::MAX, i64::MAX),
         None => (i64::MIN, i64::MIN),
