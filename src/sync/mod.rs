@@ -493,6 +493,91 @@ impl Builder<'_> {
         Ok((changed, left))
     }
 
+    /// Bundled aggregations (`unsigned.m.relations`: latest edit, thread summary, references) for
+    /// timeline events. Relations always come after their target, so for events inside the cached
+    /// window every relation is in the cache too and no query is needed; older events (from the
+    /// database path) are bundled with one query.
+    async fn bundle(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        timeline: &[Arc<CachedEvent>],
+        events: &mut [Value],
+    ) -> ApiResult<()> {
+        if self.filter.event_format.as_deref() == Some("federation") || self.filter.event_fields.is_some() {
+            return Ok(());
+        }
+        let viewer = (self.user, self.device);
+        let (cached, older): (Vec<usize>, Vec<usize>) = {
+            let e = entry.read();
+            (0..timeline.len()).partition(|i| timeline[*i].stream() > e.complete_from)
+        };
+        if !cached.is_empty() {
+            let e = entry.read();
+            let targets: HashSet<&str> = cached.iter().map(|i| timeline[*i].row.event_id.as_str()).collect();
+            let mut rels: HashMap<&str, Vec<(&str, &Arc<CachedEvent>)>> = HashMap::new();
+            for ev in &e.timeline {
+                if ev.row.redacted_by.is_some() {
+                    continue;
+                }
+                let r = &ev.client["content"]["m.relates_to"];
+                if let (Some(t), Some(id)) = (r["rel_type"].as_str(), r["event_id"].as_str())
+                    && targets.contains(id)
+                {
+                    rels.entry(id).or_default().push((t, ev));
+                }
+            }
+            for i in cached {
+                let target = &timeline[i];
+                let Some(list) = rels.get(target.row.event_id.as_str()) else { continue };
+                let mut agg = Map::new();
+                if let Some((_, latest)) = list
+                    .iter()
+                    .filter(|(t, r)| {
+                        *t == "m.replace"
+                            && r.row.sender == target.row.sender
+                            && r.row.event_type == target.row.event_type
+                    })
+                    .max_by(|a, b| {
+                        (a.1.row.origin_server_ts, &a.1.row.event_id)
+                            .cmp(&(b.1.row.origin_server_ts, &b.1.row.event_id))
+                    })
+                {
+                    agg.insert("m.replace".into(), latest.to_client(Some(viewer)));
+                }
+                let thread: Vec<&Arc<CachedEvent>> =
+                    list.iter().filter(|(t, _)| *t == "m.thread").map(|(_, r)| *r).collect();
+                if let Some(latest) = thread.last() {
+                    let participated =
+                        target.row.sender == self.user || thread.iter().any(|r| r.row.sender == self.user);
+                    agg.insert(
+                        "m.thread".into(),
+                        json!({ "latest_event": latest.to_client(Some(viewer)), "count": thread.len(), "current_user_participated": participated }),
+                    );
+                }
+                let refs: Vec<Value> = list
+                    .iter()
+                    .filter(|(t, _)| *t == "m.reference")
+                    .map(|(_, r)| json!({ "event_id": r.row.event_id }))
+                    .collect();
+                if !refs.is_empty() {
+                    agg.insert("m.reference".into(), json!({ "chunk": refs }));
+                }
+                if !agg.is_empty() {
+                    events[i]["unsigned"]["m.relations"] = Value::Object(agg);
+                }
+            }
+        }
+        if !older.is_empty() {
+            let mut subset: Vec<Value> = older.iter().map(|i| events[*i].clone()).collect();
+            crate::rooms::relations::bundle(self.state, room, viewer, (0, self.next.events), &mut subset).await?;
+            for (i, v) in older.into_iter().zip(subset) {
+                events[i] = v;
+            }
+        }
+        Ok(())
+    }
+
     fn viewer(&self) -> Option<(&str, &str)> {
         Some((self.user, self.device))
     }
@@ -562,13 +647,11 @@ impl Builder<'_> {
                 Some(e) => topo_token(e.row.depth, e.stream()),
                 None => self.next.to_string(),
             };
+            let mut events: Vec<Value> = timeline.events.iter().map(|e| self.format(e)).collect();
+            self.bundle(&room, &entry, &timeline.events, &mut events).await?;
             out.insert(
                 "timeline".into(),
-                json!({
-                    "events": timeline.events.iter().map(|e| self.format(e)).collect::<Vec<_>>(),
-                    "limited": timeline.limited,
-                    "prev_batch": prev_batch,
-                }),
+                json!({ "events": events, "limited": timeline.limited, "prev_batch": prev_batch }),
             );
         }
         if initial || !state_events.is_empty() {

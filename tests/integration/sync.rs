@@ -702,6 +702,36 @@ async fn scenario_knock(s: &TestServer) {
     assert!(b2["rooms"]["join"].get(&room).is_some(), "{b2}");
 }
 
+/// Edits, threads and references are bundled into the timeline events they relate to, from the
+/// cache and from the database path alike.
+async fn scenario_bundles(s: &TestServer) {
+    let alice = s.register("bd_alice", false).await;
+    let room = create(s, &alice, json!({})).await;
+    let root = send_text(s, &alice, &room, "original").await;
+    let put = |txn: &'static str, content: Value| {
+        let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+        let token = alice.token.clone();
+        async move {
+            let (st, v) = s.put(&path, Some(&token), content).await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    put("e1", json!({ "msgtype": "m.text", "body": "* edited", "m.new_content": { "msgtype": "m.text", "body": "edited" }, "m.relates_to": { "rel_type": "m.replace", "event_id": root } })).await;
+    put(
+        "th1",
+        json!({ "msgtype": "m.text", "body": "reply", "m.relates_to": { "rel_type": "m.thread", "event_id": root } }),
+    )
+    .await;
+    let v = sync(s, &alice, None, None, 0).await;
+    let tl = v["rooms"]["join"][&room]["timeline"]["events"].as_array().unwrap();
+    let ev = tl.iter().find(|e| e["event_id"] == root).expect("root in timeline");
+    let rel = &ev["unsigned"]["m.relations"];
+    assert_eq!(rel["m.replace"]["content"]["m.new_content"]["body"], "edited", "{ev}");
+    assert_eq!(rel["m.thread"]["count"], 1);
+    assert_eq!(rel["m.thread"]["current_user_participated"], true);
+    assert_eq!(rel["m.thread"]["latest_event"]["content"]["body"], "reply");
+}
+
 #[tokio::test]
 async fn sync_unread_counts() {
     let s = TestServer::start().await;
@@ -718,6 +748,7 @@ async fn sync_sections_and_filters() {
     scenario_lazy(&s).await;
     scenario_filters(&s).await;
     scenario_knock(&s).await;
+    scenario_bundles(&s).await;
     s.stop().await;
 }
 
@@ -738,6 +769,7 @@ async fn sync_is_correct_without_cache() {
     scenario_gappy(&s).await;
     scenario_leave(&s).await;
     scenario_lazy(&s).await;
+    scenario_bundles(&s).await;
     s.stop().await;
 }
 
