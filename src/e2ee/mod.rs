@@ -589,13 +589,25 @@ pub async fn send_to_device(
 }
 
 /// `GET /keys/changes`: users whose keys changed between two sync tokens, among those the user
-/// shares a room with; and users they stopped sharing rooms with.
-pub async fn key_changes(state: &AppState, user: &str, from: i64, to: i64) -> ApiResult<(Vec<String>, Vec<String>)> {
-    let changed = storage::e2ee::device_list_changes_between(&state.db, from, to).await?;
+/// shares a room with; and users who left a room shared with the user in that range and share
+/// none any more.
+pub async fn key_changes(
+    state: &AppState,
+    user: &str,
+    from: &crate::sync::token::SyncToken,
+    to: &crate::sync::token::SyncToken,
+) -> ApiResult<(Vec<String>, Vec<String>)> {
+    let changed = storage::e2ee::device_list_changes_between(&state.db, from.device_lists, to.device_lists).await?;
     let shared = co_members(state, user).await?;
     let mut out: Vec<String> = changed.into_iter().filter(|u| u == user || shared.contains(u)).collect();
     out.sort();
-    Ok((out, Vec::new()))
+    let mut left: Vec<String> = storage::e2ee::departures_between(&state.db, user, from.events, to.events)
+        .await?
+        .into_iter()
+        .filter(|u| u != user && !shared.contains(u))
+        .collect();
+    left.sort();
+    Ok((out, left))
 }
 
 /// Everyone the user shares a joined room with (themselves included).

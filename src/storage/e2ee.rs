@@ -484,3 +484,24 @@ pub async fn prune_to_device(db: impl PgExecutor<'_> + Copy, max: i64, txn_befor
 pub async fn device_ids(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar("SELECT device_id FROM devices WHERE user_id = $1").bind(user_id).fetch_all(db).await
 }
+
+/// Users whose membership became leave or ban in `(from, to]` (event stream) in rooms `user_id`
+/// is or was a member of: candidates for `keys/changes`'s `left`.
+pub async fn departures_between(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    from: i64,
+    to: i64,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT e.state_key FROM events e
+         JOIN room_memberships m ON m.room_nid = e.room_nid AND m.user_id = $1
+         WHERE e.event_type = 'm.room.member' AND e.stream_ordering > $2 AND e.stream_ordering <= $3
+           AND e.state_key IS NOT NULL AND e.json::jsonb -> 'content' ->> 'membership' IN ('leave', 'ban')",
+    )
+    .bind(user_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(db)
+    .await
+}

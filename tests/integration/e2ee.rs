@@ -396,6 +396,17 @@ async fn to_device_messages_and_device_lists() {
     assert_eq!(st, 200);
     let b7 = sync(&s, &bob, Some(b6["next_batch"].as_str().unwrap()), None, 0).await;
     assert_eq!(b7["device_lists"]["left"], json!([carol.user_id]), "{b7}");
+    let (_, ch) = s
+        .get(
+            &format!(
+                "/_matrix/client/v3/keys/changes?from={}&to={}",
+                enc(b6["next_batch"].as_str().unwrap()),
+                enc(b7["next_batch"].as_str().unwrap())
+            ),
+            Some(&bob.token),
+        )
+        .await;
+    assert_eq!(ch["left"], json!([carol.user_id]), "{ch}");
     s.stop().await;
 }
 

@@ -34,7 +34,7 @@ pub struct ChangesQuery {
 pub async fn changes(State(state): State<AppState>, auth: Auth, Query(q): Query<ChangesQuery>) -> JsonResult {
     let from = SyncToken::parse(&q.from)?;
     let to = SyncToken::parse(&q.to)?;
-    let (changed, left) = e2ee::key_changes(&state, &auth.user_id, from.device_lists, to.device_lists).await?;
+    let (changed, left) = e2ee::key_changes(&state, &auth.user_id, &from, &to).await?;
     Ok(axum::Json(json!({ "changed": changed, "left": left })))
 }
 
