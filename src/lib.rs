@@ -6,6 +6,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod media;
 pub mod push;
 pub mod rooms;
 pub mod server;

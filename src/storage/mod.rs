@@ -9,6 +9,7 @@ pub mod devices;
 pub mod directory;
 pub mod events;
 pub mod filters;
+pub mod media;
 pub mod meta;
 pub mod presence;
 pub mod profiles;

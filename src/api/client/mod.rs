@@ -7,6 +7,7 @@ pub mod directory;
 pub mod discovery;
 pub mod filter;
 pub mod login;
+pub mod media;
 pub mod notifications;
 pub mod presence;
 pub mod profile;
