@@ -273,11 +273,9 @@ pub async fn check_reservation(state: &AppState, server_name: &str, media_id: &s
         Some(r) if r.uploader.as_deref() != Some(uploader) => {
             Err(Error::forbidden("This media ID was reserved by another user"))
         }
-        Some(r) if r.storage_key.is_some() => Err(Error::new(
-            axum::http::StatusCode::CONFLICT,
-            "M_CANNOT_OVERWRITE_MEDIA",
-            "Media already uploaded",
-        )),
+        Some(r) if r.storage_key.is_some() => {
+            Err(Error::new(axum::http::StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded"))
+        }
         Some(r) if r.pending_expires_ts.is_some_and(|t| t <= now_ms()) => {
             Err(Error::not_found("This media ID expired unused"))
         }
@@ -322,11 +320,9 @@ pub async fn upload_reserved(
             discard(state, &key).await;
             Err(match other {
                 Ok(Err(PublishError::OverQuota)) => quota_error(state),
-                Ok(Err(PublishError::Exists)) => Error::new(
-                    axum::http::StatusCode::CONFLICT,
-                    "M_CANNOT_OVERWRITE_MEDIA",
-                    "Media already uploaded",
-                ),
+                Ok(Err(PublishError::Exists)) => {
+                    Error::new(axum::http::StatusCode::CONFLICT, "M_CANNOT_OVERWRITE_MEDIA", "Media already uploaded")
+                }
                 Ok(Err(PublishError::NotOwner)) => Error::forbidden("This media ID was reserved by another user"),
                 Ok(Err(PublishError::NotFound)) => Error::not_found("Unknown or expired media ID"),
                 Ok(Ok(())) => Error::internal(),
@@ -410,8 +406,11 @@ async fn wait_for_content(state: &AppState, row: MediaRow, timeout_ms: Option<u6
             return Err(Error::not_found("Media not found"));
         }
         // Woken by uploads through this instance; polled for the others.
-        let _ = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)), uploads.changed())
-            .await;
+        let _ = tokio::time::timeout_at(
+            deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            uploads.changed(),
+        )
+        .await;
         if let Some(r) = storage::media::get(&state.db, &row.server_name, &row.media_id).await? {
             if r.storage_key.is_some() {
                 return Ok(r);
@@ -534,6 +533,8 @@ mod tests {
         assert_eq!(sanitize_file_name("\n"), None);
         assert_eq!(sanitize_file_name(".."), None);
         assert!(sanitize_file_name(&"é".repeat(300)).unwrap().len() <= 255);
-        assert!(valid_media_id("abc_DEF-123") && !valid_media_id("a/b") && !valid_media_id("") && !valid_media_id(".."));
+        assert!(
+            valid_media_id("abc_DEF-123") && !valid_media_id("a/b") && !valid_media_id("") && !valid_media_id("..")
+        );
     }
 }

@@ -60,9 +60,10 @@ impl Previewer {
             .connect_timeout(timeout)
             .timeout(timeout)
             .user_agent(
-                config.url_preview_user_agent.clone().unwrap_or_else(|| {
-                    concat!("Parvis/", env!("CARGO_PKG_VERSION"), " (URL preview)").to_owned()
-                }),
+                config
+                    .url_preview_user_agent
+                    .clone()
+                    .unwrap_or_else(|| concat!("Parvis/", env!("CARGO_PKG_VERSION"), " (URL preview)").to_owned()),
             )
             .build()?;
         Ok(Self {
@@ -95,9 +96,12 @@ impl Previewer {
         if self.policy.allows_url(url) != Some(true) {
             return Err(refused());
         }
-        let mut resp = self.client.get(url.clone()).send().await.map_err(|e| {
-            if is_refused(&e) { refused() } else { fetch_failed(e.without_url()) }
-        })?;
+        let mut resp = self
+            .client
+            .get(url.clone())
+            .send()
+            .await
+            .map_err(|e| if is_refused(&e) { refused() } else { fetch_failed(e.without_url()) })?;
         if !resp.status().is_success() {
             return Err(fetch_failed(format!("the server answered {}", resp.status())));
         }
@@ -177,7 +181,13 @@ async fn build(state: &AppState, p: &Previewer, url: &url::Url) -> ApiResult<Val
 }
 
 /// Stores a preview image in the media repository (as cached media) and describes it.
-async fn add_image(state: &AppState, og: &mut Map<String, Value>, content_type: &str, url: &url::Url, data: Bytes) -> ApiResult<()> {
+async fn add_image(
+    state: &AppState,
+    og: &mut Map<String, Value>,
+    content_type: &str,
+    url: &url::Url,
+    data: Bytes,
+) -> ApiResult<()> {
     let dims = image::ImageReader::new(std::io::Cursor::new(&data[..]))
         .with_guessed_format()
         .ok()
@@ -323,7 +333,9 @@ fn decode_entities(s: &str) -> String {
             "quot" => Some('"'),
             "apos" => Some('\''),
             "nbsp" => Some('\u{a0}'),
-            e if e.starts_with("#x") || e.starts_with("#X") => u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32),
+            e if e.starts_with("#x") || e.starts_with("#X") => {
+                u32::from_str_radix(&e[2..], 16).ok().and_then(char::from_u32)
+            }
             e if e.starts_with('#') => e[1..].parse().ok().and_then(char::from_u32),
             _ => None,
         };
@@ -359,7 +371,8 @@ mod tests {
         assert_eq!(og["og:description"], "Horaires");
         assert_eq!(og["og:image"], "/logo.png");
 
-        let og = parse_html("<title>\n Conseil municipal </title><meta name=\"description\" content=\"Ordre du jour\">");
+        let og =
+            parse_html("<title>\n Conseil municipal </title><meta name=\"description\" content=\"Ordre du jour\">");
         assert_eq!(og["og:title"], "Conseil municipal");
         assert_eq!(og["og:description"], "Ordre du jour");
         assert!(parse_html("<meta").is_empty());

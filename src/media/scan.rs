@@ -79,10 +79,13 @@ async fn scan(state: &AppState, scanner: &Scanner, row: &MediaRow) -> anyhow::Re
             let path = match state.media.store.local_path(key) {
                 Some(p) => p,
                 None => {
-                    let tmp = super::TempFile(state.config.media.path.join("tmp").join(format!("scan-{}", super::random_id(24))));
+                    let tmp = super::TempFile(
+                        state.config.media.path.join("tmp").join(format!("scan-{}", super::random_id(24))),
+                    );
                     tokio::fs::create_dir_all(tmp.path().parent().unwrap_or(tmp.path())).await?;
                     let mut f = tokio::fs::File::create(tmp.path()).await?;
-                    let mut stream = state.media.store.get(key, None).await?.ok_or_else(|| anyhow::anyhow!("content missing"))?;
+                    let mut stream =
+                        state.media.store.get(key, None).await?.ok_or_else(|| anyhow::anyhow!("content missing"))?;
                     while let Some(chunk) = stream.next().await {
                         f.write_all(&chunk?).await?;
                     }
@@ -94,7 +97,9 @@ async fn scan(state: &AppState, scanner: &Scanner, row: &MediaRow) -> anyhow::Re
             };
             let mut cmd = tokio::process::Command::new(&argv[0]);
             cmd.args(&argv[1..]).arg(&path).stdin(std::process::Stdio::null()).kill_on_drop(true);
-            let out = tokio::time::timeout(*timeout, cmd.output()).await.map_err(|_| anyhow::anyhow!("scanner timed out"))??;
+            let out = tokio::time::timeout(*timeout, cmd.output())
+                .await
+                .map_err(|_| anyhow::anyhow!("scanner timed out"))??;
             match out.status.code() {
                 Some(0) => Ok(true),
                 Some(1) => Ok(false),
@@ -108,13 +113,18 @@ async fn scan(state: &AppState, scanner: &Scanner, row: &MediaRow) -> anyhow::Re
             let stream = state.media.store.get(key, None).await?.ok_or_else(|| anyhow::anyhow!("content missing"))?;
             let resp = client
                 .post(url)
-                .header(reqwest::header::CONTENT_TYPE, row.content_type.as_deref().unwrap_or("application/octet-stream"))
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    row.content_type.as_deref().unwrap_or("application/octet-stream"),
+                )
                 .body(reqwest::Body::wrap_stream(stream))
                 .send()
                 .await?
                 .error_for_status()?;
             let v: serde_json::Value = resp.json().await?;
-            v.get("clean").and_then(serde_json::Value::as_bool).ok_or_else(|| anyhow::anyhow!("scanner answer without `clean`"))
+            v.get("clean")
+                .and_then(serde_json::Value::as_bool)
+                .ok_or_else(|| anyhow::anyhow!("scanner answer without `clean`"))
         }
     }
 }

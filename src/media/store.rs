@@ -230,10 +230,8 @@ impl MediaStore for S3Store {
 
     fn get<'a>(&'a self, key: &'a str, range: Option<Range<u64>>) -> BoxFuture<'a, anyhow::Result<Option<ByteStream>>> {
         Box::pin(async move {
-            let opts = object_store::GetOptions {
-                range: range.map(object_store::GetRange::Bounded),
-                ..Default::default()
-            };
+            let opts =
+                object_store::GetOptions { range: range.map(object_store::GetRange::Bounded), ..Default::default() };
             match self.store.get_opts(&self.path(key), opts).await {
                 Ok(r) => Ok(Some(r.into_stream().map_err(std::io::Error::other).boxed())),
                 Err(e) if is_not_found(&e) => Ok(None),

@@ -104,8 +104,9 @@ impl From<RenderError> for Error {
 /// Decodes an image, refusing to decode one with more than `max_pixels` pixels.
 pub fn decode(data: &[u8], max_pixels: u64) -> Result<(DynamicImage, ImageFormat), RenderError> {
     let bad = |e: image::ImageError| RenderError::Unsupported(e.to_string());
-    let mut reader =
-        ImageReader::new(Cursor::new(data)).with_guessed_format().map_err(|e| RenderError::Unsupported(e.to_string()))?;
+    let mut reader = ImageReader::new(Cursor::new(data))
+        .with_guessed_format()
+        .map_err(|e| RenderError::Unsupported(e.to_string()))?;
     let format = match reader.format() {
         Some(f @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Gif | ImageFormat::WebP)) => f,
         _ => return Err(RenderError::Unsupported("not a JPEG, PNG, GIF or WebP image".into())),
@@ -172,7 +173,14 @@ async fn read_original(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
 }
 
 /// Stores a generated thumbnail and records it; a thumbnail recorded meanwhile wins.
-async fn save(state: &AppState, row_server: &str, media_id: &str, content_key: &str, size: &ThumbnailSize, t: &Thumb) -> ApiResult<()> {
+async fn save(
+    state: &AppState,
+    row_server: &str,
+    media_id: &str,
+    content_key: &str,
+    size: &ThumbnailSize,
+    t: &Thumb,
+) -> ApiResult<()> {
     let key = thumb_key(content_key, size);
     state.media.store.put_bytes(&key, t.data.clone()).await?;
     let rec = ThumbnailRow { content_type: t.content_type.clone(), size: t.data.len() as i64, storage_key: key };
@@ -187,17 +195,25 @@ async fn save(state: &AppState, row_server: &str, media_id: &str, content_key: &
 }
 
 /// The thumbnail of `row` serving a request for `width`×`height` with `method`.
-pub async fn get(state: &AppState, row: &MediaRow, width: u32, height: u32, method: ThumbnailMethod) -> ApiResult<Arc<Thumb>> {
+pub async fn get(
+    state: &AppState,
+    row: &MediaRow,
+    width: u32,
+    height: u32,
+    method: ThumbnailMethod,
+) -> ApiResult<Arc<Thumb>> {
     let t = &state.media.thumbnails;
     let size = t.choose(width, height, method).ok_or_else(|| Error::unknown("No thumbnail sizes are configured"))?;
     if !row.content_type.as_deref().is_some_and(is_thumbnailable) {
         return Err(RenderError::Unsupported("not a JPEG, PNG, GIF or WebP image".into()).into());
     }
     let key = cache_key(&row.server_name, &row.media_id, &size);
-    t.cache
-        .try_get_with(key, load_or_generate(state, row, size))
-        .await
-        .map_err(|e: Arc<Error>| Error { status: e.status, errcode: e.errcode, message: e.message.clone(), extra: e.extra.clone() })
+    t.cache.try_get_with(key, load_or_generate(state, row, size)).await.map_err(|e: Arc<Error>| Error {
+        status: e.status,
+        errcode: e.errcode,
+        message: e.message.clone(),
+        extra: e.extra.clone(),
+    })
 }
 
 async fn load_or_generate(state: &AppState, row: &MediaRow, size: ThumbnailSize) -> ApiResult<Arc<Thumb>> {
@@ -248,7 +264,8 @@ mod tests {
     use super::*;
 
     fn png(w: u32, h: u32) -> Vec<u8> {
-        let img = DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([x as u8, y as u8, 0, 255])));
+        let img =
+            DynamicImage::ImageRgba8(image::RgbaImage::from_fn(w, h, |x, y| image::Rgba([x as u8, y as u8, 0, 255])));
         let mut buf = Cursor::new(Vec::new());
         img.write_to(&mut buf, ImageFormat::Png).unwrap();
         buf.into_inner()

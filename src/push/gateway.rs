@@ -29,8 +29,8 @@ use crate::storage::pushers::UserPusher;
 /// Largest gateway answer read (its only useful content is a list of rejected pushkeys).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-pub use crate::http::ssrf::{IpPolicy, IpRange};
 use crate::http::ssrf::{GuardedResolver, is_refused};
+pub use crate::http::ssrf::{IpPolicy, IpRange};
 
 impl IpPolicy {
     pub fn new(config: &PushConfig) -> Result<Self, String> {

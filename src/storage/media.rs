@@ -5,7 +5,8 @@
 use serde_json::Value;
 use sqlx::{PgExecutor, PgPool};
 
-const COLUMNS: &str = "server_name, media_id, uploader, content_type, upload_name, size, sha256, storage_key, created_ts,
+const COLUMNS: &str =
+    "server_name, media_id, uploader, content_type, upload_name, size, sha256, storage_key, created_ts,
      pending_expires_ts, last_access_ts, quarantined_by, quarantined_ts, allow_unauthenticated, scan_verdict";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -64,7 +65,10 @@ async fn check_quota(tx: &mut sqlx::PgConnection, uploader: &str, quota: i64, ex
     if quota <= 0 {
         return Ok(true);
     }
-    sqlx::query("SELECT pg_advisory_xact_lock(7061727669730006, hashtext($1))").bind(uploader).execute(&mut *tx).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('parvis media quota ' || $1, 0))")
+        .bind(uploader)
+        .execute(&mut *tx)
+        .await?;
     let used: i64 =
         sqlx::query_scalar("SELECT COALESCE(SUM(size), 0)::BIGINT FROM media WHERE uploader = $1 AND size IS NOT NULL")
             .bind(uploader)
@@ -153,6 +157,7 @@ pub async fn insert_remote(
 }
 
 /// Reserves a media ID for an asynchronous upload, unless the user holds `max_pending` already.
+#[allow(clippy::too_many_arguments)]
 pub async fn reserve(
     db: &PgPool,
     server_name: &str,
@@ -164,13 +169,15 @@ pub async fn reserve(
     max_pending: i64,
 ) -> sqlx::Result<bool> {
     let mut tx = db.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock(7061727669730006, hashtext($1))").bind(uploader).execute(&mut *tx).await?;
-    let pending: i64 =
-        sqlx::query_scalar("SELECT COUNT(*) FROM media WHERE uploader = $1 AND pending_expires_ts > $2")
-            .bind(uploader)
-            .bind(now)
-            .fetch_one(&mut *tx)
-            .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('parvis media quota ' || $1, 0))")
+        .bind(uploader)
+        .execute(&mut *tx)
+        .await?;
+    let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM media WHERE uploader = $1 AND pending_expires_ts > $2")
+        .bind(uploader)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
     if pending >= max_pending {
         return Ok(false);
     }
@@ -276,7 +283,12 @@ pub async fn set_quarantine(
     Ok(n > 0)
 }
 
-pub async fn set_scan_verdict(db: impl PgExecutor<'_>, server_name: &str, media_id: &str, verdict: &str) -> sqlx::Result<()> {
+pub async fn set_scan_verdict(
+    db: impl PgExecutor<'_>,
+    server_name: &str,
+    media_id: &str,
+    verdict: &str,
+) -> sqlx::Result<()> {
     sqlx::query("UPDATE media SET scan_verdict = $3 WHERE server_name = $1 AND media_id = $2")
         .bind(server_name)
         .bind(media_id)
@@ -434,7 +446,13 @@ pub async fn get_preview(db: impl PgExecutor<'_>, url: &str, now: i64) -> sqlx::
     Ok(v.map(|j| j.0))
 }
 
-pub async fn put_preview(db: impl PgExecutor<'_>, url: &str, og: &Value, now: i64, expires_ts: i64) -> sqlx::Result<()> {
+pub async fn put_preview(
+    db: impl PgExecutor<'_>,
+    url: &str,
+    og: &Value,
+    now: i64,
+    expires_ts: i64,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO media_url_previews (url, og, fetched_ts, expires_ts) VALUES ($1, $2, $3, $4)
          ON CONFLICT (url) DO UPDATE SET og = EXCLUDED.og, fetched_ts = EXCLUDED.fetched_ts,
@@ -450,5 +468,9 @@ pub async fn put_preview(db: impl PgExecutor<'_>, url: &str, og: &Value, now: i6
 }
 
 pub async fn delete_expired_previews(db: impl PgExecutor<'_>, now: i64) -> sqlx::Result<u64> {
-    Ok(sqlx::query("DELETE FROM media_url_previews WHERE expires_ts <= $1").bind(now).execute(db).await?.rows_affected())
+    Ok(sqlx::query("DELETE FROM media_url_previews WHERE expires_ts <= $1")
+        .bind(now)
+        .execute(db)
+        .await?
+        .rows_affected())
 }

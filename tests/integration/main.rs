@@ -9,6 +9,7 @@ mod discovery;
 mod ephemeral;
 mod errors_limits;
 mod filters;
+mod media;
 mod presence;
 mod push;
 mod pushers;

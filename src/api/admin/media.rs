@@ -128,8 +128,7 @@ pub async fn list_user_media(
         Some(_) => return Err(Error::invalid_param("dir must be f or b")),
     };
     let order_by = q.order_by.as_deref().unwrap_or("created_ts");
-    let (rows, total) =
-        storage::media::list_by_uploader(&state.db, &user_id, from, limit, order_by, ascending).await?;
+    let (rows, total) = storage::media::list_by_uploader(&state.db, &user_id, from, limit, order_by, ascending).await?;
     let mut resp = json!({ "media": rows.iter().map(describe).collect::<Vec<_>>(), "total": total });
     if from + (rows.len() as i64) < total {
         resp["next_token"] = json!(from + rows.len() as i64);
