@@ -30,7 +30,7 @@ fn media_routes(r: Router<AppState>) -> Router<AppState> {
         .route("/_synapse/admin/v1/media/quarantine/{server_name}/{media_id}", post(am::quarantine))
         .route("/_synapse/admin/v1/media/unquarantine/{server_name}/{media_id}", post(am::unquarantine))
         .route("/_synapse/admin/v1/purge_media_cache", post(am::purge_cache))
-        .route("/_synapse/admin/v1/users/{user_id}/media", get(am::list_user_media));
+        .route("/_synapse/admin/v1/users/{user_id}/media", get(am::list_user_media).delete(am::delete_user_media));
     for v in ["v3", "r0"] {
         r = r
             .route(&format!("/_matrix/media/{v}/upload"), post(m::upload))

@@ -496,14 +496,44 @@ pub async fn purge_cache(state: &AppState, before_ts: i64) -> ApiResult<u64> {
     }
 }
 
-/// Periodic clean-up: expired reservations and URL previews.
+/// Temporary files older than this are left over by a crash (uploads take less).
+const STALE_TEMP: Duration = Duration::from_secs(24 * 3600);
+
+/// Deletes stale temporary files (of uploads interrupted by a crash); returns how many.
+async fn sweep_temp_dir(dir: &Path) -> std::io::Result<usize> {
+    let mut entries = match tokio::fs::read_dir(dir).await {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let mut removed = 0;
+    while let Some(entry) = entries.next_entry().await? {
+        let meta = entry.metadata().await?;
+        let age = meta.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
+        if meta.is_file() && age > STALE_TEMP && tokio::fs::remove_file(entry.path()).await.is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+/// Periodic clean-up: expired reservations, URL previews, stale temporary files.
 pub async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(Duration::from_secs(60));
+    let mut ticks = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
         }
+        if ticks.is_multiple_of(60) {
+            match sweep_temp_dir(&state.media.tmp_dir).await {
+                Ok(n) if n > 0 => tracing::info!(removed = n, "stale media temporary files removed"),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "media temporary directory clean-up failed"),
+            }
+        }
+        ticks += 1;
         match storage::media::delete_expired_reservations(&state.db, now_ms()).await {
             Ok(n) if n > 0 => tracing::debug!(released = n, "unused media IDs released"),
             Ok(_) => {}
@@ -518,6 +548,20 @@ pub async fn housekeeping(state: AppState, mut stop: tokio::sync::watch::Receive
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn stale_temporary_files_are_swept() {
+        let dir = std::env::temp_dir().join(format!("parvis-sweep-{}", random_id(8)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = dir.join("upload-old");
+        let f = std::fs::File::create(&old).unwrap();
+        f.set_modified(std::time::SystemTime::now() - STALE_TEMP - Duration::from_secs(60)).unwrap();
+        std::fs::write(dir.join("upload-new"), b"in progress").unwrap();
+        assert_eq!(sweep_temp_dir(&dir).await.unwrap(), 1);
+        assert!(!old.exists() && dir.join("upload-new").exists());
+        assert_eq!(sweep_temp_dir(&dir.join("missing")).await.unwrap(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn content_types_and_file_names() {

@@ -706,6 +706,12 @@ async fn quarantine_delete_listing_and_purge(backend: Backend) {
         get_raw(&s, &format!("/_matrix/client/v1/media/download/{other}"), Some(&u.token), None).await.status(),
         StatusCode::OK
     );
+
+    // All of a user's media at once.
+    assert_err(&s.delete(&list, Some(&u.token), json!({})).await, 403, "M_FORBIDDEN");
+    let (st, v) = s.delete(&list, Some(&admin.token), json!({})).await;
+    assert_eq!((st, v), (StatusCode::OK, json!({ "total": 1, "deleted_media": [other.split_once('/').unwrap().1] })));
+    assert_err(&s.get(&format!("/_matrix/client/v1/media/download/{other}"), Some(&u.token)).await, 404, "M_NOT_FOUND");
     s.stop().await;
 }
 

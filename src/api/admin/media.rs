@@ -110,13 +110,8 @@ pub struct ListQuery {
     dir: Option<String>,
 }
 
-/// `GET /_synapse/admin/v1/users/{user_id}/media`
-pub async fn list_user_media(
-    State(state): State<AppState>,
-    _: AdminAuth,
-    Path(user_id): Path<String>,
-    Query(q): Query<ListQuery>,
-) -> ApiResult<axum::Json<Value>> {
+/// The page of a user's media that `from`, `limit`, `order_by` and `dir` select, and the total.
+async fn user_media_page(state: &AppState, user_id: &str, q: &ListQuery) -> ApiResult<(Vec<MediaRow>, i64, i64)> {
     let from = q.from.unwrap_or(0);
     let limit = q.limit.unwrap_or(100);
     if from < 0 || !(1..=1000).contains(&limit) {
@@ -128,10 +123,40 @@ pub async fn list_user_media(
         Some(_) => return Err(Error::invalid_param("dir must be f or b")),
     };
     let order_by = q.order_by.as_deref().unwrap_or("created_ts");
-    let (rows, total) = storage::media::list_by_uploader(&state.db, &user_id, from, limit, order_by, ascending).await?;
+    let (rows, total) = storage::media::list_by_uploader(&state.db, user_id, from, limit, order_by, ascending).await?;
+    Ok((rows, total, from))
+}
+
+/// `GET /_synapse/admin/v1/users/{user_id}/media`
+pub async fn list_user_media(
+    State(state): State<AppState>,
+    _: AdminAuth,
+    Path(user_id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let (rows, total, from) = user_media_page(&state, &user_id, &q).await?;
     let mut resp = json!({ "media": rows.iter().map(describe).collect::<Vec<_>>(), "total": total });
     if from + (rows.len() as i64) < total {
         resp["next_token"] = json!(from + rows.len() as i64);
     }
     Ok(axum::Json(resp))
+}
+
+/// `DELETE /_synapse/admin/v1/users/{user_id}/media`: deletes the page of the user's media that
+/// the same parameters as the listing select (by default their 100 oldest uploads).
+pub async fn delete_user_media(
+    State(state): State<AppState>,
+    admin: AdminAuth,
+    Path(user_id): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let (rows, _, _) = user_media_page(&state, &user_id, &q).await?;
+    let mut deleted = Vec::new();
+    for r in rows {
+        if media::delete(&state, &r.server_name, &r.media_id).await? {
+            deleted.push(r.media_id);
+        }
+    }
+    tracing::info!(admin = %admin.0.user_id, %user_id, count = deleted.len(), "user media deleted by an admin");
+    Ok(axum::Json(json!({ "total": deleted.len(), "deleted_media": deleted })))
 }
