@@ -2,8 +2,8 @@
 //! on the blocking pool, stored beside the content (`media_thumbnails`) and kept in a bounded
 //! in-memory cache. Concurrent requests for the same thumbnail generate it once.
 //!
-//! Input: JPEG, PNG, GIF (first frame) and WebP, EXIF orientation applied. Output: JPEG for JPEG
-//! sources, PNG otherwise (transparency kept). The pixel count is read from the header and an
+//! Input: JPEG, PNG, GIF and WebP, EXIF orientation applied. Output: JPEG for JPEG sources, PNG
+//! otherwise (transparency kept); animated GIF for animated GIFs when `animated=true` is asked. The pixel count is read from the header and an
 //! image larger than `media.max_image_pixels` is never decoded.
 
 use std::io::Cursor;
@@ -128,11 +128,11 @@ pub fn decode(data: &[u8], max_pixels: u64) -> Result<(DynamicImage, ImageFormat
     Ok((img, format))
 }
 
-/// Renders one thumbnail size of a decoded image.
-pub fn render(img: &DynamicImage, source_format: ImageFormat, size: &ThumbnailSize) -> Result<Thumb, RenderError> {
+/// Scales (or crops and scales) an image to a thumbnail size, never enlarging it.
+fn resize(img: &DynamicImage, size: &ThumbnailSize) -> DynamicImage {
     let (w, h) = (img.width().max(1), img.height().max(1));
     let (tw, th) = (size.width, size.height);
-    let out = match size.method {
+    match size.method {
         ThumbnailMethod::Scale => {
             if w <= tw && h <= th {
                 img.clone()
@@ -148,7 +148,12 @@ pub fn render(img: &DynamicImage, source_format: ImageFormat, size: &ThumbnailSi
             let region = img.crop_imm((w - cw) / 2, (h - ch) / 2, cw, ch);
             if scale < 1.0 { region.thumbnail_exact(tw.min(cw), th.min(ch)) } else { region }
         }
-    };
+    }
+}
+
+/// Renders one thumbnail size of a decoded image.
+pub fn render(img: &DynamicImage, source_format: ImageFormat, size: &ThumbnailSize) -> Result<Thumb, RenderError> {
+    let out = resize(img, size);
     let mut buf = Cursor::new(Vec::new());
     let content_type = if source_format == ImageFormat::Jpeg {
         let rgb = DynamicImage::ImageRgb8(out.to_rgb8());
@@ -162,9 +167,55 @@ pub fn render(img: &DynamicImage, source_format: ImageFormat, size: &ThumbnailSi
     Ok(Thumb { content_type: content_type.into(), data: Bytes::from(buf.into_inner()) })
 }
 
-fn thumb_key(content_key: &str, size: &ThumbnailSize) -> String {
+/// Most frames an animated thumbnail keeps.
+const MAX_FRAMES: usize = 100;
+
+/// An animated GIF thumbnail of an animated GIF: every frame scaled like a still thumbnail.
+/// `None` when the image is not animated or its frames would decode more than `max_pixels`
+/// pixels in total (frames are decoded one at a time and decoding stops there): the caller
+/// serves a still thumbnail instead, as the spec allows.
+pub fn render_animated(data: &[u8], size: &ThumbnailSize, max_pixels: u64) -> Result<Option<Thumb>, RenderError> {
+    use image::AnimationDecoder;
+    let bad = |e: image::ImageError| RenderError::Unsupported(e.to_string());
+    let decoder = image::codecs::gif::GifDecoder::new(Cursor::new(data)).map_err(bad)?;
+    let (w, h) = decoder.dimensions();
+    let per_frame = u64::from(w) * u64::from(h);
+    if per_frame > max_pixels {
+        return Err(RenderError::TooLarge(per_frame));
+    }
+    let mut frames = Vec::new();
+    let mut decoded = 0u64;
+    for frame in decoder.into_frames() {
+        decoded += per_frame;
+        if frames.len() >= MAX_FRAMES || decoded > max_pixels {
+            return Ok(None);
+        }
+        let frame = frame.map_err(bad)?;
+        let delay = frame.delay();
+        let out = resize(&DynamicImage::ImageRgba8(frame.into_buffer()), size);
+        frames.push(image::Frame::from_parts(out.to_rgba8(), 0, 0, delay));
+    }
+    if frames.len() < 2 {
+        return Ok(None);
+    }
+    let mut buf = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new_with_speed(&mut buf, 10);
+        enc.set_repeat(image::codecs::gif::Repeat::Infinite).map_err(bad)?;
+        enc.encode_frames(frames).map_err(bad)?;
+    }
+    Ok(Some(Thumb { content_type: "image/gif".into(), data: Bytes::from(buf) }))
+}
+
+/// The `method` column of a thumbnail: `crop`, `scale`, or either with `-animated`.
+fn variant_name(size: &ThumbnailSize, animated: bool) -> String {
+    format!("{}{}", method_name(size.method), if animated { "-animated" } else { "" })
+}
+
+fn thumb_key(content_key: &str, size: &ThumbnailSize, animated: bool) -> String {
     let tail = content_key.strip_prefix("content/").unwrap_or(content_key);
-    format!("thumbnails/{tail}/{}x{}-{}-{}", size.width, size.height, method_name(size.method), super::random_id(8))
+    let v = variant_name(size, animated);
+    format!("thumbnails/{tail}/{}x{}-{v}-{}", size.width, size.height, super::random_id(8))
 }
 
 async fn read_original(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
@@ -173,53 +224,58 @@ async fn read_original(state: &AppState, key: &str) -> ApiResult<Vec<u8>> {
 }
 
 /// Stores a generated thumbnail and records it; a thumbnail recorded meanwhile wins.
-async fn save(
-    state: &AppState,
-    row_server: &str,
-    media_id: &str,
-    content_key: &str,
-    size: &ThumbnailSize,
-    t: &Thumb,
-) -> ApiResult<()> {
-    let key = thumb_key(content_key, size);
+async fn save(state: &AppState, row: (&str, &str), content_key: &str, v: Variant, t: &Thumb) -> ApiResult<()> {
+    let (server_name, media_id) = row;
+    let key = thumb_key(content_key, &v.size, v.animated);
     state.media.store.put_bytes(&key, t.data.clone()).await?;
     let rec = ThumbnailRow { content_type: t.content_type.clone(), size: t.data.len() as i64, storage_key: key };
-    let m = method_name(size.method);
-    let inserted =
-        storage::media::insert_thumbnail(&state.db, row_server, media_id, size.width, size.height, m, &rec, now_ms())
-            .await?;
+    let (w, h, m) = (v.size.width, v.size.height, variant_name(&v.size, v.animated));
+    let inserted = storage::media::insert_thumbnail(&state.db, server_name, media_id, w, h, &m, &rec, now_ms()).await?;
     if !inserted {
         let _ = state.media.store.delete(&rec.storage_key).await;
     }
     Ok(())
 }
 
-/// The thumbnail of `row` serving a request for `width`×`height` with `method`.
+/// A thumbnail variant: a configured size, animated or not.
+#[derive(Clone, Copy)]
+struct Variant {
+    size: ThumbnailSize,
+    animated: bool,
+}
+
+/// The thumbnail of `row` serving a request for `width`×`height` with `method`. `animated`
+/// asks for an animated thumbnail, made for animated GIFs (a still one otherwise).
 pub async fn get(
     state: &AppState,
     row: &MediaRow,
-    width: u32,
-    height: u32,
-    method: ThumbnailMethod,
+    (width, height, method): (u32, u32, ThumbnailMethod),
+    animated: bool,
 ) -> ApiResult<Arc<Thumb>> {
     let t = &state.media.thumbnails;
     let size = t.choose(width, height, method).ok_or_else(|| Error::unknown("No thumbnail sizes are configured"))?;
-    if !row.content_type.as_deref().is_some_and(is_thumbnailable) {
+    let content_type = row.content_type.as_deref().unwrap_or("");
+    if !is_thumbnailable(content_type) {
         return Err(RenderError::Unsupported("not a JPEG, PNG, GIF or WebP image".into()).into());
     }
-    let key = cache_key(&row.server_name, &row.media_id, &size);
-    t.cache.try_get_with(key, load_or_generate(state, row, size)).await.map_err(|e: Arc<Error>| Error {
-        status: e.status,
-        errcode: e.errcode,
-        message: e.message.clone(),
-        extra: e.extra.clone(),
-    })
+    let animated = animated && content_type.split(';').next().is_some_and(|e| e.trim() == "image/gif");
+    let mut key = cache_key(&row.server_name, &row.media_id, &size);
+    if animated {
+        key.push_str("-animated");
+    }
+    t.cache.try_get_with(key, load_or_generate(state, row, Variant { size, animated })).await.map_err(
+        |e: Arc<Error>| Error {
+            status: e.status,
+            errcode: e.errcode,
+            message: e.message.clone(),
+            extra: e.extra.clone(),
+        },
+    )
 }
 
-async fn load_or_generate(state: &AppState, row: &MediaRow, size: ThumbnailSize) -> ApiResult<Arc<Thumb>> {
-    let m = method_name(size.method);
-    if let Some(rec) =
-        storage::media::get_thumbnail(&state.db, &row.server_name, &row.media_id, size.width, size.height, m).await?
+async fn load_or_generate(state: &AppState, row: &MediaRow, v: Variant) -> ApiResult<Arc<Thumb>> {
+    let (w, h, m) = (v.size.width, v.size.height, variant_name(&v.size, v.animated));
+    if let Some(rec) = storage::media::get_thumbnail(&state.db, &row.server_name, &row.media_id, w, h, &m).await?
         && let Some(stream) = state.media.store.get(&rec.storage_key, None).await?
     {
         let data = super::store::collect(stream, 64 << 20).await?;
@@ -230,13 +286,18 @@ async fn load_or_generate(state: &AppState, row: &MediaRow, size: ThumbnailSize)
     let max_pixels = state.media.thumbnails.max_pixels;
     let _slot = state.media.thumbnails.slots.acquire().await.map_err(|_| Error::internal())?;
     let thumb = tokio::task::spawn_blocking(move || {
+        if v.animated
+            && let Some(t) = render_animated(&original, &v.size, max_pixels)?
+        {
+            return Ok(t);
+        }
         let (img, format) = decode(&original, max_pixels)?;
-        render(&img, format, &size)
+        render(&img, format, &v.size)
     })
     .await
     .map_err(|e| anyhow::anyhow!("thumbnail task: {e}"))??;
     drop(_slot);
-    save(state, &row.server_name, &row.media_id, content_key, &size, &thumb).await?;
+    save(state, (&row.server_name, &row.media_id), content_key, v, &thumb).await?;
     Ok(Arc::new(thumb))
 }
 
@@ -254,7 +315,7 @@ pub async fn pregenerate(state: &AppState, server_name: &str, media_id: &str, co
     .map_err(|e| anyhow::anyhow!("thumbnail task: {e}"))??;
     drop(_slot);
     for (size, thumb) in thumbs {
-        save(state, server_name, media_id, content_key, &size, &thumb).await?;
+        save(state, (server_name, media_id), content_key, Variant { size, animated: false }, &thumb).await?;
     }
     Ok(())
 }
@@ -286,6 +347,36 @@ mod tests {
         // Never enlarged.
         assert_eq!(dims(&render(&img, f, &scale(2000, 2000)).unwrap()), (1000, 500));
         assert_eq!(dims(&render(&img, f, &crop(800, 800)).unwrap()), (800, 500));
+    }
+
+    pub fn animated_gif(w: u32, h: u32, frames: u32) -> Vec<u8> {
+        let mut buf = Vec::new();
+        {
+            let mut enc = image::codecs::gif::GifEncoder::new(&mut buf);
+            enc.set_repeat(image::codecs::gif::Repeat::Infinite).unwrap();
+            for i in 0..frames {
+                let img = image::RgbaImage::from_fn(w, h, |x, _| image::Rgba([(x * 2 + i * 60) as u8, 0, 0, 255]));
+                let delay = image::Delay::from_numer_denom_ms(100, 1);
+                enc.encode_frame(image::Frame::from_parts(img, 0, 0, delay)).unwrap();
+            }
+        }
+        buf
+    }
+
+    #[test]
+    fn animated_thumbnails() {
+        use image::AnimationDecoder;
+        let size = ThumbnailSize { width: 96, height: 96, method: ThumbnailMethod::Crop };
+        let t = render_animated(&animated_gif(200, 100, 3), &size, 1_000_000).unwrap().expect("animated");
+        assert_eq!(t.content_type, "image/gif");
+        let frames = image::codecs::gif::GifDecoder::new(Cursor::new(&t.data[..])).unwrap().into_frames();
+        let frames: Vec<_> = frames.collect::<Result<_, _>>().unwrap();
+        assert_eq!(frames.len(), 3);
+        assert!(frames.iter().all(|f| f.buffer().dimensions() == (96, 96)));
+        // A single frame, or more frames than the pixel budget: a still thumbnail instead.
+        assert!(render_animated(&animated_gif(200, 100, 1), &size, 1_000_000).unwrap().is_none());
+        assert!(render_animated(&animated_gif(200, 100, 3), &size, 50_000).unwrap().is_none());
+        assert!(matches!(render_animated(&animated_gif(200, 100, 3), &size, 10_000), Err(RenderError::TooLarge(_))));
     }
 
     #[test]

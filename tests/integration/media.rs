@@ -399,6 +399,42 @@ async fn thumbnails_have_the_right_dimensions(backend: Backend) {
     let webp = upload_ok(&s, &u, "image/webp", None, picture(640, 480, ImageFormat::WebP)).await;
     assert_eq!(thumbnail_of(&s, &u, &webp, 320, 240, "scale").await, ("image/png".into(), (320, 240)));
 
+    // Animated GIFs get animated thumbnails when asked; everything else a still one.
+    let mut anim = Vec::new();
+    {
+        let mut enc = image::codecs::gif::GifEncoder::new(&mut anim);
+        for i in 0..4u32 {
+            let img = image::RgbaImage::from_fn(300, 200, |x, _| image::Rgba([(x + i * 50) as u8, 0, 0, 255]));
+            enc.encode_frame(image::Frame::from_parts(img, 0, 0, image::Delay::from_numer_denom_ms(80, 1))).unwrap();
+        }
+    }
+    let anim = upload_ok(&s, &u, "image/gif", Some("anim.gif"), anim).await;
+    let r = get_raw(
+        &s,
+        &format!("/_matrix/client/v1/media/thumbnail/{anim}?width=96&height=96&method=crop&animated=true"),
+        Some(&u.token),
+        None,
+    )
+    .await;
+    assert_eq!(header(&r, "content-type"), "image/gif");
+    assert_eq!(header(&r, "content-disposition"), "inline; filename=\"thumbnail.gif\"");
+    let frames: Vec<image::Frame> = image::AnimationDecoder::into_frames(
+        image::codecs::gif::GifDecoder::new(Cursor::new(r.bytes().await.unwrap().to_vec())).unwrap(),
+    )
+    .collect::<Result<_, _>>()
+    .unwrap();
+    assert_eq!(frames.len(), 4);
+    assert!(frames.iter().all(|f| f.buffer().dimensions() == (96, 96)));
+    assert_eq!(thumbnail_of(&s, &u, &anim, 96, 96, "crop").await, ("image/png".into(), (96, 96)));
+    let r = get_raw(
+        &s,
+        &format!("/_matrix/client/v1/media/thumbnail/{gif}?width=96&height=96&method=crop&animated=true"),
+        Some(&u.token),
+        None,
+    )
+    .await;
+    assert_eq!(header(&r, "content-type"), "image/png", "a single-frame GIF stays still");
+
     // Not an image, or lying about it: 400.
     let pdf = upload_ok(&s, &u, "application/pdf", None, b"%PDF-1.4".to_vec()).await;
     let th = |m: &str| format!("/_matrix/client/v1/media/thumbnail/{m}?width=96&height=96&method=crop");

@@ -294,8 +294,7 @@ pub struct ThumbnailQuery {
     width: u32,
     height: u32,
     method: Option<String>,
-    /// Animated thumbnails are not generated: a still one is served, as the spec allows.
-    #[allow(dead_code)]
+    /// Animated thumbnails are made for animated GIFs; other images get a still one.
     animated: Option<bool>,
     timeout_ms: Option<u64>,
     allow_remote: Option<bool>,
@@ -318,11 +317,15 @@ async fn thumbnail_inner(
     }
     let how = Fetch { legacy, timeout_ms: q.timeout_ms, allow_remote: q.allow_remote.unwrap_or(true) };
     let row = media::find(&state, &server_name, &media_id, &how).await?;
-    let thumb = thumbnail::get(&state, &row, q.width, q.height, method).await?;
+    let thumb = thumbnail::get(&state, &row, (q.width, q.height, method), q.animated.unwrap_or(false)).await?;
     let mut resp = Response::new(Body::from(thumb.data.clone()));
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, content_type_header(&thumb.content_type));
-    let ext = if thumb.content_type == "image/jpeg" { "jpg" } else { "png" };
+    let ext = match thumb.content_type.as_str() {
+        "image/jpeg" => "jpg",
+        "image/gif" => "gif",
+        _ => "png",
+    };
     if let Ok(v) = HeaderValue::from_str(&disposition(&thumb.content_type, Some(&format!("thumbnail.{ext}")))) {
         h.insert(header::CONTENT_DISPOSITION, v);
     }
