@@ -37,6 +37,7 @@ pub struct Config {
     pub presence: PresenceConfig,
     pub sync: SyncConfig,
     pub push: PushConfig,
+    pub media: MediaConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -306,6 +307,7 @@ impl Default for Config {
             presence: PresenceConfig::default(),
             sync: SyncConfig::default(),
             push: PushConfig::default(),
+            media: MediaConfig::default(),
         }
     }
 }
@@ -372,6 +374,208 @@ impl Default for RateLimitsConfig {
 impl Default for TurnConfig {
     fn default() -> Self {
         Self { uris: Vec::new(), shared_secret: None, user_lifetime_secs: 86_400 }
+    }
+}
+
+/// Where media content is kept.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MediaBackend {
+    /// Files under `media.path`.
+    Filesystem,
+    /// An S3-compatible object store (`[media.s3]`).
+    S3,
+}
+
+/// How a thumbnail size is produced: `crop` fills the box exactly, `scale` fits inside it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ThumbnailMethod {
+    Crop,
+    Scale,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ThumbnailSize {
+    pub width: u32,
+    pub height: u32,
+    pub method: ThumbnailMethod,
+}
+
+/// The media repository (issue 6): uploads, downloads, thumbnails, URL previews.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MediaConfig {
+    pub backend: MediaBackend,
+    /// Content directory of the filesystem backend; temporary files of uploads in progress go to
+    /// its `tmp/` subdirectory whatever the backend.
+    pub path: PathBuf,
+    pub s3: S3Config,
+    /// Largest upload accepted (`m.upload.size`); larger ones get 413 `M_TOO_LARGE`.
+    pub max_upload_bytes: u64,
+    /// Total bytes a user may have uploaded; 0 means no quota. Past it: 403 `M_USER_LIMIT_EXCEEDED`.
+    pub user_quota_bytes: u64,
+    /// `info_uri` of `M_USER_LIMIT_EXCEEDED` errors: a page explaining the quota.
+    pub quota_info_uri: Option<String>,
+    /// Uploads (and `create` reservations) per user.
+    pub uploads_per_user: RateLimit,
+    /// Reserved (`/v1/create`) but not yet uploaded media IDs a user may hold at once.
+    pub max_pending_uploads_per_user: u32,
+    /// A reserved media ID whose content has not arrived after this long is released.
+    pub unused_expiry_secs: u64,
+    /// Serve the deprecated unauthenticated `/_matrix/media/v3/download` and `/thumbnail`.
+    pub legacy_endpoints: bool,
+    /// Whether media stored from now on may be served by those legacy endpoints. The spec
+    /// recommends `false` ("freezing"): only media stored while this was `true` stay reachable
+    /// without authentication.
+    pub legacy_serve_new_media: bool,
+    /// The thumbnail sizes generated; a request gets the smallest at least as large as asked.
+    pub thumbnail_sizes: Vec<ThumbnailSize>,
+    /// Generate every thumbnail size of an uploaded image right after the upload.
+    pub thumbnails_at_upload: bool,
+    /// Images with more pixels than this are never decoded (decompression bombs).
+    pub max_image_pixels: u64,
+    /// Memory budget of recently served thumbnails, in MiB.
+    pub thumbnail_cache_mb: u64,
+    /// Serve `preview_url`. Off by default: it makes the server fetch URLs chosen by users.
+    pub url_preview_enabled: bool,
+    /// Addresses URL previews never fetch from (CIDR ranges); every resolved address of a host
+    /// must be allowed, redirects included.
+    pub url_preview_ip_blacklist: Vec<String>,
+    /// Exceptions to the blacklist.
+    pub url_preview_ip_whitelist: Vec<String>,
+    /// Largest document or image downloaded for a preview.
+    pub url_preview_max_bytes: u64,
+    /// Time limit of a preview fetch, redirects and image included.
+    pub url_preview_timeout_secs: u64,
+    /// How long a preview is reused before the URL is fetched again.
+    pub url_preview_cache_secs: u64,
+    /// `User-Agent` of preview fetches (default: `Parvis/<version> (URL preview)`).
+    pub url_preview_user_agent: Option<String>,
+    /// Antivirus hook, a command: the program and its arguments; the file's path is appended.
+    /// Exit status 0 means clean, 1 infected, anything else an error (as `clamdscan`). Empty: off.
+    pub scanner_command: Vec<String>,
+    /// Antivirus hook, an HTTP scanner: the content is POSTed there and the answer must be JSON
+    /// `{"clean": true|false}`. Unset: off.
+    pub scanner_url: Option<String>,
+    /// Time limit of one scan.
+    pub scanner_timeout_secs: u64,
+}
+
+/// An S3-compatible object store (AWS, OpenIO, MinIO, Ceph RGW...).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    pub bucket: String,
+    /// e.g. `https://s3.openio.ville.fr`; unset means AWS.
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// Path-style URLs (`endpoint/bucket/key`), which most S3-compatible servers need.
+    pub path_style: bool,
+    /// Prefix of every object key, so that several servers can share a bucket.
+    pub prefix: String,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            endpoint: None,
+            region: "us-east-1".into(),
+            access_key_id: None,
+            secret_access_key: None,
+            path_style: true,
+            prefix: String::new(),
+        }
+    }
+}
+
+/// The sizes the spec recommends servers pre-compute.
+pub const DEFAULT_THUMBNAIL_SIZES: &[(u32, u32, ThumbnailMethod)] = &[
+    (32, 32, ThumbnailMethod::Crop),
+    (96, 96, ThumbnailMethod::Crop),
+    (320, 240, ThumbnailMethod::Scale),
+    (640, 480, ThumbnailMethod::Scale),
+    (800, 600, ThumbnailMethod::Scale),
+];
+
+impl Default for MediaConfig {
+    fn default() -> Self {
+        Self {
+            backend: MediaBackend::Filesystem,
+            path: PathBuf::from("data/media"),
+            s3: S3Config::default(),
+            max_upload_bytes: 50 * 1024 * 1024,
+            user_quota_bytes: 0,
+            quota_info_uri: None,
+            uploads_per_user: RateLimit { per_second: 1.0, burst: 30 },
+            max_pending_uploads_per_user: 10,
+            unused_expiry_secs: 86_400,
+            legacy_endpoints: true,
+            legacy_serve_new_media: false,
+            thumbnail_sizes: DEFAULT_THUMBNAIL_SIZES
+                .iter()
+                .map(|&(width, height, method)| ThumbnailSize { width, height, method })
+                .collect(),
+            thumbnails_at_upload: true,
+            max_image_pixels: 32_000_000,
+            thumbnail_cache_mb: 64,
+            url_preview_enabled: false,
+            url_preview_ip_blacklist: DEFAULT_IP_BLACKLIST.iter().map(|s| (*s).to_owned()).collect(),
+            url_preview_ip_whitelist: Vec::new(),
+            url_preview_max_bytes: 10 * 1024 * 1024,
+            url_preview_timeout_secs: 10,
+            url_preview_cache_secs: 3600,
+            url_preview_user_agent: None,
+            scanner_command: Vec::new(),
+            scanner_url: None,
+            scanner_timeout_secs: 60,
+        }
+    }
+}
+
+impl MediaConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.backend == MediaBackend::S3 && self.s3.bucket.is_empty() {
+            return Err(("media.s3.bucket", "required when media.backend = \"s3\"".into()));
+        }
+        if let Some(url) = &self.s3.endpoint {
+            url::Url::parse(url).map_err(|e| ("media.s3.endpoint", e.to_string()))?;
+        }
+        if let Some(url) = &self.scanner_url {
+            url::Url::parse(url).map_err(|e| ("media.scanner_url", e.to_string()))?;
+        }
+        let l = self.uploads_per_user;
+        if !(l.per_second > 0.0 && l.per_second.is_finite()) || l.burst == 0 {
+            return Err(("media.uploads_per_user", "per_second must be > 0 and burst >= 1".into()));
+        }
+        if self.max_upload_bytes == 0 {
+            return Err(("media.max_upload_bytes", "must be at least 1".into()));
+        }
+        if self.thumbnail_sizes.iter().any(|s| s.width == 0 || s.height == 0 || s.width > 4096 || s.height > 4096) {
+            return Err(("media.thumbnail_sizes", "width and height must be between 1 and 4096".into()));
+        }
+        for (key, list) in [
+            ("media.url_preview_ip_blacklist", &self.url_preview_ip_blacklist),
+            ("media.url_preview_ip_whitelist", &self.url_preview_ip_whitelist),
+        ] {
+            for cidr in list {
+                crate::http::ssrf::IpRange::parse(cidr).map_err(|e| (key, e))?;
+            }
+        }
+        for (key, value) in [
+            ("media.url_preview_timeout_secs", self.url_preview_timeout_secs),
+            ("media.scanner_timeout_secs", self.scanner_timeout_secs),
+            ("media.max_image_pixels", self.max_image_pixels),
+        ] {
+            if value == 0 {
+                return Err((key, "must be at least 1".into()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -508,6 +712,7 @@ impl Config {
                 return Err((key, "must be at least 1".into()));
             }
         }
+        self.media.validate()?;
         Ok(())
     }
 
@@ -521,6 +726,12 @@ impl Config {
         c.well_known.client = Some(String::new());
         c.well_known.server = Some(String::new());
         c.turn.shared_secret = Some(String::new());
+        c.media.quota_info_uri = Some(String::new());
+        c.media.url_preview_user_agent = Some(String::new());
+        c.media.scanner_url = Some(String::new());
+        c.media.s3.endpoint = Some(String::new());
+        c.media.s3.access_key_id = Some(String::new());
+        c.media.s3.secret_access_key = Some(String::new());
         c
     }
 

@@ -7,6 +7,7 @@ pub mod e2ee;
 pub mod error;
 pub mod http;
 pub mod keys;
+pub mod media;
 pub mod push;
 pub mod rooms;
 pub mod server;

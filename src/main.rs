@@ -94,6 +94,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if shown.turn.shared_secret.is_some() {
                 shown.turn.shared_secret = Some("***".into());
             }
+            if shown.media.s3.secret_access_key.is_some() {
+                shown.media.s3.secret_access_key = Some("***".into());
+            }
             shown.database.url = storage::redact_url(&shown.database.url);
             println!("# configuration from {} is valid\n{}", cli.config.display(), toml::to_string_pretty(&shown)?);
             Ok(())

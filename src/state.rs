@@ -54,6 +54,8 @@ pub struct Inner {
     pub push_views: crate::push::eval::ViewCache,
     /// Delivery to push gateways.
     pub push_gateway: crate::push::gateway::Gateway,
+    /// The media repository: store, thumbnails, URL previews, antivirus hook.
+    pub media: crate::media::Media,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -87,6 +89,7 @@ impl AppState {
         let version = server_key.key_id.trim_start_matches("ed25519:").to_owned();
         let push_rules = crate::push::eval::RulesCache::new(&config.push);
         let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
+        let media = crate::media::Media::new(&config.media)?;
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -109,6 +112,7 @@ impl AppState {
             push_rules,
             push_views: Default::default(),
             push_gateway,
+            media,
             server_key,
             db,
             config,

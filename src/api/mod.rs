@@ -15,6 +15,38 @@ fn client(router: Router<AppState>, path: &str, handler: MethodRouter<AppState>)
         .route(&format!("/_matrix/client/r0{path}"), handler)
 }
 
+/// The media repository's routes (`api/client/media.rs`, `api/admin/media.rs`).
+fn media_routes(r: Router<AppState>) -> Router<AppState> {
+    use admin::media as am;
+    use client::media as m;
+    let mut r = r
+        .route("/_matrix/client/v1/media/config", get(m::config))
+        .route("/_matrix/client/v1/media/download/{server_name}/{media_id}", get(m::download))
+        .route("/_matrix/client/v1/media/download/{server_name}/{media_id}/{file_name}", get(m::download_named))
+        .route("/_matrix/client/v1/media/thumbnail/{server_name}/{media_id}", get(m::thumbnail))
+        .route("/_matrix/client/v1/media/preview_url", get(m::preview_url))
+        .route("/_matrix/media/v1/create", post(m::create))
+        .route("/_synapse/admin/v1/media/{server_name}/{media_id}", get(am::info).delete(am::delete))
+        .route("/_synapse/admin/v1/media/quarantine/{server_name}/{media_id}", post(am::quarantine))
+        .route("/_synapse/admin/v1/media/unquarantine/{server_name}/{media_id}", post(am::unquarantine))
+        .route("/_synapse/admin/v1/purge_media_cache", post(am::purge_cache))
+        .route("/_synapse/admin/v1/users/{user_id}/media", get(am::list_user_media).delete(am::delete_user_media));
+    for v in ["v3", "r0"] {
+        r = r
+            .route(&format!("/_matrix/media/{v}/upload"), post(m::upload))
+            .route(&format!("/_matrix/media/{v}/upload/{{server_name}}/{{media_id}}"), put(m::upload_reserved))
+            .route(&format!("/_matrix/media/{v}/config"), get(m::config))
+            .route(&format!("/_matrix/media/{v}/preview_url"), get(m::preview_url))
+            .route(&format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}"), get(m::legacy_download))
+            .route(
+                &format!("/_matrix/media/{v}/download/{{server_name}}/{{media_id}}/{{file_name}}"),
+                get(m::legacy_download_named),
+            )
+            .route(&format!("/_matrix/media/{v}/thumbnail/{{server_name}}/{{media_id}}"), get(m::legacy_thumbnail));
+    }
+    r
+}
+
 pub fn router() -> Router<AppState> {
     use client::{
         account, account_data, devices, directory, discovery, login, profile, pushrules, receipts, register, relations,
@@ -130,6 +162,7 @@ pub fn router() -> Router<AppState> {
     ] {
         r = client(r, path, handler);
     }
+    r = media_routes(r);
     r.route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
         .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations_by_type))
         .route(

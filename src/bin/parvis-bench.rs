@@ -112,6 +112,18 @@ enum Scenario {
     },
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
+    /// Media repository: upload and download throughput (MB/s) of `--size-kb` files, then
+    /// thumbnails generated per second from `--images` distinct 1920x1080 JPEG photos (run the
+    /// server with `media.thumbnails_at_upload = false`, else they are pre-generated) and served
+    /// per second from the cache.
+    Media {
+        #[command(flatten)]
+        load: Load,
+        #[arg(long, default_value_t = 1024)]
+        size_kb: usize,
+        #[arg(long, default_value_t = 40)]
+        images: usize,
+    },
 }
 
 #[derive(Debug, serde::Serialize)]
@@ -869,6 +881,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Scenario::InitialSync { rooms, events, repeat } => initial_sync(target, rooms, events, repeat).await?,
         Scenario::E2ee { devices, rounds } => e2ee(target, devices, rounds).await?,
+        Scenario::Media { load, size_kb, images } => media(target, load, size_kb, images).await?,
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
             let mut v = vec![
@@ -891,4 +904,112 @@ async fn main() -> anyhow::Result<()> {
         bail!("some requests failed");
     }
     Ok(())
+}
+
+/// The `media` scenario: uploads, downloads and thumbnails (see `Scenario::Media`).
+async fn media(target: Arc<Target>, load: Load, size_kb: usize, images: usize) -> anyhow::Result<Vec<Report>> {
+    use parking_lot::Mutex;
+    let users = target.users("media", load.users.max(1)).await?;
+    let tokens: Arc<Vec<String>> = Arc::new(users.into_iter().map(|(_, t)| t).collect());
+    let size = size_kb * 1024;
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let payload = bytes::Bytes::from(
+        (0..size)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect::<Vec<u8>>(),
+    );
+    async fn upload(t: &Target, token: &str, content_type: &str, data: bytes::Bytes) -> Option<String> {
+        let r = t
+            .http
+            .post(format!("{}/_matrix/media/v3/upload", t.url))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(data)
+            .send()
+            .await
+            .ok()?;
+        let v: Value = r.error_for_status().ok()?.json().await.ok()?;
+        v["content_uri"].as_str()?.strip_prefix("mxc://").map(str::to_owned)
+    }
+    let mb_per_s = |r: &mut Report, bytes_each: usize| {
+        let mb = (r.requests - r.errors) as f64 * bytes_each as f64 / 1e6;
+        r.extra.insert("mb_per_s".into(), json!(round(mb / r.seconds)));
+    };
+
+    let uploaded = Arc::new(Mutex::new(Vec::new()));
+    let (t, tk, up, data) = (target.clone(), tokens.clone(), uploaded.clone(), payload.clone());
+    let mut up_report = drive(&target, "upload", load, move |i| {
+        let (t, tk, up, data) = (t.clone(), tk.clone(), up.clone(), data.clone());
+        async move {
+            match upload(&t, &tk[i as usize % tk.len()], "application/octet-stream", data).await {
+                Some(mxc) => {
+                    up.lock().push(mxc);
+                    true
+                }
+                None => false,
+            }
+        }
+    })
+    .await;
+    mb_per_s(&mut up_report, size);
+    let ids: Arc<Vec<String>> = Arc::new(uploaded.lock().clone());
+    if ids.is_empty() {
+        bail!("no upload succeeded");
+    }
+
+    let (t, tk, ids2) = (target.clone(), tokens.clone(), ids.clone());
+    let mut down_report = drive(&target, "download", load, move |i| {
+        let (t, tk, ids) = (t.clone(), tk.clone(), ids2.clone());
+        async move {
+            let url = format!("{}/_matrix/client/v1/media/download/{}", t.url, ids[i as usize % ids.len()]);
+            match t.http.get(url).bearer_auth(&tk[i as usize % tk.len()]).send().await {
+                Ok(r) if r.status().is_success() => r.bytes().await.is_ok_and(|b| b.len() == size),
+                _ => false,
+            }
+        }
+    })
+    .await;
+    mb_per_s(&mut down_report, size);
+
+    // Distinct photos, so that every first thumbnail request decodes and scales a full image.
+    let mut photos = Vec::new();
+    for n in 0..images.max(1) {
+        let img = image::RgbImage::from_fn(1920, 1080, |x, y| {
+            let v = (x ^ y).wrapping_mul(n as u32 + 3);
+            image::Rgb([(x / 8 + n as u32) as u8, (y / 5) as u8, (v >> 3) as u8])
+        });
+        let mut buf = std::io::Cursor::new(Vec::new());
+        image::DynamicImage::ImageRgb8(img).write_to(&mut buf, image::ImageFormat::Jpeg)?;
+        let token = &tokens[n % tokens.len()];
+        photos.push(upload(&target, token, "image/jpeg", buf.into_inner().into()).await.context("photo upload")?);
+    }
+    let photos = Arc::new(photos);
+    let thumbs = Load { requests: photos.len() as u64, ..load };
+    let mut reports = vec![up_report, down_report];
+    for name in ["thumbnail", "thumbnail-cached"] {
+        let (t, tk, ph) = (target.clone(), tokens.clone(), photos.clone());
+        let mut r = drive(&target, name, thumbs, move |i| {
+            let (t, tk, ph) = (t.clone(), tk.clone(), ph.clone());
+            async move {
+                let url = format!(
+                    "{}/_matrix/client/v1/media/thumbnail/{}?width=320&height=240&method=scale",
+                    t.url,
+                    ph[i as usize % ph.len()]
+                );
+                match t.http.get(url).bearer_auth(&tk[i as usize % tk.len()]).send().await {
+                    Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                    _ => false,
+                }
+            }
+        })
+        .await;
+        r.extra.insert("thumbnails_per_s".into(), json!(round(r.throughput_per_s)));
+        reports.push(r);
+    }
+    Ok(reports)
 }

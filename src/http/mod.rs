@@ -3,6 +3,7 @@
 pub mod extract;
 pub mod metrics;
 pub mod ratelimit;
+pub mod ssrf;
 
 use std::any::Any;
 use std::time::Duration;

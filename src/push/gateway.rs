@@ -13,7 +13,7 @@
 //! are checked before sending; redirects are not followed and no proxy is used.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,90 +29,12 @@ use crate::storage::pushers::UserPusher;
 /// Largest gateway answer read (its only useful content is a list of rejected pushkeys).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// A CIDR range, e.g. `10.0.0.0/8` or `fc00::/7` (a bare address is a /32 or /128).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct IpRange {
-    addr: IpAddr,
-    prefix: u8,
-}
-
-impl IpRange {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr.trim().parse().map_err(|_| format!("`{s}` is not an IP address or CIDR range"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("`{s}`: bad prefix"))?,
-            None => max,
-        };
-        Ok(Self { addr, prefix })
-    }
-
-    pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
-            (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
-            }
-            (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
-            }
-            _ => false,
-        }
-    }
-}
-
-/// Which addresses gateways may have.
-#[derive(Debug, Clone)]
-pub struct IpPolicy {
-    blacklist: Vec<IpRange>,
-    whitelist: Vec<IpRange>,
-}
+use crate::http::ssrf::{GuardedResolver, is_refused};
+pub use crate::http::ssrf::{IpPolicy, IpRange};
 
 impl IpPolicy {
     pub fn new(config: &PushConfig) -> Result<Self, String> {
-        let parse = |l: &[String]| l.iter().map(|s| IpRange::parse(s)).collect::<Result<Vec<_>, _>>();
-        Ok(Self { blacklist: parse(&config.gateway_ip_blacklist)?, whitelist: parse(&config.gateway_ip_whitelist)? })
-    }
-
-    /// Whether `ip` may be contacted. IPv4-mapped IPv6 addresses are judged as IPv4.
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = ip.to_canonical();
-        self.whitelist.iter().any(|r| r.contains(ip)) || !self.blacklist.iter().any(|r| r.contains(ip))
-    }
-}
-
-/// The error of a resolution whose every address is forbidden.
-#[derive(Debug)]
-struct Refused(String);
-
-impl std::fmt::Display for Refused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "push gateway host {} resolves only to forbidden addresses", self.0)
-    }
-}
-
-impl std::error::Error for Refused {}
-
-/// A DNS resolver that keeps only the addresses the policy allows.
-struct GuardedResolver(Arc<IpPolicy>);
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.0.clone();
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let allowed: Vec<SocketAddr> = resolved.into_iter().filter(|a| policy.allows(a.ip())).collect();
-            if allowed.is_empty() {
-                return Err(Box::new(Refused(host)) as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
+        Self::from_lists(&config.gateway_ip_blacklist, &config.gateway_ip_whitelist)
     }
 }
 
@@ -393,17 +315,6 @@ async fn attempt_once(gw: &Gateway, d: &Delivery) -> Attempt {
     } else {
         Attempt::Fatal(format!("gateway answered {status}"))
     }
-}
-
-fn is_refused(e: &reqwest::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<Refused>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod directory;
 pub mod e2ee;
 pub mod events;
 pub mod filters;
+pub mod media;
 pub mod meta;
 pub mod presence;
 pub mod profiles;

@@ -40,6 +40,7 @@ fn check_config_and_env_overrides() {
         .env("PARVIS__DATABASE__URL", "postgres://parvis:hunter2@db.example:5432/parvis")
         .env("PARVIS__LISTEN__CLIENT", "0.0.0.0:9999")
         .env("PARVIS__REGISTRATION__SHARED_SECRET", "s3cr3t")
+        .env("PARVIS__MEDIA__S3__SECRET_ACCESS_KEY", "0bj3ct-k3y")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -47,7 +48,10 @@ fn check_config_and_env_overrides() {
     let shown: toml::Table = stdout.split_once('\n').unwrap().1.parse().unwrap();
     assert_eq!(shown["server_name"].as_str(), Some("mairie.example"));
     assert_eq!(shown["listen"]["client"].as_str(), Some("0.0.0.0:9999"));
-    assert!(!stdout.contains("hunter2") && !stdout.contains("s3cr3t"), "secrets must be masked: {stdout}");
+    assert!(
+        !stdout.contains("hunter2") && !stdout.contains("s3cr3t") && !stdout.contains("0bj3ct-k3y"),
+        "secrets must be masked: {stdout}"
+    );
 
     // A mistyped key in the environment names the variable.
     let out = parvis().args(["check-config"]).env("PARVIS__DATABASE__URI", "x").output().unwrap();

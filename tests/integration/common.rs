@@ -127,6 +127,9 @@ pub fn test_config(db_url: &str) -> Config {
     c.auth.argon2_memory_kib = 64;
     c.auth.argon2_iterations = 1;
     c.rate_limits.enabled = false;
+    // Media content of each server in a directory of its own, removed by `stop()`.
+    let db_name = db_url.rsplit('/').next().unwrap_or("parvis");
+    c.media.path = std::env::temp_dir().join("parvis-test-media").join(db_name);
     c
 }
 
@@ -140,6 +143,7 @@ pub struct TestServer {
     db_name: String,
     running: Option<RunningServer>,
     pub http: reqwest::Client,
+    media_dir: std::path::PathBuf,
 }
 
 /// A logged-in user.
@@ -159,6 +163,7 @@ impl TestServer {
         let (db_url, db_name) = fresh_database().await;
         let mut config = test_config(&db_url);
         adjust(&mut config);
+        let media_dir = config.media.path.clone();
         let state = server::prepare(config).await.expect("server prepares");
         let running = server::start(state).await.expect("server starts");
         Self {
@@ -168,6 +173,7 @@ impl TestServer {
             db_name,
             running: Some(running),
             http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            media_dir,
         }
     }
 
@@ -176,6 +182,9 @@ impl TestServer {
             r.shutdown().await.expect("clean shutdown");
         }
         drop_database(&self.db_name).await;
+        if self.media_dir.starts_with(std::env::temp_dir()) {
+            let _ = std::fs::remove_dir_all(&self.media_dir);
+        }
     }
 
     pub fn state(&self) -> &parvis::state::AppState {

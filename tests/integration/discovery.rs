@@ -18,7 +18,7 @@ async fn versions_and_well_known() {
     assert_eq!(st, StatusCode::OK);
     let versions: Vec<&str> = v["versions"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
     assert!(versions.contains(&"v1.1") && versions.contains(&"v1.10"), "{v}");
-    assert!(!versions.contains(&"v1.11"), "authenticated media is not implemented yet");
+    assert!(versions.contains(&"v1.11"), "authenticated media (v1.11) is implemented");
 
     let (st, v) = s.get("/.well-known/matrix/client", None).await;
     assert_eq!(st, StatusCode::OK);

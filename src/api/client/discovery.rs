@@ -12,11 +12,11 @@ use crate::error::{ApiResult, Error};
 use crate::http::extract::Auth;
 use crate::state::AppState;
 
-/// The spec versions whose client-server API Parvis serves. Kept honest: v1.11 (authenticated
-/// media) and later are advertised only once those features exist, since clients switch
-/// behaviour on these numbers. The README lists what is implemented.
+/// The spec versions whose client-server API Parvis serves. Kept honest: a version is advertised
+/// only once its features exist (v1.11: authenticated media), since clients switch behaviour on
+/// these numbers. The README lists what is implemented.
 pub const SPEC_VERSIONS: &[&str] =
-    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10"];
+    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
 
 pub async fn versions() -> axum::Json<Value> {
     axum::Json(json!({

@@ -8,6 +8,7 @@ pub mod discovery;
 pub mod filter;
 pub mod keys;
 pub mod login;
+pub mod media;
 pub mod notifications;
 pub mod presence;
 pub mod profile;
