@@ -20,7 +20,9 @@
 //!
 //! With `--server-pid`, reports include the server's CPU time and resident memory (current and
 //! peak) and the CPU time of PostgreSQL processes; with `--pg-url`, the number of PostgreSQL
-//! transactions (statements outside a transaction count as one each) per request.
+//! transactions (statements outside a transaction count as one each) per request. PostgreSQL
+//! publishes a backend's counts when it goes idle, at most once a second, so the figure is off
+//! by up to about a second of activity at each end: use runs of 10 s or more.
 
 use std::io::IsTerminal;
 use std::sync::Arc;
