@@ -43,6 +43,8 @@ pub struct Inner {
     pub presence_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
+    /// Receipt writes waiting for group commit.
+    pub receipt_queue: crate::rooms::receipts::ReceiptQueue,
     /// The sync engine's caches, stream heads and notifier.
     pub sync: crate::sync::cache::SyncCaches,
     /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
@@ -100,6 +102,7 @@ impl AppState {
             receipt_stream: tokio::sync::watch::channel(0).0,
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
+            receipt_queue: Default::default(),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
             push_rules,
             push_views: Default::default(),
