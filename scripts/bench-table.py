@@ -128,7 +128,7 @@ def main():
         print(
             f"`mixed`: agents in teams of {m.get('room_size')}, a burst (typing, 1-3 messages) every "
             f"{m.get('think_s')} s on average per agent, read receipts; held = no error and p99 of sends, "
-            f"of receipts/typing and of deliveries under {m.get('objective_ms'):.0f} ms."
+            f"of receipts, of typing notifications and of deliveries under {m.get('objective_ms'):.0f} ms."
         )
         for label, r in (("Parvis", mixed_p), ("Synapse", mixed_s)):
             if r:

@@ -43,6 +43,8 @@ pub struct Inner {
     pub presence_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
+    /// Stored sync filters, parsed, by (user, filter ID): they never change.
+    pub filter_cache: moka::sync::Cache<(String, i64), crate::sync::filter::Filter>,
     /// Receipt writes waiting for group commit.
     pub receipt_queue: crate::rooms::receipts::ReceiptQueue,
     /// The sync engine's caches, stream heads and notifier.
@@ -103,6 +105,7 @@ impl AppState {
             presence_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
             receipt_queue: Default::default(),
+            filter_cache: moka::sync::Cache::new(100_000),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
             push_rules,
             push_views: Default::default(),

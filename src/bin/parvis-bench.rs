@@ -124,8 +124,9 @@ enum Scenario {
     CreateRooms(Load),
     /// A simulated office day ramped in steps of agents: each agent long-polls `/sync` in its
     /// team's room, and now and then types and sends a burst of messages; receivers send read
-    /// receipts. A step is held when the p99 of sends, of receipts and typing, and of deliveries
-    /// (send to sync) stay under `--objective-ms` with no error; reports the largest step held.
+    /// receipts. A step is held when the p99 of sends, of receipts, of typing notifications and
+    /// of deliveries (send to sync) all stay under `--objective-ms` with no error; reports the
+    /// largest step held.
     Mixed(MixedArgs),
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
@@ -930,8 +931,10 @@ async fn create_rooms(target: Arc<Target>, load: Load) -> anyhow::Result<Report>
 enum Kind {
     /// A message sent (request latency).
     Send,
-    /// Receipts and typing notifications (request latency).
-    Other,
+    /// A read receipt (request latency).
+    Receipt,
+    /// A typing notification, on or off (request latency).
+    Typing,
     /// A message seen by a room-mate's sync (from before its send to the sync response).
     Delivery,
     /// A `/sync` response (latency not used: long-polls wait by design).
@@ -1038,7 +1041,7 @@ fn spawn_agent(
                                 );
                                 let t0 = o.now_us();
                                 let ok = o.target.call(reqwest::Method::POST, &path, &token, json!({})).await.is_ok();
-                                o.record(Kind::Other, t0, ok);
+                                o.record(Kind::Receipt, t0, ok);
                                 busy.store(false, Ordering::Relaxed);
                             });
                         }
@@ -1067,7 +1070,7 @@ fn spawn_agent(
             let t0 = o.now_us();
             let ok =
                 o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": true, "timeout": 10_000 })).await.is_ok();
-            o.record(Kind::Other, t0, ok);
+            o.record(Kind::Typing, t0, ok);
             for _ in 0..rng.gen_range(1..=3) {
                 // Typing time: 0.5-2 s, shorter when the agents are very talkative (smoke runs).
                 let max_ms = (o.args.think_s * 500.0).clamp(1.0, 2000.0) as u64;
@@ -1082,7 +1085,7 @@ fn spawn_agent(
             }
             let t0 = o.now_us();
             let ok = o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": false })).await.is_ok();
-            o.record(Kind::Other, t0, ok);
+            o.record(Kind::Typing, t0, ok);
         }
     });
     [poller, talker]
@@ -1182,13 +1185,14 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
         let samples: Vec<&Sample> = samples.iter().filter(|s| s.start_us >= window_start).collect();
         let lat = |k: Kind| samples.iter().filter(|s| s.kind == k && s.ok).map(|s| s.latency_us).collect::<Vec<_>>();
         let errs = |k: Kind| samples.iter().filter(|s| s.kind == k && !s.ok).count() as u64;
-        let (sends, others, deliveries) = (lat(Kind::Send), lat(Kind::Other), lat(Kind::Delivery));
+        let (sends, receipts, typing) = (lat(Kind::Send), lat(Kind::Receipt), lat(Kind::Typing));
+        let deliveries = lat(Kind::Delivery);
         let syncs = samples.iter().filter(|s| s.kind == Kind::Sync).count();
-        let (n_sends, n_others, n_deliveries) = (sends.len(), others.len(), deliveries.len());
-        let errors = errs(Kind::Send) + errs(Kind::Other) + errs(Kind::Sync);
-        let (ps, po, pd) = (percentiles(sends), percentiles(others), percentiles(deliveries));
-        let ok = errors == 0 && ps.p99 < args.objective_ms && po.p99 < args.objective_ms && pd.p99 < args.objective_ms;
-        let requests = (n_sends + n_others) as u64;
+        let (n_sends, n_receipts, n_typing, n_deliveries) = (sends.len(), receipts.len(), typing.len(), deliveries.len());
+        let errors = errs(Kind::Send) + errs(Kind::Receipt) + errs(Kind::Typing) + errs(Kind::Sync);
+        let (ps, pr, pt, pd) = (percentiles(sends), percentiles(receipts), percentiles(typing), percentiles(deliveries));
+        let ok = errors == 0 && [ps.p99, pr.p99, pt.p99, pd.p99].iter().all(|p| *p < args.objective_ms);
+        let requests = (n_sends + n_receipts + n_typing) as u64;
         total_requests += requests;
         let mut report = Report::new(&name, requests, errors, seconds, requests as f64 / seconds, ps);
         report.may_fail = !strict;
@@ -1198,9 +1202,12 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
         report.set("sends", n_sends);
         report.set("sends_per_s", round(n_sends as f64 / seconds));
         report.set("send_errors", errs(Kind::Send));
-        report.set("other_requests", n_others);
-        report.set("other_errors", errs(Kind::Other));
-        report.set_pct("other", po);
+        report.set("receipts", n_receipts);
+        report.set("receipt_errors", errs(Kind::Receipt));
+        report.set_pct("receipt", pr);
+        report.set("typing_requests", n_typing);
+        report.set("typing_errors", errs(Kind::Typing));
+        report.set_pct("typing", pt);
         report.set("deliveries", n_deliveries);
         report.set_pct("delivery", pd);
         report.set("sync_responses_per_s", round(syncs as f64 / seconds));
@@ -1211,7 +1218,8 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
             "held": ok,
             "sends_per_s": round(n_sends as f64 / seconds),
             "send_p99_ms": ps.p99,
-            "other_p99_ms": po.p99,
+            "receipt_p99_ms": pr.p99,
+            "typing_p99_ms": pt.p99,
             "delivery_p99_ms": pd.p99,
             "errors": errors,
             "server_cpu_s": report.extra.get("server_cpu_s"),
