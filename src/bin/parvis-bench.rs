@@ -258,9 +258,10 @@ impl Probe {
         if let Some(cpu0) = self.pg_cpu {
             let cpu = postgres_cpu() - cpu0;
             report.extra.insert("postgres_cpu_s".into(), json!(round(cpu)));
-            report
-                .extra
-                .insert("postgres_cpu_ms_per_request".into(), json!(round(1000.0 * cpu / report.requests.max(1) as f64)));
+            report.extra.insert(
+                "postgres_cpu_ms_per_request".into(),
+                json!(round(1000.0 * cpu / report.requests.max(1) as f64)),
+            );
         }
         // The load generator shares the machine: its own CPU time shows how much it took.
         if let (Some(cpu0), Some((cpu1, _, _))) = (self.client_cpu, proc_stats(std::process::id())) {
@@ -480,7 +481,8 @@ where
     let seconds = start.elapsed().as_secs_f64();
     drop(progress);
     let n = all.len() as u64;
-    let mut report = Report::new(name, n, errors.load(Ordering::Relaxed), seconds, n as f64 / seconds, percentiles(all));
+    let mut report =
+        Report::new(name, n, errors.load(Ordering::Relaxed), seconds, n as f64 / seconds, percentiles(all));
     probe.finish(target, &mut report).await;
     report
 }
@@ -835,7 +837,7 @@ async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: 
             if let Some(f) = filter {
                 url.push_str(&format!("?filter={}", enc(f)));
             }
-            match target.http.get(url).bearer_auth(&token).send().await {
+            match target.http.get(url).bearer_auth(token).send().await {
                 Ok(r) if r.status().is_success() => {
                     let body = r.bytes().await.unwrap_or_default();
                     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -901,7 +903,8 @@ async fn join_storm(target: Arc<Target>, joiners: usize) -> anyhow::Result<Repor
     let seconds = start.elapsed().as_secs_f64();
     drop(progress);
     let n = lat.len() as u64;
-    let mut report = Report::new(format!("join-storm/{joiners}"), n, errors, seconds, n as f64 / seconds, percentiles(lat));
+    let mut report =
+        Report::new(format!("join-storm/{joiners}"), n, errors, seconds, n as f64 / seconds, percentiles(lat));
     probe.finish(&target, &mut report).await;
     // Every join must have taken effect.
     let members = target.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), &owner).await?;
@@ -1068,8 +1071,11 @@ fn spawn_agent(
                 break;
             }
             let t0 = o.now_us();
-            let ok =
-                o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": true, "timeout": 10_000 })).await.is_ok();
+            let ok = o
+                .target
+                .call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": true, "timeout": 10_000 }))
+                .await
+                .is_ok();
             o.record(Kind::Typing, t0, ok);
             for _ in 0..rng.gen_range(1..=3) {
                 // Typing time: 0.5-2 s, shorter when the agents are very talkative (smoke runs).
@@ -1084,7 +1090,8 @@ fn spawn_agent(
                 o.record(Kind::Send, t0, ok);
             }
             let t0 = o.now_us();
-            let ok = o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": false })).await.is_ok();
+            let ok =
+                o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": false })).await.is_ok();
             o.record(Kind::Typing, t0, ok);
         }
     });
@@ -1123,7 +1130,7 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
         let mut creators = Vec::new();
         for (k, (name, token)) in users.into_iter().enumerate() {
             let i = first + k;
-            if i % room_size == 0 {
+            if i.is_multiple_of(room_size) {
                 creators.push((i / room_size, name, token));
             } else {
                 joins.push((i / room_size, name, token));
@@ -1148,20 +1155,21 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
         })
         .await?;
         let (t, filter) = (target.clone(), filter.clone());
-        let ready = bounded(creators.into_iter().chain(joins).collect(), REGISTRATION_CONCURRENCY, move |(team, _, token)| {
-            let (t, filter, r) = (t.clone(), filter.clone(), rooms_now.clone());
-            async move {
-                let me = t.get("/_matrix/client/v3/account/whoami", &token).await?;
-                let user_id = me["user_id"].as_str().context("user_id")?.to_owned();
-                let path = format!("/_matrix/client/v3/user/{}/filter", enc(&user_id));
-                let f = t.call(reqwest::Method::POST, &path, &token, filter).await?;
-                let filter_id = f["filter_id"].as_str().context("filter_id")?.to_owned();
-                let v = t.sync(&token, None, Some(&filter_id), 0).await?;
-                let since = v["next_batch"].as_str().context("next_batch")?.to_owned();
-                Ok((token, user_id, r[team].clone(), filter_id, since))
-            }
-        })
-        .await?;
+        let ready =
+            bounded(creators.into_iter().chain(joins).collect(), REGISTRATION_CONCURRENCY, move |(team, _, token)| {
+                let (t, filter, r) = (t.clone(), filter.clone(), rooms_now.clone());
+                async move {
+                    let me = t.get("/_matrix/client/v3/account/whoami", &token).await?;
+                    let user_id = me["user_id"].as_str().context("user_id")?.to_owned();
+                    let path = format!("/_matrix/client/v3/user/{}/filter", enc(&user_id));
+                    let f = t.call(reqwest::Method::POST, &path, &token, filter).await?;
+                    let filter_id = f["filter_id"].as_str().context("filter_id")?.to_owned();
+                    let v = t.sync(&token, None, Some(&filter_id), 0).await?;
+                    let since = v["next_batch"].as_str().context("next_batch")?.to_owned();
+                    Ok((token, user_id, r[team].clone(), filter_id, since))
+                }
+            })
+            .await?;
         for (token, user_id, room, filter_id, since) in ready {
             handles.extend(spawn_agent(office.clone(), token, user_id, room, filter_id, since));
         }
@@ -1188,9 +1196,11 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
         let (sends, receipts, typing) = (lat(Kind::Send), lat(Kind::Receipt), lat(Kind::Typing));
         let deliveries = lat(Kind::Delivery);
         let syncs = samples.iter().filter(|s| s.kind == Kind::Sync).count();
-        let (n_sends, n_receipts, n_typing, n_deliveries) = (sends.len(), receipts.len(), typing.len(), deliveries.len());
+        let (n_sends, n_receipts, n_typing, n_deliveries) =
+            (sends.len(), receipts.len(), typing.len(), deliveries.len());
         let errors = errs(Kind::Send) + errs(Kind::Receipt) + errs(Kind::Typing) + errs(Kind::Sync);
-        let (ps, pr, pt, pd) = (percentiles(sends), percentiles(receipts), percentiles(typing), percentiles(deliveries));
+        let (ps, pr, pt, pd) =
+            (percentiles(sends), percentiles(receipts), percentiles(typing), percentiles(deliveries));
         let ok = errors == 0 && [ps.p99, pr.p99, pt.p99, pd.p99].iter().all(|p| *p < args.objective_ms);
         let requests = (n_sends + n_receipts + n_typing) as u64;
         total_requests += requests;

@@ -129,8 +129,8 @@ impl Filter {
             return Ok(Self::default());
         };
         if param.starts_with('{') {
-            let value = serde_json::from_str(param)
-                .map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?;
+            let value =
+                serde_json::from_str(param).map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?;
             return Self::from_value(value);
         }
         let id: i64 = param.parse().map_err(|_| Error::invalid_param("filter must be a filter ID or a JSON object"))?;
