@@ -46,6 +46,10 @@ pub struct Inner {
     pub device_list_stream: tokio::sync::watch::Sender<i64>,
     /// Who is typing where (in memory only).
     pub typing: Typing,
+    /// Stored sync filters, parsed, by (user, filter ID): they never change.
+    pub filter_cache: moka::sync::Cache<(String, i64), crate::sync::filter::Filter>,
+    /// Receipt writes waiting for group commit.
+    pub receipt_queue: crate::rooms::receipts::ReceiptQueue,
     /// The sync engine's caches, stream heads and notifier.
     pub sync: crate::sync::cache::SyncCaches,
     /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
@@ -108,6 +112,8 @@ impl AppState {
             to_device_stream: tokio::sync::watch::channel(0).0,
             device_list_stream: tokio::sync::watch::channel(0).0,
             typing: Typing::default(),
+            receipt_queue: Default::default(),
+            filter_cache: moka::sync::Cache::new(100_000),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
             push_rules,
             push_views: Default::default(),

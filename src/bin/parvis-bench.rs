@@ -10,15 +10,23 @@
 //! parvis-bench --url ... incremental-sync --concurrency 32 --requests 20000
 //! parvis-bench --url ... fanout --receivers 100 --messages 50
 //! parvis-bench --url ... initial-sync --rooms 200 --events 50
+//! parvis-bench --url ... join-storm --joiners 200
+//! parvis-bench --url ... create-rooms --concurrency 8 --requests 500
+//! parvis-bench --url ... mixed --steps 50,100,200,400 --step-seconds 30
 //! parvis-bench --url ... smoke     # a few seconds of everything, for CI
 //! ```
 //!
+//! Long phases draw a progress bar on stderr when it is a terminal (`--progress` forces it).
+//!
 //! With `--server-pid`, reports include the server's CPU time and resident memory (current and
 //! peak) and the CPU time of PostgreSQL processes; with `--pg-url`, the number of PostgreSQL
-//! transactions (statements outside a transaction count as one each) per request.
+//! transactions (statements outside a transaction count as one each) per request. PostgreSQL
+//! publishes a backend's counts when it goes idle, at most once a second, so the figure is off
+//! by up to about a second of activity at each end: use runs of 10 s or more.
 
+use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -43,6 +51,12 @@ struct Cli {
     /// PostgreSQL URL of the server's database, to count transactions per request.
     #[arg(long)]
     pg_url: Option<String>,
+    /// Draw progress bars on stderr even when it is not a terminal.
+    #[arg(long)]
+    progress: bool,
+    /// Never draw progress bars.
+    #[arg(long, conflicts_with = "progress")]
+    no_progress: bool,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -110,6 +124,19 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         rounds: usize,
     },
+    /// `--joiners` users join one public room all at once: joins per second and join latency.
+    JoinStorm {
+        #[arg(long, default_value_t = 100)]
+        joiners: usize,
+    },
+    /// Rooms created per second (private, with a name and a topic) by `--users` creators.
+    CreateRooms(Load),
+    /// A simulated office day ramped in steps of agents: each agent long-polls `/sync` in its
+    /// team's room, and now and then types and sends a burst of messages; receivers send read
+    /// receipts. A step is held when the p99 of sends, of receipts, of typing notifications and
+    /// of deliveries (send to sync) all stay under `--objective-ms` with no error; reports the
+    /// largest step held.
+    Mixed(MixedArgs),
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
     /// Media repository: upload and download throughput (MB/s) of `--size-kb` files, then
@@ -126,6 +153,35 @@ enum Scenario {
     },
 }
 
+#[derive(clap::Args, Clone)]
+struct MixedArgs {
+    /// Agents at each step of the ramp (comma-separated, increasing); agents are only added.
+    #[arg(long, value_delimiter = ',', default_values_t = [50, 100, 200, 400, 800, 1600])]
+    steps: Vec<usize>,
+    /// Measured seconds per step (after its agents are set up).
+    #[arg(long, default_value_t = 30)]
+    step_seconds: u64,
+    /// Agents per room (a team); each agent is in its team's room.
+    #[arg(long, default_value_t = 8)]
+    room_size: usize,
+    /// Mean seconds between an agent's bursts (exponentially distributed); a burst is typing
+    /// then 1-3 messages.
+    #[arg(long, default_value_t = 60.0)]
+    think_s: f64,
+    /// Probability that an agent sends a read receipt when its sync brings others' messages.
+    #[arg(long, default_value_t = 0.5)]
+    receipt_probability: f64,
+    /// Long-poll timeout of the agents' `/sync`, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    poll_ms: u64,
+    /// The latency objective: p99 in milliseconds of sends, of other requests and of deliveries.
+    #[arg(long, default_value_t = 200.0)]
+    objective_ms: f64,
+    /// Keep ramping after a step misses the objective (by default the ramp stops there).
+    #[arg(long)]
+    all_steps: bool,
+}
+
 #[derive(Debug, serde::Serialize)]
 struct Report {
     scenario: String,
@@ -135,11 +191,45 @@ struct Report {
     throughput_per_s: f64,
     p50_ms: f64,
     p90_ms: f64,
+    p95_ms: f64,
     p99_ms: f64,
     max_ms: f64,
     /// Scenario-specific figures (delivery latency, response sizes, server resources...).
     #[serde(flatten)]
     extra: serde_json::Map<String, Value>,
+    /// Errors are a measured outcome (a ramp step past capacity), not a failure of the tool.
+    #[serde(skip)]
+    may_fail: bool,
+}
+
+impl Report {
+    fn new(scenario: impl Into<String>, requests: u64, errors: u64, seconds: f64, throughput: f64, p: Pct) -> Self {
+        Report {
+            scenario: scenario.into(),
+            requests,
+            errors,
+            seconds,
+            throughput_per_s: throughput,
+            p50_ms: p.p50,
+            p90_ms: p.p90,
+            p95_ms: p.p95,
+            p99_ms: p.p99,
+            max_ms: p.max,
+            extra: Default::default(),
+            may_fail: false,
+        }
+    }
+
+    fn set(&mut self, key: &str, value: impl serde::Serialize) {
+        self.extra.insert(key.into(), json!(value));
+    }
+
+    /// Adds `{prefix}_p50_ms` ... `{prefix}_max_ms`.
+    fn set_pct(&mut self, prefix: &str, p: Pct) {
+        for (k, v) in [("p50", p.p50), ("p90", p.p90), ("p95", p.p95), ("p99", p.p99), ("max", p.max)] {
+            self.set(&format!("{prefix}_{k}_ms"), v);
+        }
+    }
 }
 
 struct Target {
@@ -157,6 +247,7 @@ struct Probe {
     proc: Option<(f64, u64, u64)>,
     pg_cpu: Option<f64>,
     tx: Option<i64>,
+    client_cpu: Option<f64>,
 }
 
 impl Probe {
@@ -169,7 +260,12 @@ impl Probe {
             }
             None => None,
         };
-        Self { proc: t.server_pid.and_then(proc_stats), pg_cpu: t.server_pid.map(|_| postgres_cpu()), tx }
+        Self {
+            proc: t.server_pid.and_then(proc_stats),
+            pg_cpu: t.server_pid.map(|_| postgres_cpu()),
+            tx,
+            client_cpu: proc_stats(std::process::id()).map(|p| p.0),
+        }
     }
 
     async fn finish(self, t: &Target, report: &mut Report) {
@@ -185,7 +281,16 @@ impl Probe {
             report.extra.insert("server_peak_rss_mb".into(), json!(round(hwm as f64 / 1024.0)));
         }
         if let Some(cpu0) = self.pg_cpu {
-            report.extra.insert("postgres_cpu_s".into(), json!(round(postgres_cpu() - cpu0)));
+            let cpu = postgres_cpu() - cpu0;
+            report.extra.insert("postgres_cpu_s".into(), json!(round(cpu)));
+            report.extra.insert(
+                "postgres_cpu_ms_per_request".into(),
+                json!(round(1000.0 * cpu / report.requests.max(1) as f64)),
+            );
+        }
+        // The load generator shares the machine: its own CPU time shows how much it took.
+        if let (Some(cpu0), Some((cpu1, _, _))) = (self.client_cpu, proc_stats(std::process::id())) {
+            report.extra.insert("client_cpu_s".into(), json!(round(cpu1 - cpu0)));
         }
         if let (Some(p), Some(tx0)) = (&t.pool, self.tx)
             && let Some(tx1) = {
@@ -232,14 +337,137 @@ impl Target {
         body["access_token"].as_str().map(str::to_owned).context("no access_token")
     }
 
-    async fn users(&self, scenario: &str, n: usize) -> anyhow::Result<Vec<(String, String)>> {
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let name = format!("bench.{}.{scenario}.{i}", self.run_id);
-            let token = self.register(&name).await?;
-            out.push((name, token));
+    /// Registers `n` users (a few at a time: password hashing is the server's bottleneck here),
+    /// returning (localpart, access token) pairs in order.
+    async fn users(self: &Arc<Self>, scenario: &str, n: usize) -> anyhow::Result<Vec<(String, String)>> {
+        let progress = Progress::new(&format!("users {scenario}"), n as u64, None);
+        let names: Vec<String> = (0..n).map(|i| format!("bench.{}.{scenario}.{i}", self.run_id)).collect();
+        let (t, done) = (self.clone(), progress.counter());
+        bounded(names, REGISTRATION_CONCURRENCY, move |name| {
+            let (t, done) = (t.clone(), done.clone());
+            async move {
+                let token = t.register(&name).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+                Ok((name, token))
+            }
+        })
+        .await
+    }
+
+    /// A fresh login (a new device) for an existing user.
+    async fn login_device(&self, name: &str) -> anyhow::Result<String> {
+        let resp = self
+            .http
+            .post(format!("{}/_matrix/client/v3/login", self.url))
+            .json(&json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": name }, "password": PASSWORD }))
+            .send()
+            .await?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("login {name}: {status} {v}");
         }
-        Ok(out)
+        Ok(v["access_token"].as_str().context("access_token")?.to_owned())
+    }
+
+    async fn get(&self, path: &str, token: &str) -> anyhow::Result<Value> {
+        let resp = self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await?;
+        let status = resp.status();
+        let v: Value = resp.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("{path}: {status} {v}");
+        }
+        Ok(v)
+    }
+}
+
+/// Concurrent registrations: enough to keep two cores busy hashing passwords.
+const REGISTRATION_CONCURRENCY: usize = 8;
+
+/// Runs `f` over `items` with at most `limit` at a time; results in the order of `items`.
+async fn bounded<T, R, F, Fut>(items: Vec<T>, limit: usize, f: F) -> anyhow::Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<R>> + Send + 'static,
+{
+    let sem = Arc::new(tokio::sync::Semaphore::new(limit.max(1)));
+    let f = Arc::new(f);
+    let mut tasks = Vec::with_capacity(items.len());
+    for item in items {
+        let (sem, f) = (sem.clone(), f.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            f(item).await
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
+}
+
+/// Whether progress bars are drawn (set once from the command line).
+static PROGRESS: AtomicBool = AtomicBool::new(false);
+
+/// A one-line progress bar on stderr for phases that last more than a second: completed items out
+/// of a bound, or elapsed time out of a time bound, whichever is further.
+struct Progress {
+    done: Arc<AtomicU64>,
+    drawn: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Progress {
+    fn new(label: &str, total: u64, limit: Option<Duration>) -> Self {
+        let done = Arc::new(AtomicU64::new(0));
+        let drawn = Arc::new(AtomicBool::new(false));
+        let task = PROGRESS.load(Ordering::Relaxed).then(|| {
+            let (done, drawn, label) = (done.clone(), drawn.clone(), label.to_owned());
+            tokio::spawn(async move {
+                let start = Instant::now();
+                loop {
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let elapsed = start.elapsed();
+                    if elapsed < Duration::from_secs(1) {
+                        continue;
+                    }
+                    let n = done.load(Ordering::Relaxed);
+                    let mut frac = if total > 0 { n as f64 / total as f64 } else { 0.0 };
+                    if let Some(l) = limit {
+                        frac = frac.max(elapsed.as_secs_f64() / l.as_secs_f64().max(0.001));
+                    }
+                    let filled = (frac.clamp(0.0, 1.0) * 30.0) as usize;
+                    let count = if total > 0 { format!("{n}/{total}") } else { format!("{n}") };
+                    eprint!(
+                        "\r\x1b[2K{label:<22} [{}{}] {:>3.0}% {count} {:.0}s",
+                        "#".repeat(filled),
+                        "-".repeat(30 - filled),
+                        frac.clamp(0.0, 1.0) * 100.0,
+                        elapsed.as_secs_f64()
+                    );
+                    drawn.store(true, Ordering::Relaxed);
+                }
+            })
+        });
+        Self { done, drawn, task }
+    }
+
+    fn counter(&self) -> Arc<AtomicU64> {
+        self.done.clone()
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+            if self.drawn.load(Ordering::Relaxed) {
+                eprint!("\r\x1b[2K");
+            }
+        }
     }
 }
 
@@ -249,6 +477,7 @@ where
     F: Fn(u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
+    let progress = Progress::new(name, load.requests, Some(Duration::from_secs(load.duration)));
     let probe = Probe::start(target).await;
     let op = Arc::new(op);
     let issued = Arc::new(AtomicU64::new(0));
@@ -257,7 +486,7 @@ where
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..load.concurrency.max(1) {
-        let (op, issued, errors) = (op.clone(), issued.clone(), errors.clone());
+        let (op, issued, errors, done) = (op.clone(), issued.clone(), errors.clone(), progress.counter());
         workers.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             loop {
@@ -270,6 +499,7 @@ where
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
                 lat.push(t.elapsed().as_micros() as u64);
+                done.fetch_add(1, Ordering::Relaxed);
             }
             lat
         }));
@@ -279,37 +509,37 @@ where
         all.extend(w.await.unwrap_or_default());
     }
     let seconds = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| {
-        if all.is_empty() {
-            0.0
-        } else {
-            all[((all.len() as f64 * p).ceil() as usize).clamp(1, all.len()) - 1] as f64 / 1000.0
-        }
-    };
-    let mut report = Report {
-        scenario: name.to_owned(),
-        requests: all.len() as u64,
-        errors: errors.load(Ordering::Relaxed),
-        seconds,
-        throughput_per_s: all.len() as f64 / seconds,
-        p50_ms: pct(0.50),
-        p90_ms: pct(0.90),
-        p99_ms: pct(0.99),
-        max_ms: all.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
-        extra: Default::default(),
-    };
+    drop(progress);
+    let n = all.len() as u64;
+    let mut report =
+        Report::new(name, n, errors.load(Ordering::Relaxed), seconds, n as f64 / seconds, percentiles(all));
     probe.finish(target, &mut report).await;
     report
 }
 
-/// Percentiles of a list of latencies in microseconds: (p50, p90, p99, max) in milliseconds.
-fn percentiles(mut v: Vec<u64>) -> (f64, f64, f64, f64) {
+/// Latency percentiles, in milliseconds.
+#[derive(Clone, Copy, Default, Debug)]
+struct Pct {
+    p50: f64,
+    p90: f64,
+    p95: f64,
+    p99: f64,
+    max: f64,
+}
+
+/// Percentiles (nearest rank) of a list of latencies in microseconds.
+fn percentiles(mut v: Vec<u64>) -> Pct {
     v.sort_unstable();
     let pct = |p: f64| {
         if v.is_empty() { 0.0 } else { v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1] as f64 / 1000.0 }
     };
-    (pct(0.5), pct(0.9), pct(0.99), v.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0))
+    Pct {
+        p50: pct(0.5),
+        p90: pct(0.9),
+        p95: pct(0.95),
+        p99: pct(0.99),
+        max: v.last().map(|m| *m as f64 / 1000.0).unwrap_or(0.0),
+    }
 }
 
 async fn login(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
@@ -572,28 +802,18 @@ async fn fanout(target: Arc<Target>, receivers: usize, messages: usize, interval
     }
     let expected = (messages * receivers) as u64;
     let delivered = delivery.len() as u64;
-    let (p50, p90, p99, max) = percentiles(send_lat);
-    let (d50, d90, d99, dmax) = percentiles(delivery);
-    let mut extra = serde_json::Map::new();
-    extra.insert("receivers".into(), json!(receivers));
-    extra.insert("deliveries".into(), json!(delivered));
-    extra.insert("deliveries_expected".into(), json!(expected));
-    extra.insert("delivery_p50_ms".into(), json!(d50));
-    extra.insert("delivery_p90_ms".into(), json!(d90));
-    extra.insert("delivery_p99_ms".into(), json!(d99));
-    extra.insert("delivery_max_ms".into(), json!(dmax));
-    let mut report = Report {
-        scenario: format!("fanout/{receivers}"),
-        requests: messages as u64,
-        errors: errors + expected.saturating_sub(delivered),
+    let mut report = Report::new(
+        format!("fanout/{receivers}"),
+        messages as u64,
+        errors + expected.saturating_sub(delivered),
         seconds,
-        throughput_per_s: delivered as f64 / seconds,
-        p50_ms: p50,
-        p90_ms: p90,
-        p99_ms: p99,
-        max_ms: max,
-        extra,
-    };
+        delivered as f64 / seconds,
+        percentiles(send_lat),
+    );
+    report.set("receivers", receivers);
+    report.set("deliveries", delivered);
+    report.set("deliveries_expected", expected);
+    report.set_pct("delivery", percentiles(delivery));
     probe.finish(&target, &mut report).await;
     Ok(report)
 }
@@ -601,6 +821,7 @@ async fn fanout(target: Arc<Target>, receivers: usize, messages: usize, interval
 /// Initial sync of a user in `rooms` rooms with `events` messages each.
 async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: usize) -> anyhow::Result<Vec<Report>> {
     let users = target.users("initsync", 2).await?;
+    let me_name = &users[0].0;
     let (me, other) = (users[0].1.clone(), users[1].1.clone());
     // Rooms are filled concurrently (bounded), each by the two members in turn.
     let sem = Arc::new(tokio::sync::Semaphore::new(16));
@@ -630,15 +851,23 @@ async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: 
         let mut bytes = 0usize;
         let mut errors = 0;
         let mut first_ms = 0.0;
+        let mut seconds = 0.0;
+        // A new device for each sync: a server may cache an initial sync per (user, device,
+        // filter) for minutes (Synapse does), and a repeat would measure that cache. The logins
+        // happen before the measured phase.
+        let mut devices = Vec::new();
+        for _ in 0..repeat.max(1) {
+            devices.push(target.login_device(me_name).await?);
+        }
+        let progress = Progress::new(name, repeat as u64, None);
         let probe = Probe::start(&target).await;
-        let start = Instant::now();
-        for i in 0..repeat.max(1) {
+        for (i, token) in devices.iter().enumerate() {
             let t0 = Instant::now();
             let mut url = format!("{}/_matrix/client/v3/sync", target.url);
             if let Some(f) = filter {
                 url.push_str(&format!("?filter={}", enc(f)));
             }
-            match target.http.get(url).bearer_auth(&me).send().await {
+            match target.http.get(url).bearer_auth(token).send().await {
                 Ok(r) if r.status().is_success() => {
                     let body = r.bytes().await.unwrap_or_default();
                     let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
@@ -650,32 +879,22 @@ async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: 
                 }
                 _ => errors += 1,
             }
-            let us = t0.elapsed().as_micros() as u64;
+            let elapsed = t0.elapsed();
+            seconds += elapsed.as_secs_f64();
+            let us = elapsed.as_micros() as u64;
             if i == 0 {
                 first_ms = us as f64 / 1000.0;
             }
             lat.push(us);
+            progress.counter().fetch_add(1, Ordering::Relaxed);
         }
-        let seconds = start.elapsed().as_secs_f64();
+        drop(progress);
         let n = lat.len() as u64;
-        let (p50, p90, p99, max) = percentiles(lat);
-        let mut extra = serde_json::Map::new();
-        extra.insert("rooms".into(), json!(rooms));
-        extra.insert("events_per_room".into(), json!(events));
-        extra.insert("first_ms".into(), json!(first_ms));
-        extra.insert("response_bytes".into(), json!(bytes));
-        let mut report = Report {
-            scenario: name.into(),
-            requests: n,
-            errors,
-            seconds,
-            throughput_per_s: n as f64 / seconds,
-            p50_ms: p50,
-            p90_ms: p90,
-            p99_ms: p99,
-            max_ms: max,
-            extra,
-        };
+        let mut report = Report::new(name, n, errors, seconds, n as f64 / seconds, percentiles(lat));
+        report.set("rooms", rooms);
+        report.set("events_per_room", events);
+        report.set("first_ms", first_ms);
+        report.set("response_bytes", bytes);
         probe.finish(&target, &mut report).await;
         reports.push(report);
     }
@@ -764,25 +983,414 @@ async fn e2ee(target: Arc<Target>, devices: usize, rounds: usize) -> anyhow::Res
             lat.push(t0.elapsed().as_micros() as u64);
         }
         let seconds = start.elapsed().as_secs_f64();
-        let (p50, p90, p99, max) = percentiles(lat);
-        let mut extra = serde_json::Map::new();
-        extra.insert("devices".into(), json!(devices));
-        extra.insert("per_device_per_s".into(), json!(round(rounds as f64 * devices as f64 / seconds)));
-        let mut report = Report {
-            scenario: format!("{name}/{devices}"),
-            requests: rounds as u64,
+        let mut report = Report::new(
+            format!("{name}/{devices}"),
+            rounds as u64,
             errors,
             seconds,
-            throughput_per_s: rounds as f64 / seconds,
-            p50_ms: p50,
-            p90_ms: p90,
-            p99_ms: p99,
-            max_ms: max,
-            extra,
-        };
+            rounds as f64 / seconds,
+            percentiles(lat),
+        );
+        report.set("devices", devices);
+        report.set("per_device_per_s", round(rounds as f64 * devices as f64 / seconds));
         probe.finish(&target, &mut report).await;
         reports.push(report);
     }
+    Ok(reports)
+}
+
+/// `joiners` users join one public room at the same moment.
+async fn join_storm(target: Arc<Target>, joiners: usize) -> anyhow::Result<Report> {
+    let users = target.users("join", joiners + 1).await?;
+    let owner = users[0].1.clone();
+    let room = target.create_room(&owner).await?;
+    let progress = Progress::new("join-storm", joiners as u64, None);
+    let probe = Probe::start(&target).await;
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(joiners);
+    for (_, token) in &users[1..] {
+        let (t, token, room, done) = (target.clone(), token.clone(), room.clone(), progress.counter());
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let ok = t.join(&token, &room).await.is_ok();
+            done.fetch_add(1, Ordering::Relaxed);
+            (t0.elapsed().as_micros() as u64, ok)
+        }));
+    }
+    let mut lat = Vec::with_capacity(joiners);
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok((us, ok)) => {
+                lat.push(us);
+                errors += u64::from(!ok);
+            }
+            Err(_) => errors += 1,
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    drop(progress);
+    let n = lat.len() as u64;
+    let mut report =
+        Report::new(format!("join-storm/{joiners}"), n, errors, seconds, n as f64 / seconds, percentiles(lat));
+    probe.finish(&target, &mut report).await;
+    // Every join must have taken effect.
+    let members = target.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), &owner).await?;
+    let count = members["joined"].as_object().map_or(0, |m| m.len());
+    report.set("members_after", count);
+    report.errors += (joiners + 1).saturating_sub(count) as u64;
+    Ok(report)
+}
+
+/// Rooms created per second: private rooms with a name and a topic, as a client creates them.
+async fn create_rooms(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
+    let users = target.users("create", load.users.max(1)).await?;
+    let tokens: Arc<Vec<String>> = Arc::new(users.into_iter().map(|(_, t)| t).collect());
+    Ok(drive(&target.clone(), "create-rooms", load, move |i| {
+        let (t, tokens) = (target.clone(), tokens.clone());
+        async move {
+            let token = &tokens[i as usize % tokens.len()];
+            let body = json!({ "preset": "private_chat", "name": format!("bench room {i}"), "topic": "parvis-bench" });
+            t.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", token, body).await.is_ok()
+        }
+    })
+    .await)
+}
+
+/// What a sample of the mixed scenario measured.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    /// A message sent (request latency).
+    Send,
+    /// A read receipt (request latency).
+    Receipt,
+    /// A typing notification, on or off (request latency).
+    Typing,
+    /// A message seen by a room-mate's sync (from before its send to the sync response).
+    Delivery,
+    /// A `/sync` response (latency not used: long-polls wait by design).
+    Sync,
+}
+
+struct Sample {
+    kind: Kind,
+    /// Microseconds since the run's epoch when the measured interval began.
+    start_us: u64,
+    latency_us: u64,
+    ok: bool,
+}
+
+struct Office {
+    target: Arc<Target>,
+    args: MixedArgs,
+    epoch: Instant,
+    stop: AtomicBool,
+    samples: parking_lot::Mutex<Vec<Sample>>,
+}
+
+impl Office {
+    fn now_us(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    fn record(&self, kind: Kind, start_us: u64, ok: bool) {
+        let latency_us = self.now_us().saturating_sub(start_us);
+        self.samples.lock().push(Sample { kind, start_us, latency_us, ok });
+    }
+
+    /// Removes and returns the samples that began before `until_us`.
+    fn take_until(&self, until_us: u64) -> Vec<Sample> {
+        let mut all = self.samples.lock();
+        let (taken, kept): (Vec<Sample>, Vec<Sample>) = all.drain(..).partition(|s| s.start_us < until_us);
+        *all = kept;
+        taken
+    }
+}
+
+/// Exponentially distributed pause with the given mean.
+fn think(rng: &mut rand::rngs::StdRng, mean_s: f64) -> Duration {
+    use rand::Rng;
+    let u: f64 = rng.gen_range(f64::EPSILON..1.0);
+    Duration::from_secs_f64((-u.ln() * mean_s).min(mean_s * 10.0))
+}
+
+/// One agent's client: a long-poll loop (with read receipts), and a talker that now and then
+/// types and sends a burst of messages in the team's room.
+fn spawn_agent(
+    office: Arc<Office>,
+    token: String,
+    user_id: String,
+    room: String,
+    filter: String,
+    mut since: String,
+) -> [tokio::task::JoinHandle<()>; 2] {
+    use rand::{Rng, SeedableRng};
+    let poller = {
+        let (o, token, user_id) = (office.clone(), token.clone(), user_id.clone());
+        tokio::spawn(async move {
+            let mut rng = rand::rngs::StdRng::from_entropy();
+            let receipt_busy = Arc::new(AtomicBool::new(false));
+            for _ in 0..1_000_000 {
+                if o.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                match o.target.sync(&token, Some(&since), Some(&filter), o.args.poll_ms).await {
+                    Ok(v) => {
+                        // Counted when it answers (long-polls begin before the window).
+                        o.record(Kind::Sync, o.now_us(), true);
+                        let now = o.now_us();
+                        let mut last = None;
+                        let mut samples = Vec::new();
+                        for (room_id, r) in v["rooms"]["join"].as_object().into_iter().flatten() {
+                            for ev in r["timeline"]["events"].as_array().into_iter().flatten() {
+                                if ev["sender"].as_str() == Some(&user_id) {
+                                    continue;
+                                }
+                                if let Some(sent) = ev["content"]["sent_us"].as_u64() {
+                                    samples.push(Sample {
+                                        kind: Kind::Delivery,
+                                        start_us: sent,
+                                        latency_us: now.saturating_sub(sent),
+                                        ok: true,
+                                    });
+                                    last = ev["event_id"].as_str().map(|e| (room_id.clone(), e.to_owned()));
+                                }
+                            }
+                        }
+                        o.samples.lock().extend(samples);
+                        if let Some((room_id, event_id)) = last
+                            && rng.gen_bool(o.args.receipt_probability.clamp(0.0, 1.0))
+                            && !receipt_busy.swap(true, Ordering::Relaxed)
+                        {
+                            // Like a client, the receipt goes out while the next long-poll waits.
+                            let (o, token, busy) = (o.clone(), token.clone(), receipt_busy.clone());
+                            tokio::spawn(async move {
+                                let path = format!(
+                                    "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                                    enc(&room_id),
+                                    enc(&event_id)
+                                );
+                                let t0 = o.now_us();
+                                let ok = o.target.call(reqwest::Method::POST, &path, &token, json!({})).await.is_ok();
+                                o.record(Kind::Receipt, t0, ok);
+                                busy.store(false, Ordering::Relaxed);
+                            });
+                        }
+                        if let Some(n) = v["next_batch"].as_str() {
+                            since = n.to_owned();
+                        }
+                    }
+                    Err(_) => {
+                        o.record(Kind::Sync, o.now_us(), false);
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        })
+    };
+    let talker = tokio::spawn(async move {
+        let o = office;
+        let mut rng = rand::rngs::StdRng::from_entropy();
+        let typing_path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&user_id));
+        let mut n = 0u64;
+        for _ in 0..100_000 {
+            tokio::time::sleep(think(&mut rng, o.args.think_s)).await;
+            if o.stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let t0 = o.now_us();
+            let ok = o
+                .target
+                .call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": true, "timeout": 10_000 }))
+                .await
+                .is_ok();
+            o.record(Kind::Typing, t0, ok);
+            for _ in 0..rng.gen_range(1..=3) {
+                // Typing time: 0.5-2 s, shorter when the agents are very talkative (smoke runs).
+                let max_ms = (o.args.think_s * 500.0).clamp(1.0, 2000.0) as u64;
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(max_ms / 4..=max_ms))).await;
+                n += 1;
+                let txn = format!("m{}-{n}", o.target.run_id);
+                let path = format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(&room));
+                let t0 = o.now_us();
+                let body = json!({ "msgtype": "m.text", "body": format!("message {n}"), "sent_us": t0 });
+                let ok = o.target.call(reqwest::Method::PUT, &path, &token, body).await.is_ok();
+                o.record(Kind::Send, t0, ok);
+            }
+            let t0 = o.now_us();
+            let ok =
+                o.target.call(reqwest::Method::PUT, &typing_path, &token, json!({ "typing": false })).await.is_ok();
+            o.record(Kind::Typing, t0, ok);
+        }
+    });
+    [poller, talker]
+}
+
+/// The office-day ramp; returns a report per step and a summary (`mixed`) last.
+async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Result<Vec<Report>> {
+    let room_size = args.room_size.max(1);
+    let steps = args.steps.clone();
+    let office = Arc::new(Office {
+        target: target.clone(),
+        args: args.clone(),
+        epoch: Instant::now(),
+        stop: AtomicBool::new(false),
+        samples: parking_lot::Mutex::new(Vec::new()),
+    });
+    // Like Element: one uploaded filter, members lazy-loaded.
+    let filter = json!({ "room": { "state": { "lazy_load_members": true }, "timeline": { "limit": 20 } } });
+    let mut rooms: Vec<String> = Vec::new();
+    let mut agents = 0usize;
+    let mut handles = Vec::new();
+    let mut reports = Vec::new();
+    let mut summary_steps = Vec::new();
+    let mut held: Option<usize> = None;
+    let mut held_report: Option<Pct> = None;
+    let mut total_requests = 0;
+    for (step, &want) in steps.iter().enumerate() {
+        if want <= agents {
+            continue;
+        }
+        // Set up the new agents while the others go on (outside the measured window).
+        let users = target.users(&format!("mixed{step}"), want - agents).await?;
+        let first = agents;
+        let mut joins = Vec::new();
+        let mut creators = Vec::new();
+        for (k, (name, token)) in users.into_iter().enumerate() {
+            let i = first + k;
+            if i.is_multiple_of(room_size) {
+                creators.push((i / room_size, name, token));
+            } else {
+                joins.push((i / room_size, name, token));
+            }
+        }
+        let t = target.clone();
+        let created = bounded(creators.clone(), REGISTRATION_CONCURRENCY, move |(team, _, token)| {
+            let t = t.clone();
+            async move { Ok((team, t.create_room(&token).await?)) }
+        })
+        .await?;
+        for (team, room) in created {
+            debug_assert_eq!(team, rooms.len());
+            rooms.push(room);
+        }
+        let rooms_now = Arc::new(rooms.clone());
+        let t = target.clone();
+        let r = rooms_now.clone();
+        bounded(joins.clone(), REGISTRATION_CONCURRENCY, move |(team, _, token)| {
+            let (t, r) = (t.clone(), r.clone());
+            async move { t.join(&token, &r[team]).await }
+        })
+        .await?;
+        let (t, filter) = (target.clone(), filter.clone());
+        let ready =
+            bounded(creators.into_iter().chain(joins).collect(), REGISTRATION_CONCURRENCY, move |(team, _, token)| {
+                let (t, filter, r) = (t.clone(), filter.clone(), rooms_now.clone());
+                async move {
+                    let me = t.get("/_matrix/client/v3/account/whoami", &token).await?;
+                    let user_id = me["user_id"].as_str().context("user_id")?.to_owned();
+                    let path = format!("/_matrix/client/v3/user/{}/filter", enc(&user_id));
+                    let f = t.call(reqwest::Method::POST, &path, &token, filter).await?;
+                    let filter_id = f["filter_id"].as_str().context("filter_id")?.to_owned();
+                    let v = t.sync(&token, None, Some(&filter_id), 0).await?;
+                    let since = v["next_batch"].as_str().context("next_batch")?.to_owned();
+                    Ok((token, user_id, r[team].clone(), filter_id, since))
+                }
+            })
+            .await?;
+        for (token, user_id, room, filter_id, since) in ready {
+            handles.extend(spawn_agent(office.clone(), token, user_id, room, filter_id, since));
+        }
+        agents = want;
+        // Let the new agents reach their long-polls, then measure.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        drop(office.take_until(office.now_us()));
+        let name = format!("mixed/{agents}");
+        let progress = Progress::new(&name, 0, Some(Duration::from_secs(args.step_seconds)));
+        let probe = Probe::start(&target).await;
+        let window_start = office.now_us();
+        let start = Instant::now();
+        tokio::time::sleep(Duration::from_secs(args.step_seconds)).await;
+        let seconds = start.elapsed().as_secs_f64();
+        let window_end = office.now_us();
+        // Requests begun in the window may still be running: give them a moment (they are
+        // counted with their full latency), then take every sample begun in the window.
+        tokio::time::sleep(Duration::from_millis((2.0 * args.objective_ms).max(1000.0) as u64)).await;
+        drop(progress);
+        let samples = office.take_until(window_end);
+        let samples: Vec<&Sample> = samples.iter().filter(|s| s.start_us >= window_start).collect();
+        let lat = |k: Kind| samples.iter().filter(|s| s.kind == k && s.ok).map(|s| s.latency_us).collect::<Vec<_>>();
+        let errs = |k: Kind| samples.iter().filter(|s| s.kind == k && !s.ok).count() as u64;
+        let (sends, receipts, typing) = (lat(Kind::Send), lat(Kind::Receipt), lat(Kind::Typing));
+        let deliveries = lat(Kind::Delivery);
+        let syncs = samples.iter().filter(|s| s.kind == Kind::Sync).count();
+        let (n_sends, n_receipts, n_typing, n_deliveries) =
+            (sends.len(), receipts.len(), typing.len(), deliveries.len());
+        let errors = errs(Kind::Send) + errs(Kind::Receipt) + errs(Kind::Typing) + errs(Kind::Sync);
+        let (ps, pr, pt, pd) =
+            (percentiles(sends), percentiles(receipts), percentiles(typing), percentiles(deliveries));
+        let ok = errors == 0 && [ps.p99, pr.p99, pt.p99, pd.p99].iter().all(|p| *p < args.objective_ms);
+        let requests = (n_sends + n_receipts + n_typing) as u64;
+        total_requests += requests;
+        let mut report = Report::new(&name, requests, errors, seconds, requests as f64 / seconds, ps);
+        report.may_fail = !strict;
+        report.set("agents", agents);
+        report.set("rooms", rooms.len());
+        report.set("held", ok);
+        report.set("sends", n_sends);
+        report.set("sends_per_s", round(n_sends as f64 / seconds));
+        report.set("send_errors", errs(Kind::Send));
+        report.set("receipts", n_receipts);
+        report.set("receipt_errors", errs(Kind::Receipt));
+        report.set_pct("receipt", pr);
+        report.set("typing_requests", n_typing);
+        report.set("typing_errors", errs(Kind::Typing));
+        report.set_pct("typing", pt);
+        report.set("deliveries", n_deliveries);
+        report.set_pct("delivery", pd);
+        report.set("sync_responses_per_s", round(syncs as f64 / seconds));
+        report.set("sync_errors", errs(Kind::Sync));
+        probe.finish(&target, &mut report).await;
+        summary_steps.push(json!({
+            "agents": agents,
+            "held": ok,
+            "sends_per_s": round(n_sends as f64 / seconds),
+            "send_p99_ms": ps.p99,
+            "receipt_p99_ms": pr.p99,
+            "typing_p99_ms": pt.p99,
+            "delivery_p99_ms": pd.p99,
+            "errors": errors,
+            "server_cpu_s": report.extra.get("server_cpu_s"),
+            "server_peak_rss_mb": report.extra.get("server_peak_rss_mb"),
+        }));
+        reports.push(report);
+        if ok && held.is_none_or(|h| h < agents) {
+            held = Some(agents);
+            held_report = Some(ps);
+        }
+        if !ok && !args.all_steps {
+            break;
+        }
+    }
+    office.stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.abort();
+    }
+    let mut summary = Report::new(
+        "mixed",
+        total_requests,
+        0,
+        reports.iter().map(|r| r.seconds).sum(),
+        0.0,
+        held_report.unwrap_or_default(),
+    );
+    summary.throughput_per_s = total_requests as f64 / summary.seconds.max(0.001);
+    summary.set("agents_held", held.unwrap_or(0));
+    summary.set("objective_ms", args.objective_ms);
+    summary.set("room_size", room_size);
+    summary.set("think_s", args.think_s);
+    summary.set("steps", summary_steps);
+    reports.push(summary);
     Ok(reports)
 }
 
@@ -833,20 +1441,20 @@ fn print(report: &Report, as_json: bool) {
         println!("{}", serde_json::to_string(report).expect("serializable"));
     } else {
         println!(
-            "{:<8} {:>7} req {:>4} err {:>7.2}s {:>9.1} req/s  p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+            "{:<18} {:>7} req {:>4} err {:>7.2}s {:>9.1} /s  p50 {:>7.2} ms  p95 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
             report.scenario,
             report.requests,
             report.errors,
             report.seconds,
             report.throughput_per_s,
             report.p50_ms,
-            report.p90_ms,
+            report.p95_ms,
             report.p99_ms,
             report.max_ms
         );
         if !report.extra.is_empty() {
             let parts: Vec<String> = report.extra.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            println!("         {}", parts.join("  "));
+            println!("{:<18} {}", "", parts.join("  "));
         }
     }
 }
@@ -854,6 +1462,7 @@ fn print(report: &Report, as_json: bool) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    PROGRESS.store(cli.progress || (!cli.no_progress && std::io::stderr().is_terminal()), Ordering::Relaxed);
     let url = cli.url.trim_end_matches('/').to_owned();
     let parsed = url::Url::parse(&url).context("invalid --url")?;
     if !matches!(parsed.scheme(), "http" | "https") {
@@ -864,7 +1473,7 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let target = Arc::new(Target {
-        http: reqwest::Client::builder().pool_max_idle_per_host(1024).timeout(Duration::from_secs(60)).build()?,
+        http: reqwest::Client::builder().pool_max_idle_per_host(16_384).timeout(Duration::from_secs(60)).build()?,
         url,
         secret: cli.shared_secret,
         run_id: format!("{:x}", rand::random::<u32>()),
@@ -882,6 +1491,9 @@ async fn main() -> anyhow::Result<()> {
         Scenario::InitialSync { rooms, events, repeat } => initial_sync(target, rooms, events, repeat).await?,
         Scenario::E2ee { devices, rounds } => e2ee(target, devices, rounds).await?,
         Scenario::Media { load, size_kb, images } => media(target, load, size_kb, images).await?,
+        Scenario::JoinStorm { joiners } => vec![join_storm(target, joiners).await?],
+        Scenario::CreateRooms(l) => vec![create_rooms(target, l).await?],
+        Scenario::Mixed(args) => mixed(target, args, false).await?,
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
             let mut v = vec![
@@ -891,14 +1503,27 @@ async fn main() -> anyhow::Result<()> {
                 incremental_sync(target.clone(), small).await?,
                 fanout(target.clone(), 3, 5, 20).await?,
             ];
-            v.extend(initial_sync(target, 3, 5, 2).await?);
+            v.extend(initial_sync(target.clone(), 3, 5, 2).await?);
+            v.push(join_storm(target.clone(), 5).await?);
+            v.push(create_rooms(target.clone(), Load { requests: 10, ..small }).await?);
+            let office = MixedArgs {
+                steps: vec![4],
+                step_seconds: 3,
+                room_size: 2,
+                think_s: 0.5,
+                receipt_probability: 1.0,
+                poll_ms: 2_000,
+                objective_ms: 1_000.0,
+                all_steps: false,
+            };
+            v.extend(mixed(target, office, true).await?);
             v
         }
     };
     let mut failed = false;
     for r in &reports {
         print(r, cli.json);
-        failed |= r.errors > 0 || r.requests == 0;
+        failed |= (r.errors > 0 && !r.may_fail) || r.requests == 0;
     }
     if failed {
         bail!("some requests failed");

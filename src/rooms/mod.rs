@@ -10,6 +10,7 @@
 pub mod client;
 pub mod create;
 pub mod pdu;
+pub mod receipts;
 pub mod relations;
 pub mod typing;
 

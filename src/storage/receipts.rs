@@ -32,32 +32,37 @@ pub struct NewReceipt<'a> {
     pub event_stream: i64,
 }
 
-/// Records a receipt. Returns its stream position, or `None` when it was ignored because the
-/// user's existing receipt of that type and thread is for the same or a later event (receipts
-/// only move forwards, as in Synapse).
-pub async fn upsert(db: &PgPool, r: &NewReceipt<'_>) -> sqlx::Result<Option<i64>> {
+/// Records receipts in one transaction (one stream lock, one commit), in order: the stream
+/// position of each, or `None` where it was ignored because the user's existing receipt of that
+/// type and thread is for the same or a later event (receipts only move forwards, as in Synapse;
+/// a later receipt of the same user, type and thread in the batch sees the earlier ones).
+pub async fn upsert_batch(db: &PgPool, receipts: &[NewReceipt<'_>]) -> sqlx::Result<Vec<Option<i64>>> {
     let mut tx = db.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(STREAM_LOCK).execute(&mut *tx).await?;
-    let pos = sqlx::query_scalar(
-        "INSERT INTO receipts (room_nid, user_id, receipt_type, thread_id, event_id, event_stream, ts, stream_ordering)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, nextval('receipt_stream_seq'))
-         ON CONFLICT (room_nid, user_id, receipt_type, thread_id) DO UPDATE
-           SET event_id = EXCLUDED.event_id, event_stream = EXCLUDED.event_stream, ts = EXCLUDED.ts,
-               stream_ordering = EXCLUDED.stream_ordering
-           WHERE receipts.event_stream < EXCLUDED.event_stream
-         RETURNING stream_ordering",
-    )
-    .bind(r.room_nid)
-    .bind(r.user_id)
-    .bind(r.receipt_type)
-    .bind(r.thread_id.unwrap_or(""))
-    .bind(r.event_id)
-    .bind(r.event_stream)
-    .bind(now_ms())
-    .fetch_optional(&mut *tx)
-    .await?;
+    let mut out = Vec::with_capacity(receipts.len());
+    for r in receipts {
+        let pos = sqlx::query_scalar(
+            "INSERT INTO receipts (room_nid, user_id, receipt_type, thread_id, event_id, event_stream, ts, stream_ordering)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, nextval('receipt_stream_seq'))
+             ON CONFLICT (room_nid, user_id, receipt_type, thread_id) DO UPDATE
+               SET event_id = EXCLUDED.event_id, event_stream = EXCLUDED.event_stream, ts = EXCLUDED.ts,
+                   stream_ordering = EXCLUDED.stream_ordering
+               WHERE receipts.event_stream < EXCLUDED.event_stream
+             RETURNING stream_ordering",
+        )
+        .bind(r.room_nid)
+        .bind(r.user_id)
+        .bind(r.receipt_type)
+        .bind(r.thread_id.unwrap_or(""))
+        .bind(r.event_id)
+        .bind(r.event_stream)
+        .bind(now_ms())
+        .fetch_optional(&mut *tx)
+        .await?;
+        out.push(pos);
+    }
     tx.commit().await?;
-    Ok(pos)
+    Ok(out)
 }
 
 /// Receipts in the given rooms written after stream position `since`, oldest first, as

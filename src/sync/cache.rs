@@ -387,10 +387,17 @@ impl SyncCaches {
         }
     }
 
+    /// Wakes every waiting sync. Only a waiter that a sync holds can have anyone to wake; the
+    /// others are dropped here (a sync asks for a new one), so this costs the number of syncs
+    /// in progress, not of users who ever synced.
     pub fn wake_all(&self) {
-        for n in self.waiters.lock().values() {
-            n.notify_waiters();
-        }
+        self.waiters.lock().retain(|_, n| {
+            let held = Arc::strong_count(n) > 1;
+            if held {
+                n.notify_waiters();
+            }
+            held
+        });
     }
 
     /// Wakes the joined and invited members of a room (everyone, if the room is not cached).

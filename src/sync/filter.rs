@@ -128,15 +128,27 @@ impl Filter {
         let Some(param) = param.map(str::trim).filter(|p| !p.is_empty()) else {
             return Ok(Self::default());
         };
-        let value: Value = if param.starts_with('{') {
-            serde_json::from_str(param).map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?
-        } else {
-            let id: i64 =
-                param.parse().map_err(|_| Error::invalid_param("filter must be a filter ID or a JSON object"))?;
-            storage::filters::get(&state.db, user_id, id)
-                .await?
-                .ok_or_else(|| Error::not_found(format!("No filter {param} for this user")))?
-        };
+        if param.starts_with('{') {
+            let value =
+                serde_json::from_str(param).map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?;
+            return Self::from_value(value);
+        }
+        let id: i64 = param.parse().map_err(|_| Error::invalid_param("filter must be a filter ID or a JSON object"))?;
+        // Stored filters never change (there is no API to), so a parsed one is good for ever;
+        // clients send the same filter ID with every sync.
+        let key = (user_id.to_owned(), id);
+        if let Some(filter) = state.filter_cache.get(&key) {
+            return Ok(filter);
+        }
+        let value = storage::filters::get(&state.db, user_id, id)
+            .await?
+            .ok_or_else(|| Error::not_found(format!("No filter {param} for this user")))?;
+        let filter = Self::from_value(value)?;
+        state.filter_cache.insert(key, filter.clone());
+        Ok(filter)
+    }
+
+    fn from_value(value: Value) -> ApiResult<Self> {
         let filter: Self = serde_path_to_error::deserialize(value)
             .map_err(|e| Error::invalid_param(format!("Invalid filter at {}: {}", e.path(), e.inner())))?;
         if let Some(f) = &filter.event_format

@@ -243,7 +243,19 @@ async fn load_tool_smoke_run() {
     let names: Vec<&str> = reports.iter().map(|r| r["scenario"].as_str().unwrap()).collect();
     assert_eq!(
         names,
-        ["login", "whoami", "send/2r", "incremental-sync", "fanout/3", "initial-sync", "initial-sync/lazy"]
+        [
+            "login",
+            "whoami",
+            "send/2r",
+            "incremental-sync",
+            "fanout/3",
+            "initial-sync",
+            "initial-sync/lazy",
+            "join-storm/5",
+            "create-rooms",
+            "mixed/4",
+            "mixed"
+        ]
     );
     for r in &reports {
         assert_eq!(r["errors"], 0, "{r}");
@@ -258,5 +270,14 @@ async fn load_tool_smoke_run() {
     assert_eq!(reports[1]["requests"], 200);
     assert_eq!(reports[1]["errors"], 0);
     assert_eq!(reports[3]["requests"], 200);
+    assert!(reports[2]["p95_ms"].as_f64().unwrap() > 0.0, "{}", reports[2]);
+    // Every joiner ends up in the room, with its creator.
+    assert_eq!(reports[7]["members_after"], 6, "{}", reports[7]);
+    assert_eq!(reports[8]["requests"], 10);
+    // The office-day step: 4 agents in 2 rooms, messages delivered, a summary with the ramp.
+    assert_eq!(reports[9]["agents"], 4, "{}", reports[9]);
+    assert!(reports[9]["sends"].as_u64().unwrap() > 0, "{}", reports[9]);
+    assert!(reports[9]["deliveries"].as_u64().unwrap() > 0, "{}", reports[9]);
+    assert_eq!(reports[10]["steps"].as_array().unwrap().len(), 1, "{}", reports[10]);
     s.stop().await;
 }

@@ -347,6 +347,64 @@ async fn receipts_and_read_markers() {
     s.stop().await;
 }
 
+/// Concurrent receipts are committed in batches (one stream lock and one commit per batch): every
+/// receipt lands with its own position, the watermark covers them all, and a batch orders two
+/// receipts of the same key as sequential writes would.
+#[tokio::test]
+async fn receipts_group_commit() {
+    let s = TestServer::start().await;
+    let db = &s.state().db;
+    let owner = s.register("owner", false).await;
+    let rooms = [
+        create(&s, &owner, json!({ "preset": "public_chat" })).await,
+        create(&s, &owner, json!({ "preset": "public_chat" })).await,
+    ];
+    let mut users = Vec::new();
+    for i in 0..12 {
+        let u = s.register(&format!("reader{i}"), false).await;
+        join(&s, &u, &rooms[i % 2]).await;
+        users.push(u);
+    }
+    let events = [send_text(&s, &owner, &rooms[0], "a").await, send_text(&s, &owner, &rooms[1], "b").await];
+    let posts = users.iter().enumerate().map(|(i, u)| {
+        let path = receipt_path(&rooms[i % 2], "m.read", &events[i % 2]);
+        let s = &s;
+        async move { s.post(&path, Some(&u.token), json!({})).await.0 }
+    });
+    let statuses = futures_util::future::join_all(posts).await;
+    assert!(statuses.iter().all(|st| *st == 200), "{statuses:?}");
+    let nids = [room_nid(&s, &rooms[0]).await, room_nid(&s, &rooms[1]).await];
+    let rows = storage::receipts::for_rooms_since(db, &nids, &owner.user_id, 0).await.unwrap();
+    assert_eq!(rows.len(), 12);
+    let mut positions: Vec<i64> = rows.iter().map(|r| r.stream_ordering).collect();
+    positions.dedup();
+    assert_eq!(positions.len(), 12, "one position each");
+    let top = storage::receipts::current_stream_position(db).await.unwrap();
+    assert_eq!(*s.state().receipt_stream.borrow(), top, "the watermark covers the whole batch");
+
+    // Within one batch, later receipts see earlier ones: forwards is recorded, backwards ignored.
+    let later = send_text(&s, &owner, &rooms[0], "c").await;
+    let later_stream = storage::events::by_id(db, &later).await.unwrap().unwrap().stream_ordering;
+    let first_stream = storage::events::by_id(db, &events[0]).await.unwrap().unwrap().stream_ordering;
+    let receipt = |event_id, event_stream| storage::receipts::NewReceipt {
+        room_nid: nids[0],
+        user_id: "@owner:localhost",
+        receipt_type: "m.read",
+        thread_id: None,
+        event_id,
+        event_stream,
+    };
+    let got = storage::receipts::upsert_batch(db, &[receipt(&events[0], first_stream), receipt(&later, later_stream)])
+        .await
+        .unwrap();
+    assert!(got[0].is_some() && got[1].is_some() && got[1] > got[0], "{got:?}");
+    let got = storage::receipts::upsert_batch(db, &[receipt(&events[0], first_stream)]).await.unwrap();
+    assert_eq!(got, vec![None]);
+    let current = storage::receipts::get(db, nids[0], "@owner:localhost", "m.read", None).await.unwrap().unwrap();
+    assert_eq!(current.event_id, later);
+    s.stop().await;
+}
+
 #[tokio::test]
 async fn typing_notifications() {
     let s = TestServer::start().await;

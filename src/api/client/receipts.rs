@@ -55,17 +55,16 @@ async fn set_receipt(
     thread_id: Option<&str>,
     ev: &EventRow,
 ) -> ApiResult<()> {
-    let receipt = storage::receipts::NewReceipt {
+    let receipt = crate::rooms::receipts::Receipt {
         room_nid: room.nid,
-        user_id: user,
-        receipt_type,
-        thread_id,
-        event_id: &ev.event_id,
+        user_id: user.to_owned(),
+        receipt_type: receipt_type.to_owned(),
+        thread_id: thread_id.map(str::to_owned),
+        event_id: ev.event_id.clone(),
         event_stream: ev.stream_ordering,
     };
-    if let Some(pos) = storage::receipts::upsert(&state.db, &receipt).await? {
-        crate::sync::receipt_changed(state, room.nid, pos);
-    }
+    // Committed together with the receipts of other requests; wakes the room's syncs.
+    crate::rooms::receipts::record(state, receipt).await?;
     Ok(())
 }
 
