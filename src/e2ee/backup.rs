@@ -145,10 +145,21 @@ pub async fn put_keys(
     }
     let mut tx = state.db.begin().await?;
     let written = storage::backup::put_keys(&mut tx, user, n, &keys).await?;
-    let (etag, count) = if written > 0 {
-        storage::backup::bump_etag(&mut tx, user, n).await?
+    finish_change(tx, user, n, written > 0).await
+}
+
+/// Commits a change of a version's keys: the etag moves only if something changed. Answers the
+/// spec's `{etag, count}`.
+async fn finish_change(
+    mut tx: sqlx::Transaction<'_, sqlx::Postgres>,
+    user: &str,
+    version: i64,
+    changed: bool,
+) -> ApiResult<Value> {
+    let (etag, count) = if changed {
+        storage::backup::bump_etag(&mut tx, user, version).await?
     } else {
-        storage::backup::etag_and_count(&mut *tx, user, n).await?
+        storage::backup::etag_and_count(&mut *tx, user, version).await?
     };
     tx.commit().await?;
     Ok(json!({ "etag": etag.to_string(), "count": count }))
@@ -201,11 +212,5 @@ pub async fn delete_keys(
     let n = check_version(state, user, version, false).await?;
     let mut tx = state.db.begin().await?;
     let deleted = storage::backup::delete_keys(&mut tx, user, n, room_id, session_id).await?;
-    let (etag, count) = if deleted > 0 {
-        storage::backup::bump_etag(&mut tx, user, n).await?
-    } else {
-        storage::backup::etag_and_count(&mut *tx, user, n).await?
-    };
-    tx.commit().await?;
-    Ok(json!({ "etag": etag.to_string(), "count": count }))
+    finish_change(tx, user, n, deleted > 0).await
 }
