@@ -38,6 +38,21 @@ pub struct Config {
     pub sync: SyncConfig,
     pub push: PushConfig,
     pub media: MediaConfig,
+    /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
+    pub testing: TestingConfig,
+}
+
+/// Fault injection, for tests of the write path's failure handling. Both are off (`None`) unless
+/// a test sets them; `check-config` warns when they are set.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TestingConfig {
+    /// An event whose content contains this text fails inside its write transaction, after its
+    /// row was written (a database error that aborts the transaction, as a real one would).
+    pub fail_append_containing: Option<String>,
+    /// A batch holding an event whose content contains this text fails in push evaluation, a
+    /// failure that no single event of the batch can be blamed for.
+    pub fail_push_containing: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -308,6 +323,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             push: PushConfig::default(),
             media: MediaConfig::default(),
+            testing: TestingConfig::default(),
         }
     }
 }

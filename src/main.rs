@@ -204,7 +204,15 @@ fn prompt(label: &str) -> anyhow::Result<String> {
 
 fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.logging.filter));
+    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.logging.filter.clone());
+    let mut filter = EnvFilter::new(&directives);
+    // ruma's authorisation checks log every accepted event at INFO: quiet them unless the
+    // filter names them.
+    if !directives.contains("ruma_state_res")
+        && let Ok(d) = "ruma_state_res=warn".parse()
+    {
+        filter = filter.add_directive(d);
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match config.logging.format {
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).init(),

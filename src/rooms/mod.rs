@@ -102,8 +102,24 @@ impl NewEvent {
     }
 }
 
-/// A client transaction: `(device_id, txn_id)`.
-pub type Txn<'a> = Option<(&'a str, &'a str)>;
+/// A client transaction. The spec scopes a transaction ID to the device and the request's path:
+/// `scope` is that path without the transaction ID and the version prefix (see [`txn_scope`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientTxn<'a> {
+    pub device: &'a str,
+    pub scope: &'a str,
+    pub id: &'a str,
+}
+
+pub type Txn<'a> = Option<ClientTxn<'a>>;
+
+/// The scope of a transaction ID: the request path's parts before the ID, e.g.
+/// `["rooms", room_id, "send", event_type]`, joined with `/` (room IDs, event types and event IDs
+/// contain no `/` that could make two paths collide: path segments arrive percent-decoded, so a
+/// `/` inside one is escaped here).
+pub fn txn_scope(parts: &[&str]) -> String {
+    parts.iter().map(|p| p.replace('%', "%25").replace('/', "%2F")).collect::<Vec<_>>().join("/")
+}
 
 /// The outcome of appending an event.
 #[derive(Debug, Clone)]
@@ -121,8 +137,15 @@ pub struct Appended {
 struct Pending {
     sender: String,
     ev: NewEvent,
-    txn: Option<(String, String)>,
+    /// `(device, scope, txn_id)`.
+    txn: Option<(String, String, String)>,
     reply: tokio::sync::oneshot::Sender<ApiResult<OwnedEventId>>,
+}
+
+impl Pending {
+    fn txn(&self) -> Txn<'_> {
+        self.txn.as_ref().map(|(device, scope, id)| ClientTxn { device, scope, id })
+    }
 }
 
 /// Per-room write queue: sends are queued, and whoever holds the room's writer lock appends
@@ -159,7 +182,7 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
     queue.pending.lock().push(Pending {
         sender: sender.to_owned(),
         ev,
-        txn: txn.map(|(d, t)| (d.to_owned(), t.to_owned())),
+        txn: txn.map(|t| (t.device.to_owned(), t.scope.to_owned(), t.id.to_owned())),
         reply,
     });
     // Whoever gets the writer drains the queue; our own send may already have been taken by the
@@ -184,65 +207,140 @@ pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn
     answer.await.map_err(|_| Error::internal())?
 }
 
-/// Appends a batch of sends in one transaction and answers each sender.
-async fn write_batch(state: &AppState, room: &Room, batch: Vec<Pending>) {
+/// Appends a batch of sends and answers each sender.
+///
+/// Nothing is acknowledged that is not committed. Every statement's outcome is propagated (a
+/// database error aborts the transaction: PostgreSQL then refuses every later statement and turns
+/// `COMMIT` into a silent rollback, so an error must never be swallowed), and the commit is
+/// only attempted after every statement of the batch succeeded. One bad event costs only its own
+/// sender:
+/// - an event whose append fails with a server error (it may have written part of itself) is
+///   answered with that error, the transaction rolled back, and the batch retried without it;
+/// - a failure no single event can be blamed for (push evaluation) retries the events one by one,
+///   each in its own transaction, so that each sender gets the outcome of its own event;
+/// - a failed `BEGIN`, room lock or `COMMIT` fails the whole batch with 500 (the client retries
+///   with its transaction ID). A failed `COMMIT` may still have committed: the room's sync cache
+///   entry is dropped so that the next read reloads it from the database.
+///
+/// Rejections (4xx) are decided before the event writes anything and leave the transaction
+/// usable for the rest of the batch.
+async fn write_batch(state: &AppState, room: &Room, mut batch: Vec<Pending>) {
+    loop {
+        match attempt_batch(state, room, &batch).await {
+            Attempt::Committed(results) => {
+                for (p, result) in batch.into_iter().zip(results) {
+                    let _ = p.reply.send(result);
+                }
+                return;
+            }
+            Attempt::FailedAt(i, e) => {
+                tracing::error!(room_id = %room.room_id, sender = %batch[i].sender, error = %e.message,
+                    "event failed in its write transaction; retrying the rest of its batch");
+                let p = batch.remove(i);
+                let _ = p.reply.send(Err(e));
+                if batch.is_empty() {
+                    return;
+                }
+            }
+            Attempt::Unattributed(e) if batch.len() > 1 => {
+                tracing::error!(room_id = %room.room_id, size = batch.len(), error = %e.message,
+                    "room write batch failed; retrying its events one by one");
+                for p in batch {
+                    Box::pin(write_batch(state, room, vec![p])).await;
+                }
+                return;
+            }
+            Attempt::Unattributed(e) | Attempt::Aborted(e) => {
+                tracing::error!(room_id = %room.room_id, size = batch.len(), error = %e.message, "room write batch failed");
+                for p in batch {
+                    let _ = p.reply.send(Err(Error::internal()));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// The outcome of one transaction over a batch.
+enum Attempt {
+    /// Committed; one result per event of the batch (rejections included).
+    Committed(Vec<ApiResult<OwnedEventId>>),
+    /// The event at this index failed with a server error; the transaction was rolled back.
+    FailedAt(usize, Error),
+    /// The batch failed and no single event can be blamed; rolled back.
+    Unattributed(Error),
+    /// The transaction could not be started, locked or committed.
+    Aborted(Error),
+}
+
+/// One transaction over a batch (see [`write_batch`]). Dropping the transaction or the stream
+/// writer on an early return rolls both back.
+async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Attempt {
     tracing::debug!(room = %room.room_id, size = batch.len(), "room write batch");
     let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = match state.db.begin().await {
         Ok(tx) => tx,
-        Err(e) => return fail_all(batch, e.into()),
+        Err(e) => return Attempt::Aborted(e.into()),
     };
     if let Err(e) = lock_room(&mut tx, room.nid).await {
-        return fail_all(batch, e.into());
+        return Attempt::Aborted(e.into());
     }
-    let mut done: Vec<(tokio::sync::oneshot::Sender<ApiResult<OwnedEventId>>, ApiResult<OwnedEventId>)> = Vec::new();
+    let mut results = Vec::with_capacity(batch.len());
     let mut appended: Vec<Appended> = Vec::new();
-    for p in batch {
-        let txn = p.txn.as_ref().map(|(d, t)| (d.as_str(), t.as_str()));
-        let result = match append(state, &mut tx, room, &p.sender, p.ev, txn).await {
+    for (i, p) in batch.iter().enumerate() {
+        let txn = p.txn();
+        let result = match append(state, &mut tx, room, &p.sender, p.ev.clone(), txn).await {
             Ok(a) => {
                 let id = a.event_id.clone();
                 appended.push(a);
                 Ok(id)
             }
             // The same client transaction was recorded first (by this batch or another
-            // process): answer with that event. Nothing of ours was written yet.
-            Err(e) if e.errcode == DUPLICATE_TXN => match txn {
-                Some((d, t)) => match storage::events::txn_event(&mut *tx, &p.sender, d, t).await {
+            // process): answer with that event. Nothing of ours was written.
+            Err(e) if e.errcode == DUPLICATE_TXN => {
+                let Some(t) = txn else { return Attempt::FailedAt(i, Error::internal()) };
+                match storage::events::txn_event(&mut *tx, &p.sender, t.device, t.scope, t.id).await {
                     Ok(Some(id)) => OwnedEventId::try_from(id).map_err(|_| Error::internal()),
-                    Ok(None) => Err(Error::internal()),
-                    Err(e) => Err(e.into()),
-                },
-                None => Err(Error::internal()),
-            },
+                    Ok(None) => return Attempt::FailedAt(i, Error::internal()),
+                    Err(e) => return Attempt::FailedAt(i, e.into()),
+                }
+            }
+            // A server error may come from the database, which has then aborted the transaction.
+            Err(e) if e.status.is_server_error() => return Attempt::FailedAt(i, e),
             Err(e) => Err(e),
         };
-        done.push((p.reply, result));
+        results.push(result);
     }
-    let push_jobs = crate::push::eval::record_batch(state, &mut tx, room, &appended).await.unwrap_or_default();
-    match tx.commit().await {
-        Ok(()) => {
-            committed(state, room, writer, &appended);
-            crate::push::gateway::dispatch(state, push_jobs);
-            for (reply, result) in done {
-                let _ = reply.send(result);
-            }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "room write batch failed to commit");
-            for (reply, result) in done {
-                // Rejections stay rejections; accepted events were lost with the transaction.
-                let _ = reply.send(result.and_then(|_| Err(Error::internal())));
-            }
+    if let Some(marker) = &state.config.testing.fail_push_containing
+        && appended.iter().any(|a| a.content.to_string().contains(marker.as_str()))
+    {
+        // Fault injection (tests only): a failure of the batch as a whole, as in push evaluation.
+        if let Err(e) = sqlx::query("SELECT 1 / 0").execute(&mut *tx).await {
+            return Attempt::Unattributed(e.into());
         }
     }
-}
-
-fn fail_all(batch: Vec<Pending>, e: Error) {
-    tracing::error!(error = %e, "room write batch failed");
-    for p in batch {
-        let _ = p.reply.send(Err(Error::internal()));
+    let jobs = {
+        use futures_util::FutureExt;
+        let eval = std::panic::AssertUnwindSafe(crate::push::eval::record_batch(state, &mut tx, room, &appended));
+        match eval.catch_unwind().await {
+            Ok(Ok(jobs)) => jobs,
+            Ok(Err(e)) => return Attempt::Unattributed(e),
+            // A bug in rule evaluation must not make the room unwritable: the events are kept,
+            // without notifications for this batch (evaluation writes its rows in one final
+            // statement, so none of them was written).
+            Err(_) => {
+                tracing::error!(room_id = %room.room_id, "push rule evaluation panicked; batch stored without notifications");
+                Vec::new()
+            }
+        }
+    };
+    if let Err(e) = tx.commit().await {
+        state.sync.invalidate_room(room.nid);
+        return Attempt::Aborted(e.into());
     }
+    committed(state, room, writer, &appended);
+    crate::push::gateway::dispatch(state, jobs);
+    Attempt::Committed(results)
 }
 
 pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<()> {
@@ -359,8 +457,8 @@ pub async fn append(
     .map_err(forbidden)?;
 
     // The client transaction first: if it was already recorded, nothing of this event is written.
-    if let Some((device, txn_id)) = txn
-        && !storage::events::insert_txn(&mut *conn, sender, device, txn_id, event_id.as_str()).await?
+    if let Some(t) = txn
+        && !storage::events::insert_txn(&mut *conn, sender, t.device, t.scope, t.id, event_id.as_str()).await?
     {
         return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
     }
@@ -383,10 +481,16 @@ pub async fn append(
             redacts: ev.redacts.as_deref(),
             rel_type,
             relates_to,
-            txn,
+            txn: txn.map(|t| (t.device, t.id)),
         },
     )
     .await?;
+    if let Some(marker) = &state.config.testing.fail_append_containing
+        && ev.content.to_string().contains(marker.as_str())
+    {
+        // Fault injection (tests only): a real database error after the event's row was written.
+        sqlx::query("SELECT 1 / 0").execute(&mut *conn).await?;
+    }
     storage::events::insert_edges(conn, event_nid, &[prev_id], &auth_nids).await?;
     let state_after = match &ev.state_key {
         Some(sk) => {
@@ -410,8 +514,8 @@ pub async fn append(
         origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
         json: json_text,
         redacted_by: None,
-        txn_device: txn.map(|t| t.0.to_owned()),
-        txn_id: txn.map(|t| t.1.to_owned()),
+        txn_device: txn.map(|t| t.device.to_owned()),
+        txn_id: txn.map(|t| t.id.to_owned()),
         state_before,
         state_after,
     };

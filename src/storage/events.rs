@@ -134,18 +134,24 @@ pub async fn replace_extremities(conn: &mut PgConnection, room_nid: i64, old: &[
     Ok(())
 }
 
+/// The event a client transaction produced. A transaction is identified by the user, the
+/// device, the request's path without the transaction ID (`scope`) and the transaction ID.
 pub async fn txn_event(
     db: impl PgExecutor<'_>,
     user_id: &str,
     device_id: &str,
+    scope: &str,
     txn_id: &str,
 ) -> sqlx::Result<Option<String>> {
-    sqlx::query_scalar("SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND txn_id = $3")
-        .bind(user_id)
-        .bind(device_id)
-        .bind(txn_id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_scalar(
+        "SELECT event_id FROM event_txns WHERE user_id = $1 AND device_id = $2 AND scope = $3 AND txn_id = $4",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .bind(scope)
+    .bind(txn_id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Records a client transaction; `false` if the same transaction was recorded meanwhile.
@@ -153,15 +159,18 @@ pub async fn insert_txn(
     db: impl PgExecutor<'_>,
     user_id: &str,
     device_id: &str,
+    scope: &str,
     txn_id: &str,
     event_id: &str,
 ) -> sqlx::Result<bool> {
     let inserted = sqlx::query(
-        "INSERT INTO event_txns (user_id, device_id, txn_id, event_id, created_ts) VALUES ($1, $2, $3, $4, $5)
+        "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts)
+         VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT DO NOTHING",
     )
     .bind(user_id)
     .bind(device_id)
+    .bind(scope)
     .bind(txn_id)
     .bind(event_id)
     .bind(now_ms())

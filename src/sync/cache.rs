@@ -528,6 +528,12 @@ impl SyncCaches {
         self.users.invalidate(user);
     }
 
+    /// Drops a room's entry: the next read reloads it from the database (after a commit whose
+    /// outcome is unknown).
+    pub fn invalidate_room(&self, room_nid: i64) {
+        self.rooms.invalidate(&room_nid);
+    }
+
     /// A room's entry, current up to the latest commit this process knows of.
     pub async fn room(&self, state: &AppState, room: &Room) -> ApiResult<Arc<RwLock<RoomEntry>>> {
         let head = self.room_heads.get(&room.nid);

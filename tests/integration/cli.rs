@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::common::*;
 
-fn parvis() -> Command {
+pub(crate) fn parvis() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_parvis"));
     c.current_dir(env!("CARGO_MANIFEST_DIR"));
     // Nothing from the developer's environment may leak in.
@@ -21,7 +21,7 @@ fn parvis() -> Command {
     c
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
@@ -88,7 +88,7 @@ fn generate_signing_key_file() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
 }
 
-struct Proc(Child);
+pub(crate) struct Proc(pub(crate) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -97,7 +97,7 @@ impl Drop for Proc {
     }
 }
 
-async fn wait_ready(base: &str) {
+pub(crate) async fn wait_ready(base: &str) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let http = reqwest::Client::new();
     while Instant::now() < deadline {

@@ -390,7 +390,9 @@ pub async fn send_message(
     }
     let room = Room::load(&state, &room_id).await?;
     let ev = NewEvent::message(&event_type, object(body)?);
-    let id = rooms::send(&state, &room, &auth.user_id, ev, Some((&auth.device_id, &txn_id))).await?;
+    let scope = rooms::txn_scope(&["rooms", &room_id, "send", &event_type]);
+    let txn = rooms::ClientTxn { device: &auth.device_id, scope: &scope, id: &txn_id };
+    let id = rooms::send(&state, &room, &auth.user_id, ev, Some(txn)).await?;
     Ok(axum::Json(json!({ "event_id": id })))
 }
 
@@ -461,8 +463,10 @@ pub async fn redact(
     if let Some(r) = body.reason {
         content["reason"] = json!(r);
     }
+    let scope = rooms::txn_scope(&["rooms", &room_id, "redact", &event_id]);
+    let txn = rooms::ClientTxn { device: &auth.device_id, scope: &scope, id: &txn_id };
     let ev = NewEvent { kind: "m.room.redaction".into(), state_key: None, content, redacts: Some(event_id) };
-    let id = rooms::send(&state, &room, &auth.user_id, ev, Some((&auth.device_id, &txn_id))).await?;
+    let id = rooms::send(&state, &room, &auth.user_id, ev, Some(txn)).await?;
     Ok(axum::Json(json!({ "event_id": id })))
 }
 

@@ -1,0 +1,362 @@
+//! The event write path: nothing is acknowledged that is not committed. One failing event costs
+//! only its own sender, a failure of the batch as a whole is retried event by event, client
+//! transaction IDs are scoped to the device and the request path, and a server killed with
+//! SIGKILL in the middle of a burst of sends has every acknowledged event after restart.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use sqlx::Connection;
+
+use crate::common::*;
+
+/// `rooms::ROOM_LOCK_NAMESPACE`: the advisory lock a room's writer takes.
+const ROOM_LOCK_NAMESPACE: i64 = 0x5061_7276_0000_0000;
+
+fn send_path(room: &str, txn: &str) -> String {
+    format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room))
+}
+
+/// Bodies of the room's `m.room.message` events, from `/messages` (the database).
+async fn stored_bodies(s: &TestServer, u: &User, room: &str) -> Vec<String> {
+    let (st, v) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(room)), Some(&u.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .map(|e| e["content"]["body"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Bodies of the room's messages as `/sync` (the cache) shows them.
+async fn synced_bodies(s: &TestServer, u: &User, room: &str) -> Vec<String> {
+    let filter = json!({ "room": { "timeline": { "limit": 100, "types": ["m.room.message"] } } });
+    let (st, v) = s.get(&format!("/_matrix/client/v3/sync?filter={}", enc(&filter.to_string())), Some(&u.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["rooms"]["join"][room]["timeline"]["events"]
+        .as_array()
+        .map(|a| a.iter().map(|e| e["content"]["body"].as_str().unwrap_or_default().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+/// Holds the room's write lock from outside the server, so that the sends made meanwhile queue
+/// up and are appended as one batch once it is released.
+struct HeldRoom(sqlx::PgConnection);
+
+impl HeldRoom {
+    async fn hold(s: &TestServer, room: &str) -> Self {
+        let url = s.state().config.database.url.clone();
+        let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+        let nid: i64 = sqlx::query_scalar("SELECT room_nid FROM rooms WHERE room_id = $1")
+            .bind(room)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_lock($1)").bind(ROOM_LOCK_NAMESPACE + nid).execute(&mut conn).await.unwrap();
+        Self(conn)
+    }
+
+    async fn release(mut self) {
+        sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut self.0).await.unwrap();
+        self.0.close().await.unwrap();
+    }
+}
+
+/// Sends `bodies` concurrently while the room is held, then releases it: the first send takes
+/// the writer and waits on the lock, the others queue behind it and form one batch.
+async fn burst(s: &TestServer, u: &User, room: &str, bodies: &[String]) -> Vec<(String, StatusCode, Value)> {
+    let held = HeldRoom::hold(s, room).await;
+    let mut tasks = Vec::new();
+    for (i, body) in bodies.iter().enumerate() {
+        let (http, base, token, path, body) =
+            (s.http.clone(), s.base.clone(), u.token.clone(), send_path(room, &format!("burst{i}")), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .put(format!("{base}{path}"))
+                .bearer_auth(token)
+                .json(&json!({ "msgtype": "m.text", "body": body }))
+                .send()
+                .await
+                .unwrap();
+            let st = r.status();
+            (body, st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }));
+        if i == 0 {
+            // The first send must be the one waiting on the lock.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    held.release().await;
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// Checks the outcome of a burst in which the sends whose body contains `bad` must fail with 500
+/// and every other must be acknowledged, stored, readable and synced.
+async fn check_burst(s: &TestServer, u: &User, room: &str, results: &[(String, StatusCode, Value)], bad: &str) {
+    let mut acked = HashSet::new();
+    for (body, st, v) in results {
+        if body.contains(bad) {
+            assert_err(&(*st, v.clone()), 500, "M_UNKNOWN");
+        } else {
+            assert_eq!(*st, StatusCode::OK, "{body}: {v}");
+            let id = v["event_id"].as_str().unwrap();
+            let (st, ev) =
+                s.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(room), enc(id)), Some(&u.token)).await;
+            assert_eq!(st, StatusCode::OK, "acknowledged {id} must exist: {ev}");
+            assert_eq!(ev["content"]["body"], body.as_str());
+            acked.insert(body.clone());
+        }
+    }
+    let stored: HashSet<String> = stored_bodies(s, u, room).await.into_iter().collect();
+    let synced: HashSet<String> = synced_bodies(s, u, room).await.into_iter().collect();
+    for b in &acked {
+        assert!(stored.contains(b), "{b} acknowledged but not stored");
+        assert!(synced.contains(b), "{b} acknowledged but not in /sync");
+    }
+    assert!(!stored.iter().any(|b| b.contains(bad)), "a failed event was stored");
+    assert!(!synced.iter().any(|b| b.contains(bad)), "a failed event reached /sync");
+}
+
+#[tokio::test]
+async fn a_failing_event_fails_only_its_sender() {
+    let s = TestServer::start_with(|c| c.testing.fail_append_containing = Some("BOOM".into())).await;
+    let u = s.register("alice", false).await;
+    let room = create(&s, &u, json!({})).await;
+
+    let bodies: Vec<String> =
+        (0..20).map(|i| if i == 7 || i == 13 { format!("BOOM {i}") } else { format!("message {i}") }).collect();
+    let results = burst(&s, &u, &room, &bodies).await;
+    check_burst(&s, &u, &room, &results, "BOOM").await;
+
+    // The room keeps working, and a failed transaction can be retried (with another content).
+    let (st, v) =
+        s.put(&send_path(&room, "after"), Some(&u.token), json!({ "msgtype": "m.text", "body": "after" })).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(stored_bodies(&s, &u, &room).await.contains(&"after".to_owned()));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_failure_is_retried_event_by_event() {
+    let s = TestServer::start_with(|c| c.testing.fail_push_containing = Some("PUSHFAIL".into())).await;
+    let u = s.register("alice", false).await;
+    let b = s.register("bob", false).await;
+    let room = create(&s, &u, json!({ "preset": "public_chat" })).await;
+    let (st, v) = s.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&b.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    let bodies: Vec<String> =
+        (0..12).map(|i| if i == 5 { format!("PUSHFAIL {i}") } else { format!("message {i}") }).collect();
+    let results = burst(&s, &u, &room, &bodies).await;
+    check_burst(&s, &u, &room, &results, "PUSHFAIL").await;
+
+    // Bob's notifications count exactly the acknowledged messages: push rows were committed
+    // with their events, once.
+    let (st, n) = s.get("/_matrix/client/v3/notifications?limit=100", Some(&b.token)).await;
+    assert_eq!(st, StatusCode::OK, "{n}");
+    let notified: Vec<&str> =
+        n["notifications"].as_array().unwrap().iter().filter_map(|x| x["event"]["content"]["body"].as_str()).collect();
+    assert_eq!(notified.len(), 11, "{n}");
+    assert!(!notified.iter().any(|b| b.contains("PUSHFAIL")));
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn transaction_ids_are_scoped_to_the_request_path() {
+    let s = TestServer::start().await;
+    let u = s.register("alice", false).await;
+    let r1 = create(&s, &u, json!({})).await;
+    let r2 = create(&s, &u, json!({})).await;
+    let msg = |body: &str| json!({ "msgtype": "m.text", "body": body });
+
+    let (_, a) = s.put(&send_path(&r1, "same"), Some(&u.token), msg("one")).await;
+    let (_, retry) = s.put(&send_path(&r1, "same"), Some(&u.token), msg("one")).await;
+    assert_eq!(a["event_id"], retry["event_id"], "a retry is the same event");
+    let (st, b) = s.put(&send_path(&r2, "same"), Some(&u.token), msg("two")).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_ne!(a["event_id"], b["event_id"], "another room is another transaction");
+    assert_eq!(stored_bodies(&s, &u, &r2).await, vec!["two".to_owned()]);
+    // Another event type in the same room is another path.
+    let (st, c) = s
+        .put(&format!("/_matrix/client/v3/rooms/{}/send/org.example.custom/same", enc(&r1)), Some(&u.token), msg("x"))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{c}");
+    assert_ne!(a["event_id"], c["event_id"]);
+
+    // A redaction with the same txn ID redacts.
+    let target = a["event_id"].as_str().unwrap();
+    let redact = format!("/_matrix/client/v3/rooms/{}/redact/{}/same", enc(&r1), enc(target));
+    let (st, red) = s.put(&redact, Some(&u.token), json!({ "reason": "oops" })).await;
+    assert_eq!(st, StatusCode::OK, "{red}");
+    assert_ne!(red["event_id"], a["event_id"]);
+    let (_, ev) = s.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&r1), enc(target)), Some(&u.token)).await;
+    assert_eq!(ev["content"], json!({}), "the target is redacted: {ev}");
+    let (_, again) = s.put(&redact, Some(&u.token), json!({ "reason": "oops" })).await;
+    assert_eq!(again["event_id"], red["event_id"], "a retried redaction is the same event");
+
+    // The same txn ID from another device of the same user is another transaction.
+    let (st, login) = s.login("alice", PASSWORD, json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let other = user_from(&login);
+    let (_, d) = s.put(&send_path(&r1, "same"), Some(&other.token), msg("one")).await;
+    assert_ne!(d["event_id"], a["event_id"]);
+    s.stop().await;
+}
+
+/// SIGKILL in the middle of a burst of sends: after restart, every acknowledged event is there,
+/// and retrying every send with its transaction ID yields exactly one event per transaction.
+#[tokio::test]
+async fn kill_9_loses_no_acknowledged_event() {
+    use crate::cli::{Proc, free_port, parvis, wait_ready};
+    let (db_url, db_name) = fresh_database().await;
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let start = || {
+        Proc(
+            parvis()
+                .arg("serve")
+                .env("PARVIS__DATABASE__URL", &db_url)
+                .env("PARVIS__LISTEN__CLIENT", format!("127.0.0.1:{port}"))
+                .env("PARVIS__LISTEN__METRICS", "127.0.0.1:0")
+                .env("PARVIS__REGISTRATION__SHARED_SECRET", SHARED_SECRET)
+                .env("PARVIS__RATE_LIMITS__ENABLED", "false")
+                .env("PARVIS__MEDIA__PATH", std::env::temp_dir().join("parvis-test-media").join(&db_name))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    };
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let mut p = start();
+    wait_ready(&base).await;
+
+    // A user and a room, through the HTTP API only.
+    let n: Value = http.get(format!("{base}/_synapse/admin/v1/register")).send().await.unwrap().json().await.unwrap();
+    let nonce = n["nonce"].as_str().unwrap();
+    let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, nonce, "alice", PASSWORD, false, None);
+    let reg: Value = http
+        .post(format!("{base}/_synapse/admin/v1/register"))
+        .json(&json!({ "nonce": nonce, "username": "alice", "password": PASSWORD, "admin": false, "mac": mac }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let u = user_from(&reg);
+    let room: Value = http
+        .post(format!("{base}/_matrix/client/v3/createRoom"))
+        .bearer_auth(&u.token)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let room = room["room_id"].as_str().unwrap().to_owned();
+
+    // Eight writers send as fast as they can (at most 960 events, one page of /messages); the
+    // server is killed half a second in.
+    let stop_at = Instant::now() + Duration::from_secs(20);
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let (http, base, token, room) = (http.clone(), base.clone(), u.token.clone(), room.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            let mut tried = Vec::new();
+            for i in 0..120 {
+                if Instant::now() > stop_at {
+                    break;
+                }
+                let txn = format!("w{w}-{i}");
+                tried.push(txn.clone());
+                let r = http
+                    .put(format!("{base}{}", send_path(&room, &txn)))
+                    .bearer_auth(&token)
+                    .json(&json!({ "msgtype": "m.text", "body": txn }))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status() == StatusCode::OK => {
+                        let v: Value = r.json().await.unwrap_or(Value::Null);
+                        if let Some(id) = v["event_id"].as_str() {
+                            acked.push((txn, id.to_owned()));
+                        }
+                    }
+                    // Connection refused or reset: the server is gone.
+                    _ => break,
+                }
+            }
+            (acked, tried)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.0.kill().unwrap(); // SIGKILL
+    p.0.wait().unwrap();
+    let mut acked = Vec::new();
+    let mut tried = Vec::new();
+    for t in tasks {
+        let (a, t) = t.await.unwrap();
+        acked.extend(a);
+        tried.extend(t);
+    }
+    assert!(acked.len() > 20, "the burst ran long enough to matter ({} acknowledged)", acked.len());
+
+    let p = start();
+    wait_ready(&base).await;
+    for (txn, id) in &acked {
+        let r = http
+            .get(format!("{base}/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)))
+            .bearer_auth(&u.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK, "acknowledged {txn} ({id}) lost by SIGKILL");
+    }
+    // Every send retried with its transaction ID: acknowledged ones answer the same event, and in
+    // the end each transaction is exactly one event.
+    for txn in &tried {
+        let r = http
+            .put(format!("{base}{}", send_path(&room, txn)))
+            .bearer_auth(&u.token)
+            .json(&json!({ "msgtype": "m.text", "body": txn }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let v: Value = r.json().await.unwrap();
+        if let Some((_, id)) = acked.iter().find(|(t, _)| t == txn) {
+            assert_eq!(v["event_id"].as_str(), Some(id.as_str()), "retry of {txn}");
+        }
+    }
+    let page: Value = http
+        .get(format!("{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(&room)))
+        .bearer_auth(&u.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for e in page["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message") {
+        *counts.entry(e["content"]["body"].as_str().unwrap().to_owned()).or_default() += 1;
+    }
+    for txn in &tried {
+        assert_eq!(counts.get(txn), Some(&1), "transaction {txn} must be exactly one event");
+    }
+    drop(p);
+    drop_database(&db_name).await;
+}
