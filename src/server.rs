@@ -36,6 +36,9 @@ pub fn tune_allocator() {
 pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
     install_crypto_provider();
     tune_allocator();
+    if config.testing.fail_append_containing.is_some() || config.testing.fail_push_containing.is_some() {
+        tracing::warn!("testing.* fault injection is configured: some writes will fail on purpose");
+    }
     if config.database.create_if_missing {
         storage::create_database_if_missing(&config.database.url).await?;
     }
