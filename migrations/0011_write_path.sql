@@ -6,3 +6,9 @@ ALTER TABLE event_txns ADD COLUMN scope TEXT NOT NULL DEFAULT '';
 ALTER TABLE event_txns DROP CONSTRAINT event_txns_pkey;
 ALTER TABLE event_txns ADD PRIMARY KEY (user_id, device_id, scope, txn_id);
 ALTER TABLE event_txns ALTER COLUMN scope DROP DEFAULT;
+
+-- Push delivery resumes after a restart: each pusher records the event-stream position up to
+-- which its notifications were delivered (or given up). Existing pushers start at the newest
+-- notification (nothing old is re-sent on upgrade).
+ALTER TABLE pushers ADD COLUMN last_stream_ordering BIGINT NOT NULL DEFAULT 0;
+UPDATE pushers SET last_stream_ordering = (SELECT COALESCE(MAX(stream_ordering), 0) FROM event_push_actions);

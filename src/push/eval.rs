@@ -57,6 +57,8 @@ pub struct NotifiedEvent {
 #[derive(Debug, Clone)]
 pub struct PushJob {
     pub user_id: String,
+    /// The event's stream position (pushers record how far they delivered).
+    pub stream: i64,
     pub event: Arc<NotifiedEvent>,
     /// The actions of the rule that matched (they include `notify`).
     pub actions: Vec<Action>,
@@ -513,6 +515,7 @@ async fn record(
                 });
                 jobs.push(PushJob {
                     user_id: o.user_id,
+                    stream: a.stream,
                     event: event.clone(),
                     actions: o.actions,
                     highlight: o.highlight,

@@ -7,12 +7,24 @@
 //! and 429 answers, within `push.gateway_max_attempts` and `push.gateway_retry_total_secs`; any
 //! other 4xx is final. Pushkeys the gateway reports as `rejected` lose their pusher.
 //!
+//! Deliveries survive restarts and database outages. Each pusher has a durable position
+//! (`pushers.last_stream_ordering`): every notification up to it was delivered or given up. The
+//! process tracks per pusher which positions are in flight and which finished
+//! ([`Gateway::begin`], [`Gateway::end`]) and records the position below the oldest one in flight
+//! (never past the event-stream watermark, below which every position has committed and been
+//! dispatched). [`resume`] runs at start-up for the notifications of earlier processes, then every
+//! minute for those that a failure between commit and dispatch left behind (older than a
+//! minute), and hands them to the same delivery path; `begin` makes sure one process delivers a
+//! notification to a pusher once. Delivery is at least once: a crash between a delivery and the
+//! write of its position sends it again after restart. Notifications older than
+//! `push.gateway_retry_total_secs` are given up rather than resumed.
+//!
 //! The URL comes from a client, so the gateway's host is resolved by a resolver that drops the
 //! addresses of `push.gateway_ip_blacklist` (unless in `push.gateway_ip_whitelist`): the check
 //! applies to the very addresses connected to, so DNS rebinding cannot slip past it. IP literals
 //! are checked before sending; redirects are not followed and no proxy is used.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,6 +60,22 @@ pub struct Gateway {
     retry_initial: Duration,
     retry_max: Duration,
     retry_total: Duration,
+    /// Delivery progress per pusher `(user, app_id, pushkey)` in this process.
+    progress: parking_lot::Mutex<HashMap<PusherKey, Progress>>,
+    /// When this process started (ms): notifications from before are resumed at start-up.
+    started_ms: i64,
+}
+
+type PusherKey = (String, String, String);
+
+/// What one pusher's deliveries are doing in this process.
+#[derive(Default)]
+struct Progress {
+    in_flight: BTreeSet<i64>,
+    /// Finished above `persisted` (an older one was still in flight).
+    finished: BTreeSet<i64>,
+    done_max: i64,
+    persisted: i64,
 }
 
 impl Gateway {
@@ -70,7 +98,41 @@ impl Gateway {
             retry_initial: Duration::from_millis(config.gateway_retry_initial_ms),
             retry_max: Duration::from_millis(config.gateway_retry_max_ms.max(config.gateway_retry_initial_ms)),
             retry_total: Duration::from_secs(config.gateway_retry_total_secs),
+            progress: Default::default(),
+            started_ms: storage::now_ms(),
         })
+    }
+
+    /// Registers the delivery of the notification at `stream` to a pusher; `false` if this
+    /// process already delivers or delivered it.
+    fn begin(&self, key: &PusherKey, stream: i64) -> bool {
+        let mut map = self.progress.lock();
+        let p = map.entry(key.clone()).or_default();
+        if stream <= p.persisted || p.in_flight.contains(&stream) || p.finished.contains(&stream) {
+            return false;
+        }
+        p.in_flight.insert(stream);
+        true
+    }
+
+    /// The delivery at `stream` ended (delivered or given up). Returns the position to record if
+    /// it moved: below the oldest delivery still in flight, and not past `watermark`.
+    fn end(&self, key: &PusherKey, stream: i64, watermark: i64) -> Option<i64> {
+        let mut map = self.progress.lock();
+        let p = map.get_mut(key)?;
+        p.in_flight.remove(&stream);
+        p.finished.insert(stream);
+        p.done_max = p.done_max.max(stream);
+        let safe = p.in_flight.first().map_or(p.done_max, |oldest| oldest - 1).min(watermark);
+        if safe <= p.persisted {
+            return None;
+        }
+        p.persisted = safe;
+        p.finished.retain(|s| *s > safe);
+        if p.in_flight.is_empty() && p.finished.is_empty() {
+            map.remove(key);
+        }
+        Some(safe)
     }
 }
 
@@ -106,6 +168,8 @@ enum Attempt {
 
 /// One notification for one pusher.
 struct Delivery {
+    /// The notification's event-stream position.
+    stream: i64,
     user_id: String,
     app_id: String,
     pushkey: String,
@@ -120,13 +184,16 @@ pub fn dispatch(state: &AppState, jobs: Vec<PushJob>) {
     }
     let state = state.clone();
     tokio::spawn(async move {
-        if let Err(e) = fan_out(&state, jobs).await {
+        // On failure, the periodic `resume` delivers them once the database answers again.
+        if let Err(e) = fan_out(&state, jobs, false).await {
             tracing::warn!(error = %e, "push delivery could not start");
         }
     });
 }
 
-async fn fan_out(state: &AppState, jobs: Vec<PushJob>) -> sqlx::Result<()> {
+/// Starts a delivery of every job to every HTTP pusher of its user. `resumed`: the jobs come
+/// from the database ([`resume`]), so pushers already past a job's position skip it.
+async fn fan_out(state: &AppState, jobs: Vec<PushJob>, resumed: bool) -> sqlx::Result<()> {
     let users: Vec<String> = jobs.iter().map(|j| j.user_id.clone()).collect::<BTreeSet<_>>().into_iter().collect();
     let pushers = storage::pushers::http_for_users(&state.db, &users).await?;
     if pushers.is_empty() {
@@ -140,8 +207,16 @@ async fn fan_out(state: &AppState, jobs: Vec<PushJob>) -> sqlx::Result<()> {
     let unread = storage::push::unread_totals(&state.db, &with_pushers).await?;
     for job in &jobs {
         for p in by_user.get(job.user_id.as_str()).into_iter().flatten() {
+            if resumed && job.stream <= p.last_stream_ordering {
+                continue;
+            }
             let Some(url) = p.row.data.0.get("url").and_then(Value::as_str) else { continue };
+            if !state.push_gateway.begin(&(p.user_id.clone(), p.row.app_id.clone(), p.row.pushkey.clone()), job.stream)
+            {
+                continue;
+            }
             let delivery = Delivery {
+                stream: job.stream,
                 user_id: p.user_id.clone(),
                 app_id: p.row.app_id.clone(),
                 pushkey: p.row.pushkey.clone(),
@@ -232,6 +307,134 @@ async fn deliver(state: AppState, d: Delivery) {
         tracing::warn!(error = %e, "could not remove a rejected pusher");
     }
     state.metrics.push_delivery(outcome.label());
+    finished(&state, (d.user_id, d.app_id, d.pushkey), d.stream).await;
+}
+
+/// Ends a pusher's delivery at `stream` and records its position if it moved. A failed write
+/// only means the notification may be sent again after a restart.
+async fn finished(state: &AppState, key: PusherKey, stream: i64) {
+    let watermark = *state.event_stream.borrow();
+    if let Some(position) = state.push_gateway.end(&key, stream, watermark)
+        && let Err(e) = storage::pushers::advance_position(&state.db, &key.0, &key.1, &key.2, position).await
+    {
+        tracing::warn!(error = %e, "could not record a pusher's position");
+    }
+}
+
+/// Most notifications resumed per pusher in one pass.
+const RESUME_BATCH: i64 = 100;
+
+/// Hands the notifications that HTTP pushers have not delivered to the delivery path:
+/// `first` (at start-up), those of earlier processes; later, those older than a minute (a
+/// failure between commit and dispatch, such as a database outage, left them behind). Returns
+/// how many were handed over.
+pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
+    let gw = &state.push_gateway;
+    let now = storage::now_ms();
+    let before = if first { gw.started_ms } else { now - 60_000 };
+    let oldest = now - gw.retry_total.as_millis() as i64;
+    let rows = storage::pushers::undelivered(&state.db, before, RESUME_BATCH).await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let events: HashMap<i64, storage::events::EventRow> = storage::events::by_nids(
+        &state.db,
+        &rows.iter().map(|r| r.event_nid).collect::<BTreeSet<_>>().into_iter().collect::<Vec<_>>(),
+    )
+    .await?
+    .into_iter()
+    .map(|e| (e.event_nid, e))
+    .collect();
+    let mut jobs = Vec::new();
+    let mut seen = HashSet::new();
+    let mut rooms: HashMap<i64, Option<(ruma::OwnedRoomId, Option<String>, Option<String>)>> = HashMap::new();
+    for r in rows {
+        let key = (r.user_id.clone(), r.app_id.clone(), r.pushkey.clone());
+        let event = events.get(&r.event_nid);
+        // Too old to be useful, or redacted since: given up.
+        if r.ts < oldest || event.is_none_or(|e| e.redacted_by.is_some()) {
+            if gw.begin(&key, r.stream_ordering) {
+                finished(state, key, r.stream_ordering).await;
+            }
+            continue;
+        }
+        let Some(e) = event else { continue };
+        if !seen.insert((r.user_id.clone(), r.stream_ordering)) {
+            continue;
+        }
+        if !rooms.contains_key(&e.room_nid) {
+            rooms.insert(e.room_nid, room_names(state, e.room_nid).await?);
+        }
+        let Some(Some((room_id, room_name, room_alias))) = rooms.get(&e.room_nid) else { continue };
+        let pdu: Value = serde_json::from_str(&e.json).unwrap_or(Value::Null);
+        let sender_display_name =
+            storage::rooms::current_state_for(&state.db, e.room_nid, &[("m.room.member".to_owned(), e.sender.clone())])
+                .await?
+                .first()
+                .and_then(|m| serde_json::from_str::<Value>(&m.json).ok())
+                .and_then(|m| m["content"]["displayname"].as_str().map(str::to_owned));
+        let Ok(event_id) = ruma::OwnedEventId::try_from(e.event_id.as_str()) else { continue };
+        jobs.push(PushJob {
+            user_id: r.user_id,
+            stream: r.stream_ordering,
+            event: Arc::new(super::eval::NotifiedEvent {
+                room_id: room_id.clone(),
+                event_id,
+                event_type: e.event_type.clone(),
+                sender: e.sender.clone(),
+                state_key: e.state_key.clone(),
+                content: pdu.get("content").cloned().unwrap_or_else(|| json!({})),
+                sender_display_name,
+                room_name: room_name.clone(),
+                room_alias: room_alias.clone(),
+            }),
+            actions: serde_json::from_value(r.actions.0).unwrap_or_default(),
+            highlight: r.highlight,
+        });
+    }
+    let n = jobs.len();
+    fan_out(state, jobs, true).await?;
+    Ok(n)
+}
+
+/// A room's ID, name and canonical alias (current state), for resumed notifications.
+async fn room_names(
+    state: &AppState,
+    room_nid: i64,
+) -> sqlx::Result<Option<(ruma::OwnedRoomId, Option<String>, Option<String>)>> {
+    let Some(room) = storage::rooms::by_nid(&state.db, room_nid).await? else { return Ok(None) };
+    let Ok(room_id) = ruma::OwnedRoomId::try_from(room.room_id.as_str()) else { return Ok(None) };
+    let keys = [("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
+    let (mut name, mut alias) = (None, None);
+    for row in storage::rooms::current_state_for(&state.db, room_nid, &keys).await? {
+        let content = serde_json::from_str::<Value>(&row.json).map(|v| v["content"].clone()).unwrap_or(Value::Null);
+        match row.event_type.as_str() {
+            "m.room.name" => name = content["name"].as_str().map(str::to_owned),
+            _ => alias = content["alias"].as_str().map(str::to_owned),
+        }
+    }
+    Ok(Some((room_id, name, alias)))
+}
+
+/// Resumes undelivered notifications at start-up, then every minute, until `stop`.
+pub async fn resume_loop(state: AppState, mut stop: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    let mut first = true;
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        }
+        match resume(&state, first).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(notifications = n, "resumed push deliveries"),
+            Err(e) => {
+                tracing::warn!(error = %e, "resuming push deliveries failed");
+                continue;
+            }
+        }
+        first = false;
+    }
 }
 
 async fn attempts(state: &AppState, d: &Delivery) -> Outcome {

@@ -213,60 +213,95 @@ async fn transaction_ids_are_scoped_to_the_request_path() {
     s.stop().await;
 }
 
+/// A `parvis serve` process of its own (so that it can be killed with SIGKILL), and its URL.
+struct Process {
+    db_url: String,
+    db_name: String,
+    port: u16,
+    extra_env: Vec<(String, String)>,
+    http: reqwest::Client,
+}
+
+impl Process {
+    async fn new(extra_env: &[(&str, &str)]) -> Self {
+        let (db_url, db_name) = fresh_database().await;
+        Self {
+            db_url,
+            db_name,
+            port: crate::cli::free_port(),
+            extra_env: extra_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap(),
+        }
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    async fn start(&self) -> crate::cli::Proc {
+        let mut cmd = crate::cli::parvis();
+        cmd.arg("serve")
+            .env("PARVIS__DATABASE__URL", &self.db_url)
+            .env("PARVIS__LISTEN__CLIENT", format!("127.0.0.1:{}", self.port))
+            .env("PARVIS__LISTEN__METRICS", "127.0.0.1:0")
+            .env("PARVIS__REGISTRATION__SHARED_SECRET", SHARED_SECRET)
+            .env("PARVIS__RATE_LIMITS__ENABLED", "false")
+            .env("PARVIS__MEDIA__PATH", std::env::temp_dir().join("parvis-test-media").join(&self.db_name))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in &self.extra_env {
+            cmd.env(k, v);
+        }
+        let p = crate::cli::Proc(cmd.spawn().unwrap());
+        crate::cli::wait_ready(&self.base()).await;
+        p
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut rb = self.http.request(method, format!("{}{path}", self.base()));
+        if let Some(t) = token {
+            rb = rb.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let st = r.status();
+        (st, r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn register(&self, localpart: &str) -> User {
+        let (_, n) = self.call(reqwest::Method::GET, "/_synapse/admin/v1/register", None, None).await;
+        let nonce = n["nonce"].as_str().unwrap();
+        let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, nonce, localpart, PASSWORD, false, None);
+        let body = json!({ "nonce": nonce, "username": localpart, "password": PASSWORD, "admin": false, "mac": mac });
+        let (st, v) = self.call(reqwest::Method::POST, "/_synapse/admin/v1/register", None, Some(body)).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+        user_from(&v)
+    }
+
+    async fn finish(self) {
+        drop_database(&self.db_name).await;
+    }
+}
+
 /// SIGKILL in the middle of a burst of sends: after restart, every acknowledged event is there,
 /// and retrying every send with its transaction ID yields exactly one event per transaction.
 #[tokio::test]
 async fn kill_9_loses_no_acknowledged_event() {
-    use crate::cli::{Proc, free_port, parvis, wait_ready};
-    let (db_url, db_name) = fresh_database().await;
-    let port = free_port();
-    let base = format!("http://127.0.0.1:{port}");
-    let start = || {
-        Proc(
-            parvis()
-                .arg("serve")
-                .env("PARVIS__DATABASE__URL", &db_url)
-                .env("PARVIS__LISTEN__CLIENT", format!("127.0.0.1:{port}"))
-                .env("PARVIS__LISTEN__METRICS", "127.0.0.1:0")
-                .env("PARVIS__REGISTRATION__SHARED_SECRET", SHARED_SECRET)
-                .env("PARVIS__RATE_LIMITS__ENABLED", "false")
-                .env("PARVIS__MEDIA__PATH", std::env::temp_dir().join("parvis-test-media").join(&db_name))
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap(),
-        )
-    };
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let mut p = start();
-    wait_ready(&base).await;
-
-    // A user and a room, through the HTTP API only.
-    let n: Value = http.get(format!("{base}/_synapse/admin/v1/register")).send().await.unwrap().json().await.unwrap();
-    let nonce = n["nonce"].as_str().unwrap();
-    let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, nonce, "alice", PASSWORD, false, None);
-    let reg: Value = http
-        .post(format!("{base}/_synapse/admin/v1/register"))
-        .json(&json!({ "nonce": nonce, "username": "alice", "password": PASSWORD, "admin": false, "mac": mac }))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let u = user_from(&reg);
-    let room: Value = http
-        .post(format!("{base}/_matrix/client/v3/createRoom"))
-        .bearer_auth(&u.token)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server = Process::new(&[]).await;
+    let (base, http) = (server.base(), server.http.clone());
+    let mut p = server.start().await;
+    let u = server.register("alice").await;
+    let (_, room) =
+        server.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&u.token), Some(json!({}))).await;
     let room = room["room_id"].as_str().unwrap().to_owned();
-
     // Eight writers send as fast as they can (at most 960 events, one page of /messages); the
     // server is killed half a second in.
     let stop_at = Instant::now() + Duration::from_secs(20);
@@ -314,8 +349,7 @@ async fn kill_9_loses_no_acknowledged_event() {
     }
     assert!(acked.len() > 20, "the burst ran long enough to matter ({} acknowledged)", acked.len());
 
-    let p = start();
-    wait_ready(&base).await;
+    let p = server.start().await;
     for (txn, id) in &acked {
         let r = http
             .get(format!("{base}/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)))
@@ -358,5 +392,105 @@ async fn kill_9_loses_no_acknowledged_event() {
         assert_eq!(counts.get(txn), Some(&1), "transaction {txn} must be exactly one event");
     }
     drop(p);
-    drop_database(&db_name).await;
+    server.finish().await;
+}
+
+/// A push gateway answering with a status the test sets, recording every request.
+async fn gateway(
+    status: std::sync::Arc<std::sync::atomic::AtomicU16>,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let app = axum::Router::new().route(
+        "/_matrix/push/v1/notify",
+        axum::routing::post(move |axum::Json(body): axum::Json<Value>| {
+            let (tx, status) = (tx.clone(), status.clone());
+            async move {
+                let code = status.load(std::sync::atomic::Ordering::SeqCst);
+                let _ = tx.send(json!({ "answered": code, "body": body }));
+                (axum::http::StatusCode::from_u16(code).unwrap(), axum::Json(json!({})))
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://127.0.0.1:{port}/_matrix/push/v1/notify"), rx)
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<Value>) -> Option<Value> {
+    tokio::time::timeout(Duration::from_secs(15), rx.recv()).await.ok().flatten()
+}
+
+/// A notification still being retried when the server is killed is delivered by the next
+/// process, once; a delivered one is not sent again by the process after.
+#[tokio::test]
+async fn push_deliveries_survive_a_restart() {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    let status = std::sync::Arc::new(AtomicU16::new(503));
+    let (url, mut received) = gateway(status.clone()).await;
+    let server = Process::new(&[
+        ("PARVIS__PUSH__GATEWAY_IP_WHITELIST", "[\"127.0.0.1/32\"]"),
+        ("PARVIS__PUSH__GATEWAY_RETRY_INITIAL_MS", "100"),
+        ("PARVIS__PUSH__GATEWAY_RETRY_MAX_MS", "200"),
+        ("PARVIS__PUSH__GATEWAY_MAX_ATTEMPTS", "10000"),
+    ])
+    .await;
+    let mut p = server.start().await;
+    let (alice, bob) = (server.register("alice").await, server.register("bob").await);
+    let post = reqwest::Method::POST;
+    let (_, room) = server
+        .call(
+            post.clone(),
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            Some(json!({ "invite": [bob.user_id] })),
+        )
+        .await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let (st, v) = server
+        .call(post.clone(), &format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob.token), Some(json!({})))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let pusher = json!({
+        "kind": "http", "app_id": "fr.ville.test", "pushkey": "key1", "app_display_name": "Test",
+        "device_display_name": "Phone", "lang": "fr", "data": { "url": url }
+    });
+    let (st, v) = server.call(post.clone(), "/_matrix/client/v3/pushers/set", Some(&bob.token), Some(pusher)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    let (st, sent) = server
+        .call(
+            reqwest::Method::PUT,
+            &send_path(&room, "t1"),
+            Some(&alice.token),
+            Some(json!({ "msgtype": "m.text", "body": "hello" })),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{sent}");
+    let event_id = sent["event_id"].as_str().unwrap().to_owned();
+    // The gateway is failing: the notification is being retried when the server dies.
+    for _ in 0..2 {
+        let got = next(&mut received).await.expect("delivery attempts");
+        assert_eq!(got["body"]["notification"]["event_id"], event_id.as_str());
+        assert_eq!(got["answered"], 503);
+    }
+    p.0.kill().unwrap();
+    p.0.wait().unwrap();
+    while received.try_recv().is_ok() {}
+    status.store(200, Ordering::SeqCst);
+
+    // The next process delivers it.
+    let p = server.start().await;
+    let got = next(&mut received).await.expect("the notification is delivered after the restart");
+    assert_eq!(got["body"]["notification"]["event_id"], event_id.as_str(), "{got}");
+    assert_eq!(got["body"]["notification"]["content"]["body"], "hello");
+    assert_eq!(got["answered"], 200);
+    // Its position is recorded once delivered: the process after does not send it again.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(p);
+    let _p = server.start().await;
+    if let Ok(Some(v)) = tokio::time::timeout(Duration::from_secs(3), received.recv()).await {
+        panic!("delivered twice: {v}");
+    }
+    server.finish().await;
 }
