@@ -2,6 +2,7 @@
 //! Integration tests: real servers, real PostgreSQL, real HTTP.
 
 mod accounts;
+mod authz;
 mod cli;
 mod common;
 mod devices_profile;
