@@ -289,7 +289,13 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Atte
     let mut appended: Vec<Appended> = Vec::new();
     for (i, p) in batch.iter().enumerate() {
         let txn = p.txn();
-        let result = match append(state, &mut tx, room, &p.sender, p.ev.clone(), txn).await {
+        let appending = std::panic::AssertUnwindSafe(append(state, &mut tx, room, &p.sender, p.ev.clone(), txn));
+        // A panic (a bug, or a library tripping on hostile content) fails its own event only.
+        let Ok(outcome) = futures_util::FutureExt::catch_unwind(appending).await else {
+            tracing::error!(room_id = %room.room_id, sender = %p.sender, "appending an event panicked");
+            return Attempt::FailedAt(i, Error::internal());
+        };
+        let result = match outcome {
             Ok(a) => {
                 let id = a.event_id.clone();
                 appended.push(a);
@@ -681,6 +687,63 @@ async fn propagate_profile(state: &AppState, change: &crate::users::profile::Pro
         send(state, &room, &change.user_id, NewEvent::state("m.room.member", &change.user_id, content), None).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    /// Arbitrary JSON as a client could send it (strings over all of Unicode, floats, huge
+    /// integers, nesting).
+    fn json_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            any::<String>().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Canonical JSON never panics; it refuses exactly floats and integers outside
+        /// ±(2^53 - 1); what it accepts serialises to text that parses back to the same value,
+        /// with object keys sorted.
+        #[test]
+        fn canonical_json(content in json_value()) {
+            let ev = json!({ "type": "m.room.message", "content": content });
+            fn representable(v: &Value) -> bool {
+                match v {
+                    Value::Number(n) => n.as_i64().is_some_and(|i| i.abs() <= 9_007_199_254_740_991),
+                    Value::Array(a) => a.iter().all(representable),
+                    Value::Object(o) => o.values().all(representable),
+                    _ => true,
+                }
+            }
+            match super::to_canonical(ev.clone()) {
+                Ok(obj) => {
+                    prop_assert!(representable(&ev));
+                    let text = serde_json::to_string(&obj).unwrap();
+                    let back: Value = serde_json::from_str(&text).unwrap();
+                    prop_assert_eq!(&back, &ev);
+                    let again = serde_json::to_string(&super::to_canonical(back).unwrap()).unwrap();
+                    prop_assert_eq!(again, text);
+                }
+                Err(e) => {
+                    prop_assert!(!representable(&ev));
+                    prop_assert_eq!(e.errcode, "M_BAD_JSON");
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -110,3 +110,36 @@ mod tests {
         assert_eq!(a.clamp_to(b).typing, 0);
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::SyncToken;
+
+    proptest! {
+        /// Any string: a token or 400 `M_INVALID_PARAM`, never a panic.
+        #[test]
+        fn parse_never_panics(s in any::<String>()) {
+            if let Err(e) = SyncToken::parse(&s) {
+                prop_assert_eq!(e.errcode, "M_INVALID_PARAM");
+            }
+        }
+
+        /// Near-misses of the format.
+        #[test]
+        fn parse_near_misses(s in "s?[0-9_-]{0,40}") {
+            if let Ok(t) = SyncToken::parse(&s) {
+                prop_assert_eq!(SyncToken::parse(&t.to_string()).unwrap(), t);
+            }
+        }
+
+        /// Every token this server hands out parses back to itself.
+        #[test]
+        fn round_trip(f in prop::array::uniform7(0i64..=i64::MAX)) {
+            let t = SyncToken::from_fields(f);
+            prop_assert_eq!(SyncToken::parse(&t.to_string()).unwrap(), t);
+            prop_assert_eq!(t.max(SyncToken::default()), t);
+        }
+    }
+}

@@ -132,13 +132,7 @@ async fn authorization_matrix() {
         case(Method::GET, format!("{v1}/rooms/{r}/relations/{e}/m.annotation"), None, NOT_FOUND, Allowed),
         case(Method::GET, format!("{v1}/rooms/{r}/threads"), None, FORBIDDEN, Allowed),
         case(Method::GET, format!("{v1}/rooms/{r}/timestamp_to_event?ts=0&dir=f"), None, Denied, Allowed),
-        case(
-            Method::POST,
-            format!("{v3}/rooms/{r}/invite"),
-            Some(json!({ "user_id": dave.user_id })),
-            FORBIDDEN,
-            Any,
-        ),
+        case(Method::POST, format!("{v3}/rooms/{r}/invite"), Some(json!({ "user_id": dave.user_id })), FORBIDDEN, Any),
         case(
             Method::POST,
             format!("{v3}/rooms/{r}/kick"),
