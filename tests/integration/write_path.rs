@@ -247,14 +247,27 @@ impl Process {
             .env("PARVIS__REGISTRATION__SHARED_SECRET", SHARED_SECRET)
             .env("PARVIS__RATE_LIMITS__ENABLED", "false")
             .env("PARVIS__MEDIA__PATH", std::env::temp_dir().join("parvis-test-media").join(&self.db_name))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+            .stdout(std::process::Stdio::null());
         for (k, v) in &self.extra_env {
             cmd.env(k, v);
         }
-        let p = crate::cli::Proc(cmd.spawn().unwrap());
-        crate::cli::wait_ready(&self.base()).await;
-        p
+        let log_path = std::env::temp_dir().join(format!("{}-{}.log", self.db_name, self.port));
+        cmd.stderr(std::fs::File::create(&log_path).unwrap());
+        let mut p = crate::cli::Proc(cmd.spawn().unwrap());
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/_matrix/client/versions", self.base())).send().await
+                && r.status() == StatusCode::OK
+            {
+                return p;
+            }
+            if let Some(status) = p.0.try_wait().unwrap() {
+                panic!("parvis exited with {status} before it was ready:\n{}", log());
+            }
+            assert!(Instant::now() < deadline, "parvis not ready after 120 s:\n{}", log());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     async fn call(
@@ -303,11 +316,13 @@ async fn kill_9_loses_no_acknowledged_event() {
         server.call(reqwest::Method::POST, "/_matrix/client/v3/createRoom", Some(&u.token), Some(json!({}))).await;
     let room = room["room_id"].as_str().unwrap().to_owned();
     // Eight writers send as fast as they can (at most 960 events, one page of /messages); the
-    // server is killed half a second in.
-    let stop_at = Instant::now() + Duration::from_secs(20);
+    // server is killed once 40 sends were acknowledged, in the middle of the burst.
+    let stop_at = Instant::now() + Duration::from_secs(60);
+    let acked_so_far = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for w in 0..8 {
         let (http, base, token, room) = (http.clone(), base.clone(), u.token.clone(), room.clone());
+        let acked_so_far = acked_so_far.clone();
         tasks.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             let mut tried = Vec::new();
@@ -328,6 +343,7 @@ async fn kill_9_loses_no_acknowledged_event() {
                         let v: Value = r.json().await.unwrap_or(Value::Null);
                         if let Some(id) = v["event_id"].as_str() {
                             acked.push((txn, id.to_owned()));
+                            acked_so_far.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
                     }
                     // Connection refused or reset: the server is gone.
@@ -337,7 +353,9 @@ async fn kill_9_loses_no_acknowledged_event() {
             (acked, tried)
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    while acked_so_far.load(std::sync::atomic::Ordering::SeqCst) < 40 && Instant::now() < stop_at {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     p.0.kill().unwrap(); // SIGKILL
     p.0.wait().unwrap();
     let mut acked = Vec::new();
@@ -347,7 +365,8 @@ async fn kill_9_loses_no_acknowledged_event() {
         acked.extend(a);
         tried.extend(t);
     }
-    assert!(acked.len() > 20, "the burst ran long enough to matter ({} acknowledged)", acked.len());
+    assert!(acked.len() >= 40, "the burst ran long enough to matter ({} acknowledged)", acked.len());
+    assert!(tried.len() > acked.len(), "the kill interrupted sends in flight");
 
     let p = server.start().await;
     for (txn, id) in &acked {
