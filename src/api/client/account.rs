@@ -38,10 +38,13 @@ fn yes() -> bool {
 pub async fn change_password(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<PasswordBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    let body: PasswordBody = uia::parse_body(&raw)?;
     users::check_password_policy(&state, &body.new_password)?;
-    uia::check(&state, "change_password", Some(&auth.user_id), &password_flow(), body.auth.as_ref()).await?;
+    let binding = uia::RequestBinding::new(&line, &raw);
+    uia::check_bound(&state, "change_password", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
     let hash = state.passwords.hash(&body.new_password).await?;
     storage::users::set_password_hash(&state.db, &auth.user_id, Some(&hash)).await?;
     if body.logout_devices {
