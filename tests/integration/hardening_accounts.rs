@@ -94,6 +94,111 @@ async fn query_keys(s: &TestServer, u: &User, who: &str) -> Value {
     q
 }
 
+// ---- 8. deactivation ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn deactivation_leaves_rooms_rejects_invites_and_hides_itself() {
+    let s = TestServer::start().await;
+    let alice = s.register("de_alice", false).await;
+    let victim = s.register("de_partant", false).await;
+    let joined = create(&s, &alice, json!({ "preset": "public_chat", "name": "Joined" })).await;
+    let invited = create(&s, &alice, json!({ "preset": "private_chat" })).await;
+    let knocked = create(
+        &s,
+        &alice,
+        json!({ "preset": "private_chat",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] }),
+    )
+    .await;
+    join(&s, &victim, &joined).await;
+    invite(&s, &alice, &invited, &victim).await;
+    let (st, v) = s.post(&format!("/_matrix/client/v3/knock/{}", enc(&knocked)), Some(&victim.token), json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let pusher = json!({
+        "app_id": "fr.ville.test", "pushkey": "pk-victim", "kind": "http", "app_display_name": "M",
+        "device_display_name": "D", "lang": "fr", "data": { "url": "https://push.example/_matrix/push/v1/notify" }
+    });
+    assert_eq!(s.post("/_matrix/client/v3/pushers/set", Some(&victim.token), pusher).await.0, 200);
+    let search = |who: &User| {
+        let token = who.token.clone();
+        let s = &s;
+        async move {
+            let (_, r) =
+                s.post("/_matrix/client/v3/user_directory/search", Some(&token), json!({ "search_term": "partant" })).await;
+            r["results"].as_array().unwrap().iter().any(|r| r["user_id"] == "@de_partant:localhost")
+        }
+    };
+    assert!(search(&alice).await, "in the directory before");
+    assert_eq!(membership_of(&s, &alice, &knocked, &victim).await, "knock");
+
+    let path = "/_matrix/client/v3/account/deactivate";
+    let (st, ch) = s.post(path, Some(&victim.token), json!({})).await;
+    assert_eq!(st, 401);
+    let (st, ok) =
+        s.post(path, Some(&victim.token), json!({ "auth": password_auth(&ch["session"], "de_partant", PASSWORD) })).await;
+    assert_eq!(st, 200, "{ok}");
+
+    // Every room left, the invite rejected, the knock withdrawn: through real leave events.
+    for room in [&joined, &invited, &knocked] {
+        assert_eq!(membership_of(&s, &alice, room, &victim).await, "leave", "{room}");
+    }
+    let (_, members) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&joined)), Some(&alice.token)).await;
+    assert!(members["joined"].get(&victim.user_id).is_none(), "{members}");
+    assert!(!search(&alice).await, "gone from the directory");
+    assert_err(&s.get("/_matrix/client/v3/account/whoami", Some(&victim.token)).await, 401, "M_UNKNOWN_TOKEN");
+    let db = &s.state().db;
+    let devices: i64 = sqlx::query_scalar("SELECT count(*) FROM devices WHERE user_id = $1")
+        .bind(&victim.user_id)
+        .fetch_one(db)
+        .await
+        .unwrap();
+    let pushers: i64 = sqlx::query_scalar("SELECT count(*) FROM pushers WHERE user_id = $1")
+        .bind(&victim.user_id)
+        .fetch_one(db)
+        .await
+        .unwrap();
+    assert_eq!((devices, pushers), (0, 0));
+
+    // Login: a wrong password gets exactly what any wrong password gets; only the right one
+    // learns that the account is deactivated.
+    let wrong = s.login("de_partant", "not the password", json!({})).await;
+    assert_err(&wrong, 403, "M_FORBIDDEN");
+    let unknown = s.login("de_nobody", "not the password", json!({})).await;
+    assert_eq!(wrong.1["error"], unknown.1["error"]);
+    assert_err(&s.login("de_partant", PASSWORD, json!({})).await, 403, "M_USER_DEACTIVATED");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn deactivation_with_erase_clears_the_profile() {
+    let s = TestServer::start().await;
+    let alice = s.register("er_alice", false).await;
+    let victim = s.register("er_partant", false).await;
+    let room = create(&s, &alice, json!({ "preset": "public_chat" })).await;
+    join(&s, &victim, &room).await;
+    let name_path = format!("/_matrix/client/v3/profile/{}/displayname", enc(&victim.user_id));
+    assert_eq!(s.put(&name_path, Some(&victim.token), json!({ "displayname": "Jean Partant" })).await.0, 200);
+    let path = "/_matrix/client/v3/account/deactivate";
+    let (_, ch) = s.post(path, Some(&victim.token), json!({ "erase": true })).await;
+    let (st, v) = s
+        .post(
+            path,
+            Some(&victim.token),
+            json!({ "erase": true, "auth": password_auth(&ch["session"], "er_partant", PASSWORD) }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let fields: Value = sqlx::query_scalar("SELECT fields FROM profiles WHERE user_id = $1")
+        .bind(&victim.user_id)
+        .fetch_one(&s.state().db)
+        .await
+        .unwrap();
+    assert_eq!(fields, json!({}));
+    assert_eq!(membership_of(&s, &alice, &room, &victim).await, "leave");
+    s.stop().await;
+}
+
 // ---- 11. UIA bound to its request --------------------------------------------------------
 
 #[tokio::test]

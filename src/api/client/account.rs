@@ -8,7 +8,6 @@ use crate::auth::{self, uia};
 use crate::error::ApiResult;
 use crate::http::extract::{Auth, Json};
 use crate::state::AppState;
-use crate::users::profile::{ProfileChange, after_profile_change};
 use crate::{storage, users};
 
 pub async fn whoami(auth: Auth) -> axum::Json<Value> {
@@ -64,23 +63,12 @@ pub struct DeactivateBody {
 pub async fn deactivate(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<DeactivateBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
-    uia::check(&state, "deactivate", Some(&auth.user_id), &password_flow(), body.auth.as_ref()).await?;
-    let mut tx = state.db.begin().await?;
-    storage::users::deactivate(&mut *tx, &auth.user_id).await?;
-    let revoked =
-        storage::devices::delete(&mut *tx, &auth.user_id, storage::devices::Selection::AllExcept(None)).await?;
-    if body.erase {
-        storage::profiles::clear(&mut *tx, &auth.user_id).await?;
-    }
-    storage::directory::remove_user(&mut *tx, &auth.user_id).await?;
-    tx.commit().await?;
-    state.auth.evict(&revoked).await;
-    state.auth.evict_one(&auth.token_hash).await;
-    if body.erase {
-        after_profile_change(&state, ProfileChange { user_id: auth.user_id.to_string(), profile: Default::default() });
-    }
-    tracing::info!(user_id = %auth.user_id, erase = body.erase, "account deactivated");
+    let body: DeactivateBody = uia::parse_body(&raw)?;
+    let binding = uia::RequestBinding::new(&line, &raw);
+    uia::check_bound(&state, "deactivate", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
+    users::deactivate::deactivate(&state, &auth.user_id, body.erase).await?;
     Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
 }
