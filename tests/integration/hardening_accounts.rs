@@ -94,6 +94,51 @@ async fn query_keys(s: &TestServer, u: &User, who: &str) -> Value {
     q
 }
 
+// ---- 7. aliases ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn aliases_need_membership_and_power() {
+    let s = TestServer::start().await;
+    let alice = s.register("al_alice", false).await;
+    let mallory = s.register("al_mallory", false).await;
+    let carol = s.register("al_carol", false).await;
+    let admin = s.register("al_admin", true).await;
+    let private = create(&s, &alice, json!({ "preset": "private_chat", "name": "Privé" })).await;
+    let alias_path = |a: &str| format!("/_matrix/client/v3/directory/room/{}", enc(a));
+
+    // Someone outside the room cannot point an alias at it, and nothing is created.
+    assert_err(
+        &s.put(&alias_path("#piege:localhost"), Some(&mallory.token), json!({ "room_id": private })).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    assert_err(&s.get(&alias_path("#piege:localhost"), None).await, 404, "M_NOT_FOUND");
+    // An invitee is not joined either.
+    invite(&s, &alice, &private, &carol).await;
+    assert_err(
+        &s.put(&alias_path("#invite:localhost"), Some(&carol.token), json!({ "room_id": private })).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    // Members may; server admins may without being in the room.
+    assert_eq!(s.put(&alias_path("#prive:localhost"), Some(&alice.token), json!({ "room_id": private })).await.0, 200);
+    assert_eq!(s.put(&alias_path("#admin:localhost"), Some(&admin.token), json!({ "room_id": private })).await.0, 200);
+    let (_, a) = s.get(&alias_path("#prive:localhost"), None).await;
+    assert_eq!(a["room_id"], private.as_str());
+
+    // Deleting: not by an outsider, not by a joined member without power; by the alias's
+    // creator, by a member with the power over `m.room.canonical_alias`, by an admin.
+    assert_err(&s.delete(&alias_path("#prive:localhost"), Some(&mallory.token), json!({})).await, 403, "M_FORBIDDEN");
+    join(&s, &carol, &private).await;
+    assert_err(&s.delete(&alias_path("#prive:localhost"), Some(&carol.token), json!({})).await, 403, "M_FORBIDDEN");
+    assert_eq!(s.put(&alias_path("#carol:localhost"), Some(&carol.token), json!({ "room_id": private })).await.0, 200);
+    assert_eq!(s.delete(&alias_path("#carol:localhost"), Some(&carol.token), json!({})).await.0, 200, "own alias");
+    assert_eq!(s.delete(&alias_path("#admin:localhost"), Some(&alice.token), json!({})).await.0, 200, "room admin");
+    assert_eq!(s.delete(&alias_path("#prive:localhost"), Some(&admin.token), json!({})).await.0, 200, "server admin");
+    assert_err(&s.get(&alias_path("#prive:localhost"), None).await, 404, "M_NOT_FOUND");
+    s.stop().await;
+}
+
 // ---- 8. deactivation ----------------------------------------------------------------------
 
 #[tokio::test]

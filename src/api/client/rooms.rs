@@ -811,6 +811,13 @@ pub async fn put_alias(
 ) -> ApiResult<axum::Json<Value>> {
     check_local_alias(&state, &alias)?;
     let room = Room::load(&state, &body.room_id).await?;
+    // Pointing an alias at a room speaks for it: only its members may (and server admins).
+    if !auth.is_admin {
+        let membership = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?;
+        if !membership.is_some_and(|(m, _, _)| m == "join") {
+            return Err(Error::forbidden("You must be joined to the room to give it an alias"));
+        }
+    }
     if !storage::rooms::insert_alias(&state.db, &alias, room.nid, &auth.user_id).await? {
         return Err(Error::new(axum::http::StatusCode::CONFLICT, "M_UNKNOWN", "Room alias already exists"));
     }
@@ -826,10 +833,15 @@ pub async fn delete_alias(
     let (room_id, _, creator) = storage::rooms::resolve_alias(&state.db, &alias)
         .await?
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    // The alias's creator, a server admin, or a member of the room with the power to change its
+    // canonical alias (as Synapse: being joined is required for the last).
     if creator != *auth.user_id && !auth.is_admin {
         let room = Room::load(&state, &room_id).await?;
+        let joined = storage::rooms::membership(&state.db, room.nid, &auth.user_id)
+            .await?
+            .is_some_and(|(m, _, _)| m == "join");
         let levels = rooms::PowerLevels::load(&state, &room).await?;
-        if levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
+        if !joined || levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
             return Err(Error::forbidden("You may not delete this alias"));
         }
     }
