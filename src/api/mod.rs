@@ -175,6 +175,7 @@ pub fn router() -> Router<AppState> {
             "/_matrix/client/unstable/im.nheko.summary/rooms/{room_id_or_alias}/summary",
             get(directory::room_summary),
         )
+        .route("/_matrix/client/unstable/im.nheko.summary/summary/{room_id_or_alias}", get(directory::room_summary))
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))

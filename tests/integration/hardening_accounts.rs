@@ -244,6 +244,92 @@ async fn deactivation_with_erase_clears_the_profile() {
     s.stop().await;
 }
 
+// ---- 9. room summary, publicRooms --------------------------------------------------------
+
+#[tokio::test]
+async fn room_summary_follows_the_preview_rules() {
+    let s = TestServer::start().await;
+    let alice = s.register("su_alice", false).await;
+    let bob = s.register("su_bob", false).await;
+    let summary = |id: String, token: Option<String>| {
+        let s = &s;
+        async move { s.get(&format!("/_matrix/client/v1/room_summary/{}", enc(&id)), token.as_deref()).await }
+    };
+    let parent = create(&s, &alice, json!({ "preset": "private_chat", "name": "Parent" })).await;
+    let restricted = create(
+        &s,
+        &alice,
+        json!({ "preset": "private_chat", "name": "Restreint", "topic": "secret topic",
+                "room_alias_name": "restreint",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "",
+                    "content": { "join_rule": "restricted", "allow": [{ "type": "m.room_membership", "room_id": parent }] } }] }),
+    )
+    .await;
+    let private = create(&s, &alice, json!({ "preset": "private_chat", "name": "Privé" })).await;
+    let knock = create(
+        &s,
+        &alice,
+        json!({ "preset": "private_chat", "name": "Frapper",
+                "initial_state": [{ "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }] }),
+    )
+    .await;
+    let readable = create(
+        &s,
+        &alice,
+        json!({ "preset": "private_chat", "name": "Lisible",
+                "initial_state": [{ "type": "m.room.history_visibility", "state_key": "",
+                                    "content": { "history_visibility": "world_readable" } }] }),
+    )
+    .await;
+
+    // Without a token: only rooms anyone may ask to enter or read.
+    for room in [&restricted, &private] {
+        let r = summary(room.clone(), None).await;
+        assert_err(&r, 404, "M_NOT_FOUND");
+        assert!(r.1.get("name").is_none() && r.1.get("topic").is_none(), "{}", r.1);
+    }
+    assert_err(&summary("#restreint:localhost".into(), None).await, 404, "M_NOT_FOUND");
+    assert_eq!(summary(knock.clone(), None).await.1["name"], "Frapper");
+    let (st, r) = summary(readable.clone(), None).await;
+    assert_eq!((st.as_u16(), &r["world_readable"]), (200, &json!(true)), "{r}");
+    assert!(r.get("membership").is_none(), "no membership without a token");
+    // Same answer as for a room that does not exist.
+    let missing = summary("!nowhere:localhost".into(), None).await;
+    assert_eq!(missing.1["error"], summary(private.clone(), None).await.1["error"]);
+
+    // Bob, not in the allowed room: not found; once joined to it: the restricted room shows.
+    assert_err(&summary(restricted.clone(), Some(bob.token.clone())).await, 404, "M_NOT_FOUND");
+    invite(&s, &alice, &parent, &bob).await;
+    join(&s, &bob, &parent).await;
+    let (st, r) = summary(restricted.clone(), Some(bob.token.clone())).await;
+    assert_eq!(st, 200, "{r}");
+    assert_eq!(r["topic"], "secret topic");
+    assert_eq!(r["membership"], "leave");
+    assert_eq!(r["allowed_room_ids"], json!([parent]));
+    // An invitee sees the private room; the unstable paths answer the same.
+    assert_err(&summary(private.clone(), Some(bob.token.clone())).await, 404, "M_NOT_FOUND");
+    invite(&s, &alice, &private, &bob).await;
+    let (st, r) = summary(private.clone(), Some(bob.token.clone())).await;
+    assert_eq!((st.as_u16(), &r["membership"]), (200, &json!("invite")), "{r}");
+    for p in [
+        format!("/_matrix/client/unstable/im.nheko.summary/summary/{}", enc(&private)),
+        format!("/_matrix/client/unstable/im.nheko.summary/rooms/{}/summary", enc(&private)),
+    ] {
+        assert_eq!(s.get(&p, Some(&bob.token)).await.1["name"], "Privé");
+        assert_err(&s.get(&p, None).await, 404, "M_NOT_FOUND");
+    }
+
+    // publicRooms lists published rooms only, whatever their join rule.
+    let unpublished = create(&s, &alice, json!({ "preset": "public_chat", "name": "Pas publié" })).await;
+    let published =
+        create(&s, &alice, json!({ "preset": "public_chat", "visibility": "public", "name": "Publié" })).await;
+    let (_, list) = s.get("/_matrix/client/v3/publicRooms", None).await;
+    let ids: Vec<&str> = list["chunk"].as_array().unwrap().iter().filter_map(|r| r["room_id"].as_str()).collect();
+    assert_eq!(ids, vec![published.as_str()], "{list}");
+    assert!(!ids.contains(&unpublished.as_str()));
+    s.stop().await;
+}
+
 // ---- 11. UIA bound to its request --------------------------------------------------------
 
 #[tokio::test]
