@@ -330,6 +330,82 @@ async fn room_summary_follows_the_preview_rules() {
     s.stop().await;
 }
 
+// ---- 10. cross-signing --------------------------------------------------------------------
+
+#[tokio::test]
+async fn cross_signing_signatures_are_stored_and_verified() {
+    let s = TestServer::start().await;
+    let alice = s.register("cs_alice", false).await;
+    let bob = s.register("cs_bob", false).await;
+    let (kd, km) = (key(41), key(42));
+    let (st, v) =
+        s.post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let master = cross_key(&alice, "master", &km);
+    let mid = format!("ed25519:{}", public(&km));
+    let did = format!("ed25519:{}", alice.device_id);
+    let upload_path = "/_matrix/client/v3/keys/device_signing/upload";
+    assert_eq!(s.post(upload_path, Some(&alice.token), json!({ "master_key": master })).await.0, 200);
+
+    // A valid device signature of the master key (which has no `signatures` yet) is stored.
+    let mut signed = master.clone();
+    sign(&mut signed, &alice.user_id, &did, &kd);
+    let (st, v) = s
+        .post(
+            "/_matrix/client/v3/keys/signatures/upload",
+            Some(&alice.token),
+            json!({ &alice.user_id: { public(&km): signed } }),
+        )
+        .await;
+    assert_eq!((st.as_u16(), &v["failures"]), (200, &json!({})), "{v}");
+    let q = query_keys(&s, &bob, &alice.user_id).await;
+    let stored_sig = q["master_keys"][&alice.user_id]["signatures"][&alice.user_id][&did].clone();
+    assert_eq!(stored_sig, signed["signatures"][&alice.user_id][&did], "{q}");
+
+    // Re-uploading the same master key with an extra signature that does not verify is
+    // refused, with or without UIA, and nothing of it is served.
+    let mut forged = master.clone();
+    forged["signatures"] = json!({ &alice.user_id: { &did: b64(&[1u8; 64]) } });
+    assert_err(&s.post(upload_path, Some(&alice.token), json!({ "master_key": forged })).await, 400, "M_INVALID_SIGNATURE");
+    let mut other_device = master.clone();
+    sign(&mut other_device, &alice.user_id, "ed25519:NOSUCHDEVICE", &key(43));
+    assert_err(
+        &s.post(upload_path, Some(&alice.token), json!({ "master_key": other_device })).await,
+        400,
+        "M_INVALID_SIGNATURE",
+    );
+    let mut by_bob = master.clone();
+    sign(&mut by_bob, &bob.user_id, &format!("ed25519:{}", bob.device_id), &key(44));
+    assert_err(&s.post(upload_path, Some(&alice.token), json!({ "master_key": by_bob })).await, 400, "M_INVALID_SIGNATURE");
+    let q = query_keys(&s, &bob, &alice.user_id).await;
+    assert_eq!(q["master_keys"][&alice.user_id]["signatures"], json!({ &alice.user_id: { &did: stored_sig } }), "{q}");
+
+    // The same key with what is stored (or less) changes nothing and needs no UIA.
+    assert_eq!(s.post(upload_path, Some(&alice.token), json!({ "master_key": master })).await.0, 200);
+    let mut again = master.clone();
+    again["signatures"] = json!({ &alice.user_id: { &did: stored_sig } });
+    assert_eq!(s.post(upload_path, Some(&alice.token), json!({ "master_key": again })).await.0, 200);
+    // A valid new signature (the master key's own) is a change: UIA first, then stored.
+    let mut self_signed = again.clone();
+    sign(&mut self_signed, &alice.user_id, &mid, &km);
+    let (st, ch) = s.post(upload_path, Some(&alice.token), json!({ "master_key": self_signed })).await;
+    assert_eq!(st, 401, "{ch}");
+    let q = query_keys(&s, &bob, &alice.user_id).await;
+    assert!(q["master_keys"][&alice.user_id]["signatures"][&alice.user_id].get(&mid).is_none(), "not before UIA");
+    let (st, v) = s
+        .post(
+            upload_path,
+            Some(&alice.token),
+            json!({ "master_key": self_signed, "auth": password_auth(&ch["session"], &alice.user_id, PASSWORD) }),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let q = query_keys(&s, &bob, &alice.user_id).await;
+    assert_eq!(q["master_keys"][&alice.user_id]["signatures"], self_signed["signatures"], "{q}");
+    s.stop().await;
+}
+
 // ---- 11. UIA bound to its request --------------------------------------------------------
 
 #[tokio::test]
