@@ -20,12 +20,15 @@ use crate::storage;
 /// To-device messages delivered per sync response.
 pub const TO_DEVICE_PER_SYNC: i64 = 100;
 
-fn is_local(state: &AppState, user: &str) -> bool {
-    user.rsplit_once(':').is_some_and(|(_, s)| s == state.config.server_name)
+/// The server name of a user ID (`@local:server`, where the server name may carry a port and
+/// be an IPv4 or bracketed IPv6 literal), `None` if it is not a valid user ID. The server name
+/// starts after the *first* colon: splitting on the last one would cut a port off.
+pub fn user_server(user: &str) -> Option<&str> {
+    <&ruma::UserId>::try_from(user).ok().map(|u| u.server_name().as_str())
 }
 
-fn server_of(user: &str) -> &str {
-    user.rsplit_once(':').map_or("", |(_, s)| s)
+fn is_local(state: &AppState, user: &str) -> bool {
+    user_server(user) == Some(state.config.server_name.as_str())
 }
 
 /// Canonical JSON of `obj` without `signatures` and `unsigned`: what a signature covers.
@@ -195,13 +198,10 @@ pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiR
     let mut local: Vec<String> = Vec::new();
     let mut devices_wanted: HashMap<String, Option<HashSet<String>>> = HashMap::new();
     for (user, devices) in wanted {
-        if <&ruma::UserId>::try_from(user.as_str()).is_err() {
-            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
-        }
-        if !is_local(state, user) {
+        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
+        if server != state.config.server_name {
             // Federation is not there yet: the remote server is reported unreachable.
-            failures
-                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let list: Option<HashSet<String>> = match devices.as_array() {
@@ -270,9 +270,9 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
     let mut failures = Map::new();
     let mut requests: Vec<(String, String, String)> = Vec::new();
     for (user, devices) in wanted {
-        if !is_local(state, user) {
-            failures
-                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
+        if server != state.config.server_name {
+            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let devices = devices.as_object().ok_or_else(|| bad("one_time_keys values must be objects"))?;

@@ -453,3 +453,87 @@ async fn uia_session_is_bound_to_its_request() {
     assert_eq!(s.get("/_matrix/client/v3/account/whoami", Some(&me.token)).await.0, 200);
     s.stop().await;
 }
+
+// ---- 12. smaller ones ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn keys_query_and_claim_understand_ports() {
+    // A server whose own name carries a port: its users are local.
+    let s = TestServer::start_with(|c| c.server_name = "localhost:8448".into()).await;
+    let alice = s.register("kp_alice", false).await;
+    assert_eq!(alice.user_id, "@kp_alice:localhost:8448");
+    let kd = key(51);
+    let (st, v) =
+        s.post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
+            .await;
+    assert_eq!(st, 200, "{v}");
+    let remote = ["@u:example.org:8448", "@u:[::1]:8448", "@u:192.0.2.1:8448", "@u:example.org"];
+    let mut wanted = json!({ &alice.user_id: [] });
+    for r in remote {
+        wanted[r] = json!([]);
+    }
+    let (st, q) = s.post("/_matrix/client/v3/keys/query", Some(&alice.token), json!({ "device_keys": wanted })).await;
+    assert_eq!(st, 200, "{q}");
+    assert!(q["device_keys"][&alice.user_id][&alice.device_id].is_object(), "local user is local: {q}");
+    let mut failures: Vec<&String> = q["failures"].as_object().unwrap().keys().collect();
+    failures.sort();
+    assert_eq!(failures, vec!["192.0.2.1:8448", "[::1]:8448", "example.org", "example.org:8448"], "{q}");
+
+    let mut claim = json!({});
+    for r in remote {
+        claim[r] = json!({ "DEV": "signed_curve25519" });
+    }
+    let (st, c) = s.post("/_matrix/client/v3/keys/claim", Some(&alice.token), json!({ "one_time_keys": claim })).await;
+    assert_eq!(st, 200, "{c}");
+    let mut failures: Vec<&String> = c["failures"].as_object().unwrap().keys().collect();
+    failures.sort();
+    assert_eq!(failures, vec!["192.0.2.1:8448", "[::1]:8448", "example.org", "example.org:8448"], "{c}");
+    assert_err(
+        &s.post("/_matrix/client/v3/keys/claim", Some(&alice.token), json!({ "one_time_keys": { "nobody": {} } })).await,
+        400,
+        "M_INVALID_PARAM",
+    );
+    s.stop().await;
+}
+
+// ---- property tests: user IDs and server names as keys/query reads them -------------------
+
+fn server_name() -> impl Strategy<Value = String> {
+    let label = "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?";
+    let dns = proptest::collection::vec(label, 1..4).prop_map(|l| l.join("."));
+    let ipv4 = (any::<u8>(), any::<u8>(), any::<u8>(), any::<u8>()).prop_map(|(a, b, c, d)| format!("{a}.{b}.{c}.{d}"));
+    let ipv6 = any::<[u16; 8]>().prop_map(|p| format!("[{}]", std::net::Ipv6Addr::from(p)));
+    let host = prop_oneof![dns, ipv4, ipv6];
+    (host, proptest::option::of(1u16..)).prop_map(|(h, port)| match port {
+        Some(p) => format!("{h}:{p}"),
+        None => h,
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Whatever a client sends as a user ID, parsing never panics, and a server name it finds
+    /// is the user ID's tail after the localpart.
+    #[test]
+    fn user_server_never_panics(s in any::<String>()) {
+        if let Some(server) = parvis::e2ee::user_server(&s) {
+            prop_assert!(s.starts_with('@'));
+            prop_assert!(s.ends_with(server));
+            prop_assert_eq!(s.as_bytes()[s.len() - server.len() - 1], b':');
+        }
+    }
+
+    /// Also for inputs shaped like user IDs, colons and brackets included.
+    #[test]
+    fn user_server_never_panics_on_id_like_input(s in "@[a-z0-9:\\[\\]._=-]{0,40}") {
+        let _ = parvis::e2ee::user_server(&s);
+    }
+
+    /// Valid user IDs round-trip: the server name comes back whole, port included.
+    #[test]
+    fn valid_user_ids_round_trip(local in "[a-z0-9._=/+-]{1,20}", server in server_name()) {
+        let user = format!("@{local}:{server}");
+        prop_assert_eq!(parvis::e2ee::user_server(&user), Some(server.as_str()));
+    }
+}
