@@ -457,6 +457,32 @@ async fn uia_session_is_bound_to_its_request() {
 // ---- 12. smaller ones ---------------------------------------------------------------------
 
 #[tokio::test]
+async fn media_range_end_past_u64_is_the_end() {
+    let s = TestServer::start().await;
+    let u = s.register("mr_alice", false).await;
+    let data: Vec<u8> = (0..1000u32).map(|i| (i % 251) as u8).collect();
+    let (st, v) = crate::media::upload(&s, Some(&u.token), "application/octet-stream", None, data.clone()).await;
+    assert_eq!(st, 200, "{v}");
+    let mxc = v["content_uri"].as_str().unwrap().strip_prefix("mxc://").unwrap().to_owned();
+    for (range, from) in
+        [("bytes=10-18446744073709551615", 10usize), ("bytes=0-99999999999999999999999999", 0), ("bytes=-99999999999999999999", 0)]
+    {
+        let r = s
+            .http
+            .get(format!("{}/_matrix/client/v1/media/download/{mxc}", s.base))
+            .bearer_auth(&u.token)
+            .header("range", range)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(r.headers()["content-range"].to_str().unwrap(), format!("bytes {from}-999/1000"));
+        assert_eq!(r.bytes().await.unwrap().as_ref(), &data[from..]);
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn keys_query_and_claim_understand_ports() {
     // A server whose own name carries a port: its users are local.
     let s = TestServer::start_with(|c| c.server_name = "localhost:8448".into()).await;
