@@ -522,6 +522,42 @@ async fn keys_query_and_claim_understand_ports() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn second_identical_reaction_is_refused() {
+    let s = TestServer::start().await;
+    let alice = s.register("re_alice", false).await;
+    let bob = s.register("re_bob", false).await;
+    let room = create(&s, &alice, json!({ "preset": "public_chat" })).await;
+    join(&s, &bob, &room).await;
+    let (_, m) = send(&s, &alice, &room, "m.room.message", "m1", json!({ "msgtype": "m.text", "body": "hi" })).await;
+    let target = m["event_id"].as_str().unwrap().to_owned();
+    let thumbs = json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": target, "key": "👍" } });
+
+    let (st, first) = send(&s, &alice, &room, "m.reaction", "r1", thumbs.clone()).await;
+    assert_eq!(st, 200, "{first}");
+    // A retry of the same transaction is answered with the same event, not refused.
+    let (st, retry) = send(&s, &alice, &room, "m.reaction", "r1", thumbs.clone()).await;
+    assert_eq!((st.as_u16(), &retry["event_id"]), (200, &first["event_id"]));
+    // The same annotation again: refused.
+    assert_err(&send(&s, &alice, &room, "m.reaction", "r2", thumbs.clone()).await, 400, "M_DUPLICATE_ANNOTATION");
+    // Another key, or another sender: fine.
+    let heart = json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": target, "key": "❤️" } });
+    assert_eq!(send(&s, &alice, &room, "m.reaction", "r3", heart).await.0, 200);
+    assert_eq!(send(&s, &bob, &room, "m.reaction", "r1", thumbs.clone()).await.0, 200);
+    // Once redacted, the annotation may be sent again.
+    let first_id = first["event_id"].as_str().unwrap();
+    let (st, v) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/redact/{}/x1", enc(&room), enc(first_id)),
+            Some(&alice.token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(send(&s, &alice, &room, "m.reaction", "r4", thumbs).await.0, 200);
+    s.stop().await;
+}
+
 // ---- property tests: user IDs and server names as keys/query reads them -------------------
 
 fn server_name() -> impl Strategy<Value = String> {

@@ -389,9 +389,42 @@ pub async fn send_message(
         return Err(Error::invalid_param("Use the /redact endpoint to redact events"));
     }
     let room = Room::load(&state, &room_id).await?;
+    if event_type == "m.reaction" {
+        refuse_duplicate_annotation(&state, &room, &auth, &txn_id, &body).await?;
+    }
     let ev = NewEvent::message(&event_type, object(body)?);
     let id = rooms::send(&state, &room, &auth.user_id, ev, Some((&auth.device_id, &txn_id))).await?;
     Ok(axum::Json(json!({ "event_id": id })))
+}
+
+/// The spec: a second identical annotation (same sender, target and key) is refused with 400
+/// `M_DUPLICATE_ANNOTATION`. A retry of the very send that made it (same device and txn ID) is
+/// let through, so that the pipeline answers it with the recorded event ID.
+async fn refuse_duplicate_annotation(
+    state: &AppState,
+    room: &Room,
+    auth: &Auth,
+    txn_id: &str,
+    body: &Value,
+) -> ApiResult<()> {
+    let rel = &body["m.relates_to"];
+    let (Some("m.annotation"), Some(target), Some(key)) =
+        (rel["rel_type"].as_str(), rel["event_id"].as_str(), rel["key"].as_str())
+    else {
+        return Ok(());
+    };
+    let Some((device, txn)) = storage::events::own_annotation(&state.db, room.nid, target, &auth.user_id, key).await?
+    else {
+        return Ok(());
+    };
+    if device.as_deref() == Some(&*auth.device_id) && txn.as_deref() == Some(txn_id) {
+        return Ok(());
+    }
+    Err(Error::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "M_DUPLICATE_ANNOTATION",
+        "You already sent this annotation for this event",
+    ))
 }
 
 /// `/rooms/{room_id}/state/{event_type}[/{state_key}]`: the state key may be absent (empty).
