@@ -457,6 +457,32 @@ async fn uia_session_is_bound_to_its_request() {
 // ---- 12. smaller ones ---------------------------------------------------------------------
 
 #[tokio::test]
+async fn third_party_identifiers() {
+    let s = TestServer::start().await;
+    let u = s.register("tp_alice", false).await;
+    assert_err(&s.get("/_matrix/client/v3/account/3pid", None).await, 401, "M_MISSING_TOKEN");
+    let (st, v) = s.get("/_matrix/client/v3/account/3pid", Some(&u.token)).await;
+    assert_eq!((st.as_u16(), v), (200, json!({ "threepids": [] })));
+    let creds = json!({ "client_secret": "d0nt", "sid": "abc123" });
+    for p in ["/_matrix/client/v3/account/3pid/add", "/_matrix/client/v3/account/3pid/bind"] {
+        assert_err(&s.post(p, Some(&u.token), creds.clone()).await, 400, "M_THREEPID_AUTH_FAILED");
+    }
+    let (st, v) = s
+        .post("/_matrix/client/v3/account/3pid/delete", Some(&u.token), json!({ "medium": "email", "address": "a@b.c" }))
+        .await;
+    assert_eq!((st.as_u16(), &v["id_server_unbind_result"]), (200, &json!("no-support")), "{v}");
+    let (st, v) = s
+        .post(
+            "/_matrix/client/v3/account/3pid/email/requestToken",
+            None,
+            json!({ "client_secret": "d0nt", "email": "a@b.c", "send_attempt": 1 }),
+        )
+        .await;
+    assert_eq!((st.as_u16(), &v["errcode"]), (400, &json!("M_THREEPID_MEDIUM_NOT_SUPPORTED")), "{v}");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn media_range_end_past_u64_is_the_end() {
     let s = TestServer::start().await;
     let u = s.register("mr_alice", false).await;

@@ -1,11 +1,13 @@
-//! Account management: whoami, password change, deactivation.
+//! Account management: whoami, password change, deactivation, third-party identifiers.
 
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use axum::http::StatusCode;
+
 use crate::auth::{self, uia};
-use crate::error::ApiResult;
+use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json};
 use crate::state::AppState;
 use crate::{storage, users};
@@ -71,4 +73,38 @@ pub async fn deactivate(
     uia::check_bound(&state, "deactivate", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
     users::deactivate::deactivate(&state, &auth.user_id, body.erase).await?;
     Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
+}
+
+// ---- third-party identifiers ------------------------------------------------------------
+//
+// Parvis binds no third-party identifiers (no e-mail or SMS validation, no identity server):
+// the list is always empty, adding or binding one is refused, and removing one is a no-op.
+
+/// `GET /account/3pid`.
+pub async fn threepids(_auth: Auth) -> axum::Json<Value> {
+    axum::Json(json!({ "threepids": [] }))
+}
+
+/// `POST /account/3pid/add`, `/account/3pid/bind` and the deprecated `POST /account/3pid`: no
+/// validation session can exist (`requestToken` is refused), so the identifier cannot be proved.
+pub async fn add_threepid(_auth: Auth, Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Err(Error::new(
+        StatusCode::BAD_REQUEST,
+        "M_THREEPID_AUTH_FAILED",
+        "This server does not support third-party identifiers: none can be added or bound",
+    ))
+}
+
+/// `POST /account/3pid/delete` and `/account/3pid/unbind`: nothing is bound, nothing to remove.
+pub async fn remove_threepid(_auth: Auth, Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
+}
+
+/// `POST /account/3pid/{medium}/requestToken`: no medium is supported.
+pub async fn threepid_request_token(Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Err(Error::new(
+        StatusCode::BAD_REQUEST,
+        "M_THREEPID_MEDIUM_NOT_SUPPORTED",
+        "This server does not support third-party identifiers",
+    ))
 }
