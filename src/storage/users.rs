@@ -71,9 +71,6 @@ pub async fn set_password_hash(db: impl PgExecutor<'_>, user_id: &str, hash: Opt
 /// transaction. The password hash is kept: login checks the password before saying that the
 /// account is deactivated, so that only its owner learns it.
 pub async fn deactivate(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<()> {
-    sqlx::query("UPDATE users SET deactivated = TRUE WHERE user_id = $1")
-        .bind(user_id)
-        .execute(db)
-        .await?;
+    sqlx::query("UPDATE users SET deactivated = TRUE WHERE user_id = $1").bind(user_id).execute(db).await?;
     Ok(())
 }

@@ -16,8 +16,7 @@ pub async fn deactivate(state: &AppState, user_id: &str, erase: bool) -> ApiResu
     part_all(state, user_id).await?;
     let mut tx = state.db.begin().await?;
     storage::users::deactivate(&mut *tx, user_id).await?;
-    let revoked =
-        storage::devices::delete(&mut *tx, user_id, storage::devices::Selection::AllExcept(None)).await?;
+    let revoked = storage::devices::delete(&mut *tx, user_id, storage::devices::Selection::AllExcept(None)).await?;
     if erase {
         storage::profiles::clear(&mut *tx, user_id).await?;
     }

@@ -66,7 +66,11 @@ async fn join(s: &TestServer, u: &User, room: &str) {
 
 async fn invite(s: &TestServer, by: &User, room: &str, who: &User) {
     let (st, v) = s
-        .post(&format!("/_matrix/client/v3/rooms/{}/invite", enc(room)), Some(&by.token), json!({ "user_id": who.user_id }))
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+            Some(&by.token),
+            json!({ "user_id": who.user_id }),
+        )
         .await;
     assert_eq!(st, 200, "{v}");
 }
@@ -88,8 +92,7 @@ async fn send(s: &TestServer, u: &User, room: &str, kind: &str, txn: &str, conte
 }
 
 async fn query_keys(s: &TestServer, u: &User, who: &str) -> Value {
-    let (st, q) =
-        s.post("/_matrix/client/v3/keys/query", Some(&u.token), json!({ "device_keys": { who: [] } })).await;
+    let (st, q) = s.post("/_matrix/client/v3/keys/query", Some(&u.token), json!({ "device_keys": { who: [] } })).await;
     assert_eq!(st, 200, "{q}");
     q
 }
@@ -168,8 +171,9 @@ async fn deactivation_leaves_rooms_rejects_invites_and_hides_itself() {
         let token = who.token.clone();
         let s = &s;
         async move {
-            let (_, r) =
-                s.post("/_matrix/client/v3/user_directory/search", Some(&token), json!({ "search_term": "partant" })).await;
+            let (_, r) = s
+                .post("/_matrix/client/v3/user_directory/search", Some(&token), json!({ "search_term": "partant" }))
+                .await;
             r["results"].as_array().unwrap().iter().any(|r| r["user_id"] == "@de_partant:localhost")
         }
     };
@@ -179,8 +183,9 @@ async fn deactivation_leaves_rooms_rejects_invites_and_hides_itself() {
     let path = "/_matrix/client/v3/account/deactivate";
     let (st, ch) = s.post(path, Some(&victim.token), json!({})).await;
     assert_eq!(st, 401);
-    let (st, ok) =
-        s.post(path, Some(&victim.token), json!({ "auth": password_auth(&ch["session"], "de_partant", PASSWORD) })).await;
+    let (st, ok) = s
+        .post(path, Some(&victim.token), json!({ "auth": password_auth(&ch["session"], "de_partant", PASSWORD) }))
+        .await;
     assert_eq!(st, 200, "{ok}");
 
     // Every room left, the invite rejected, the knock withdrawn: through real leave events.
@@ -338,9 +343,9 @@ async fn cross_signing_signatures_are_stored_and_verified() {
     let alice = s.register("cs_alice", false).await;
     let bob = s.register("cs_bob", false).await;
     let (kd, km) = (key(41), key(42));
-    let (st, v) =
-        s.post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
-            .await;
+    let (st, v) = s
+        .post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
+        .await;
     assert_eq!(st, 200, "{v}");
     let master = cross_key(&alice, "master", &km);
     let mid = format!("ed25519:{}", public(&km));
@@ -367,7 +372,11 @@ async fn cross_signing_signatures_are_stored_and_verified() {
     // refused, with or without UIA, and nothing of it is served.
     let mut forged = master.clone();
     forged["signatures"] = json!({ &alice.user_id: { &did: b64(&[1u8; 64]) } });
-    assert_err(&s.post(upload_path, Some(&alice.token), json!({ "master_key": forged })).await, 400, "M_INVALID_SIGNATURE");
+    assert_err(
+        &s.post(upload_path, Some(&alice.token), json!({ "master_key": forged })).await,
+        400,
+        "M_INVALID_SIGNATURE",
+    );
     let mut other_device = master.clone();
     sign(&mut other_device, &alice.user_id, "ed25519:NOSUCHDEVICE", &key(43));
     assert_err(
@@ -377,7 +386,11 @@ async fn cross_signing_signatures_are_stored_and_verified() {
     );
     let mut by_bob = master.clone();
     sign(&mut by_bob, &bob.user_id, &format!("ed25519:{}", bob.device_id), &key(44));
-    assert_err(&s.post(upload_path, Some(&alice.token), json!({ "master_key": by_bob })).await, 400, "M_INVALID_SIGNATURE");
+    assert_err(
+        &s.post(upload_path, Some(&alice.token), json!({ "master_key": by_bob })).await,
+        400,
+        "M_INVALID_SIGNATURE",
+    );
     let q = query_keys(&s, &bob, &alice.user_id).await;
     assert_eq!(q["master_keys"][&alice.user_id]["signatures"], json!({ &alice.user_id: { &did: stored_sig } }), "{q}");
 
@@ -468,7 +481,11 @@ async fn third_party_identifiers() {
         assert_err(&s.post(p, Some(&u.token), creds.clone()).await, 400, "M_THREEPID_AUTH_FAILED");
     }
     let (st, v) = s
-        .post("/_matrix/client/v3/account/3pid/delete", Some(&u.token), json!({ "medium": "email", "address": "a@b.c" }))
+        .post(
+            "/_matrix/client/v3/account/3pid/delete",
+            Some(&u.token),
+            json!({ "medium": "email", "address": "a@b.c" }),
+        )
         .await;
     assert_eq!((st.as_u16(), &v["id_server_unbind_result"]), (200, &json!("no-support")), "{v}");
     let (st, v) = s
@@ -490,9 +507,11 @@ async fn media_range_end_past_u64_is_the_end() {
     let (st, v) = crate::media::upload(&s, Some(&u.token), "application/octet-stream", None, data.clone()).await;
     assert_eq!(st, 200, "{v}");
     let mxc = v["content_uri"].as_str().unwrap().strip_prefix("mxc://").unwrap().to_owned();
-    for (range, from) in
-        [("bytes=10-18446744073709551615", 10usize), ("bytes=0-99999999999999999999999999", 0), ("bytes=-99999999999999999999", 0)]
-    {
+    for (range, from) in [
+        ("bytes=10-18446744073709551615", 10usize),
+        ("bytes=0-99999999999999999999999999", 0),
+        ("bytes=-99999999999999999999", 0),
+    ] {
         let r = s
             .http
             .get(format!("{}/_matrix/client/v1/media/download/{mxc}", s.base))
@@ -515,9 +534,9 @@ async fn keys_query_and_claim_understand_ports() {
     let alice = s.register("kp_alice", false).await;
     assert_eq!(alice.user_id, "@kp_alice:localhost:8448");
     let kd = key(51);
-    let (st, v) =
-        s.post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
-            .await;
+    let (st, v) = s
+        .post("/_matrix/client/v3/keys/upload", Some(&alice.token), json!({ "device_keys": device_keys(&alice, &kd) }))
+        .await;
     assert_eq!(st, 200, "{v}");
     let remote = ["@u:example.org:8448", "@u:[::1]:8448", "@u:192.0.2.1:8448", "@u:example.org"];
     let mut wanted = json!({ &alice.user_id: [] });
@@ -541,7 +560,8 @@ async fn keys_query_and_claim_understand_ports() {
     failures.sort();
     assert_eq!(failures, vec!["192.0.2.1:8448", "[::1]:8448", "example.org", "example.org:8448"], "{c}");
     assert_err(
-        &s.post("/_matrix/client/v3/keys/claim", Some(&alice.token), json!({ "one_time_keys": { "nobody": {} } })).await,
+        &s.post("/_matrix/client/v3/keys/claim", Some(&alice.token), json!({ "one_time_keys": { "nobody": {} } }))
+            .await,
         400,
         "M_INVALID_PARAM",
     );

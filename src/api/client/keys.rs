@@ -49,8 +49,15 @@ pub async fn device_signing_upload(
     let upload = e2ee::prepare_signing_upload(&state, &auth.user_id, &body).await?;
     if upload.needs_auth {
         let binding = uia::RequestBinding::new(&line, &body);
-        uia::check_bound(&state, "device_signing_upload", &auth.user_id, &[vec![uia::PASSWORD]], body.get("auth"), binding)
-            .await?;
+        uia::check_bound(
+            &state,
+            "device_signing_upload",
+            &auth.user_id,
+            &[vec![uia::PASSWORD]],
+            body.get("auth"),
+            binding,
+        )
+        .await?;
     }
     e2ee::store_signing_upload(&state, &auth.user_id, upload).await?;
     Ok(axum::Json(json!({})))

@@ -846,8 +846,9 @@ pub async fn put_alias(
     let room = Room::load(&state, &body.room_id).await?;
     // Pointing an alias at a room speaks for it: only its members may (and server admins).
     if !auth.is_admin {
-        let membership = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?;
-        if !membership.is_some_and(|(m, _, _)| m == "join") {
+        let joined =
+            storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.is_some_and(|(m, _, _)| m == "join");
+        if !joined {
             return Err(Error::forbidden("You must be joined to the room to give it an alias"));
         }
     }
@@ -870,9 +871,8 @@ pub async fn delete_alias(
     // canonical alias (as Synapse: being joined is required for the last).
     if creator != *auth.user_id && !auth.is_admin {
         let room = Room::load(&state, &room_id).await?;
-        let joined = storage::rooms::membership(&state.db, room.nid, &auth.user_id)
-            .await?
-            .is_some_and(|(m, _, _)| m == "join");
+        let joined =
+            storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.is_some_and(|(m, _, _)| m == "join");
         let levels = rooms::PowerLevels::load(&state, &room).await?;
         if !joined || levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
             return Err(Error::forbidden("You may not delete this alias"));
