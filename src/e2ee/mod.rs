@@ -341,8 +341,16 @@ pub async fn prepare_signing_upload(state: &AppState, user: &str, body: &Value) 
             to_store.push((kind, k.clone()));
         }
     }
-    // A key already stored with at least these signatures changes nothing.
+    // A key already stored with at least these signatures changes nothing; the same key with new
+    // signatures keeps the ones already stored (they were verified too).
     to_store.retain(|(kind, k)| !current.get(*kind).is_some_and(|c| covers(c, k)));
+    for (kind, k) in &mut to_store {
+        if let Some(stored) = current.get(*kind)
+            && signed_bytes(stored) == signed_bytes(k)
+        {
+            *k = merge_signatures(stored, k);
+        }
+    }
     let needs_auth = current.contains_key("master") && !to_store.is_empty();
     Ok(SigningUpload { to_store, needs_auth })
 }
@@ -371,6 +379,21 @@ fn covers(stored: &Value, uploaded: &Value) -> bool {
     sigs.iter().all(|(signer, by_key)| {
         by_key.as_object().is_some_and(|m| m.iter().all(|(key_id, sig)| stored["signatures"][signer][key_id] == *sig))
     })
+}
+
+/// `uploaded` with the signatures of `stored` it lacks.
+fn merge_signatures(stored: &Value, uploaded: &Value) -> Value {
+    let mut out = uploaded.clone();
+    if let Some(sigs) = stored.get("signatures").and_then(Value::as_object) {
+        for (signer, by_key) in sigs {
+            for (key_id, sig) in by_key.as_object().into_iter().flatten() {
+                if out["signatures"][signer].get(key_id).is_none() {
+                    out["signatures"][signer][key_id] = sig.clone();
+                }
+            }
+        }
+    }
+    out
 }
 
 /// Verifies every signature of an uploaded cross-signing key: each must be the user's own, by

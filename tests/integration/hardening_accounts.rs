@@ -399,8 +399,9 @@ async fn cross_signing_signatures_are_stored_and_verified() {
     let mut again = master.clone();
     again["signatures"] = json!({ &alice.user_id: { &did: stored_sig } });
     assert_eq!(s.post(upload_path, Some(&alice.token), json!({ "master_key": again })).await.0, 200);
-    // A valid new signature (the master key's own) is a change: UIA first, then stored.
-    let mut self_signed = again.clone();
+    // A valid new signature (the master key's own) is a change: UIA first, then stored, with
+    // the device signature stored before (the upload does not repeat it).
+    let mut self_signed = master.clone();
     sign(&mut self_signed, &alice.user_id, &mid, &km);
     let (st, ch) = s.post(upload_path, Some(&alice.token), json!({ "master_key": self_signed })).await;
     assert_eq!(st, 401, "{ch}");
@@ -415,7 +416,8 @@ async fn cross_signing_signatures_are_stored_and_verified() {
         .await;
     assert_eq!(st, 200, "{v}");
     let q = query_keys(&s, &bob, &alice.user_id).await;
-    assert_eq!(q["master_keys"][&alice.user_id]["signatures"], self_signed["signatures"], "{q}");
+    let both = json!({ &alice.user_id: { &did: stored_sig, &mid: self_signed["signatures"][&alice.user_id][&mid] } });
+    assert_eq!(q["master_keys"][&alice.user_id]["signatures"], both, "{q}");
     s.stop().await;
 }
 
