@@ -71,6 +71,12 @@ pub fn router() -> Router<AppState> {
         ("/account/whoami", get(account::whoami)),
         ("/account/password", post(account::change_password)),
         ("/account/deactivate", post(account::deactivate)),
+        ("/account/3pid", get(account::threepids).post(account::add_threepid)),
+        ("/account/3pid/add", post(account::add_threepid)),
+        ("/account/3pid/bind", post(account::add_threepid)),
+        ("/account/3pid/delete", post(account::remove_threepid)),
+        ("/account/3pid/unbind", post(account::remove_threepid)),
+        ("/account/3pid/{medium}/requestToken", post(account::threepid_request_token)),
         ("/devices", get(devices::list)),
         ("/devices/{device_id}", get(devices::get).put(devices::rename).delete(devices::delete)),
         ("/delete_devices", post(devices::delete_many)),
@@ -175,6 +181,7 @@ pub fn router() -> Router<AppState> {
             "/_matrix/client/unstable/im.nheko.summary/rooms/{room_id_or_alias}/summary",
             get(directory::room_summary),
         )
+        .route("/_matrix/client/unstable/im.nheko.summary/summary/{room_id_or_alias}", get(directory::room_summary))
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))

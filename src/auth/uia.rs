@@ -4,9 +4,18 @@
 //! `auth` object. Without a completed flow, `check` answers 401 with the flows, the session and
 //! the stages done so far; once a flow is complete, the session is consumed and the operation
 //! proceeds. Sessions live in PostgreSQL so that successive steps may reach different instances.
+//!
+//! The spec requires the request to stay the same through a session: [`check_bound`] records a
+//! hash of the request ([`RequestBinding`]: method, path, canonical body without `auth`) when the
+//! session starts and refuses a later step made with another request (403 `M_FORBIDDEN`, as
+//! Synapse answers), so that a session started for one operation cannot authorise another.
 
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, OriginalUri};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 
 use crate::error::{ApiResult, Error};
 use crate::state::AppState;
@@ -22,14 +31,125 @@ pub struct UiaOutcome {
     pub registration_token: Option<String>,
 }
 
+/// The method and path of a request, for [`RequestBinding`] (an extractor that never fails).
+pub struct RequestLine {
+    pub method: Method,
+    pub path: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestLine {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let uri = parts.extensions.get::<OriginalUri>().map_or(&parts.uri, |o| &o.0);
+        Ok(RequestLine { method: parts.method.clone(), path: uri.path().to_owned() })
+    }
+}
+
+/// What a UIA session is bound to: SHA-256 of the method, the path and the canonical JSON of the
+/// body without its top-level `auth` (which changes from step to step by design).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestBinding([u8; 32]);
+
+impl RequestBinding {
+    pub fn new(line: &RequestLine, body: &Value) -> Self {
+        let mut h = Sha256::new();
+        h.update(line.method.as_str().as_bytes());
+        h.update(b"\n");
+        h.update(line.path.as_bytes());
+        h.update(b"\n");
+        let mut canonical = String::new();
+        match body {
+            Value::Object(o) => {
+                let mut o = o.clone();
+                o.remove("auth");
+                write_canonical(&Value::Object(o), &mut canonical);
+            }
+            other => write_canonical(other, &mut canonical),
+        }
+        h.update(canonical.as_bytes());
+        RequestBinding(h.finalize().into())
+    }
+}
+
+/// Canonical JSON (object keys sorted by code point, no insignificant white space), whatever
+/// serde_json's map order is.
+fn write_canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(o) => {
+            let mut keys: Vec<&String> = o.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(&o[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(x, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// Deserialises a body already read as JSON into the endpoint's type, with the same
+/// `M_BAD_JSON` (naming the field) as the `Json` extractor.
+pub fn parse_body<T: DeserializeOwned>(body: &Value) -> ApiResult<T> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            Error::bad_json(e.inner().to_string())
+        } else {
+            Error::bad_json(format!("{path}: {}", e.inner()))
+        }
+    })
+}
+
 /// Runs one step of UIA for `purpose` (a stable name of the operation, e.g. `"delete_devices"`),
-/// on behalf of `user_id` (`None` for registration).
+/// on behalf of `user_id`, bound to the request `binding`: the session remembers it, and a step
+/// made with another request is refused.
+pub async fn check_bound(
+    state: &AppState,
+    purpose: &str,
+    user_id: &str,
+    flows: &[Vec<&'static str>],
+    auth: Option<&Value>,
+    binding: RequestBinding,
+) -> ApiResult<UiaOutcome> {
+    run(state, purpose, Some(user_id), flows, auth, Some(binding)).await
+}
+
+/// Runs one step of UIA for `purpose` without binding the session to the request body
+/// (registration: clients may send later stages with a partial body).
 pub async fn check(
     state: &AppState,
     purpose: &str,
     user_id: Option<&str>,
     flows: &[Vec<&'static str>],
     auth: Option<&Value>,
+) -> ApiResult<UiaOutcome> {
+    run(state, purpose, user_id, flows, auth, None).await
+}
+
+async fn run(
+    state: &AppState,
+    purpose: &str,
+    user_id: Option<&str>,
+    flows: &[Vec<&'static str>],
+    auth: Option<&Value>,
+    binding: Option<RequestBinding>,
 ) -> ApiResult<UiaOutcome> {
     let min_ts = now_ms() - (state.config.auth.uia_session_lifetime_secs as i64) * 1000;
     let auth = auth.filter(|a| !a.is_null());
@@ -44,11 +164,16 @@ pub async fn check(
             if s.purpose != purpose || s.user_id.as_deref() != user_id {
                 return Err(Error::forbidden("This UIA session was started for another operation"));
             }
+            if let Some(b) = binding
+                && s.request_hash.as_deref() != Some(&b.0[..])
+            {
+                return Err(Error::forbidden("Requested operation has changed during the UI authentication session"));
+            }
             s
         }
         None => {
             let id = crate::auth::new_token("");
-            storage::uia::create(&state.db, &id, purpose, user_id).await?;
+            storage::uia::create(&state.db, &id, purpose, user_id, binding.as_ref().map(|b| &b.0[..])).await?;
             storage::uia::get(&state.db, &id, min_ts).await?.ok_or_else(Error::internal)?
         }
     };

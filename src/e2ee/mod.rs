@@ -20,12 +20,15 @@ use crate::storage;
 /// To-device messages delivered per sync response.
 pub const TO_DEVICE_PER_SYNC: i64 = 100;
 
-fn is_local(state: &AppState, user: &str) -> bool {
-    user.rsplit_once(':').is_some_and(|(_, s)| s == state.config.server_name)
+/// The server name of a user ID (`@local:server`, where the server name may carry a port and
+/// be an IPv4 or bracketed IPv6 literal), `None` if it is not a valid user ID. The server name
+/// starts after the *first* colon: splitting on the last one would cut a port off.
+pub fn user_server(user: &str) -> Option<&str> {
+    <&ruma::UserId>::try_from(user).ok().map(|u| u.server_name().as_str())
 }
 
-fn server_of(user: &str) -> &str {
-    user.rsplit_once(':').map_or("", |(_, s)| s)
+fn is_local(state: &AppState, user: &str) -> bool {
+    user_server(user) == Some(state.config.server_name.as_str())
 }
 
 /// Canonical JSON of `obj` without `signatures` and `unsigned`: what a signature covers.
@@ -195,13 +198,10 @@ pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiR
     let mut local: Vec<String> = Vec::new();
     let mut devices_wanted: HashMap<String, Option<HashSet<String>>> = HashMap::new();
     for (user, devices) in wanted {
-        if <&ruma::UserId>::try_from(user.as_str()).is_err() {
-            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
-        }
-        if !is_local(state, user) {
+        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
+        if server != state.config.server_name {
             // Federation is not there yet: the remote server is reported unreachable.
-            failures
-                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let list: Option<HashSet<String>> = match devices.as_array() {
@@ -270,9 +270,9 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
     let mut failures = Map::new();
     let mut requests: Vec<(String, String, String)> = Vec::new();
     for (user, devices) in wanted {
-        if !is_local(state, user) {
-            failures
-                .insert(server_of(user).to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
+        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
+        if server != state.config.server_name {
+            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
             continue;
         }
         let devices = devices.as_object().ok_or_else(|| bad("one_time_keys values must be objects"))?;
@@ -299,24 +299,37 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
     Ok(json!({ "one_time_keys": out, "failures": failures }))
 }
 
-/// `POST /keys/device_signing/upload` (after UIA, done by the handler).
-pub async fn upload_signing_keys(state: &AppState, user: &str, body: &Value) -> ApiResult<()> {
+/// A checked `keys/device_signing/upload`: the keys it would store (every signature in them
+/// verified) and whether it needs user-interactive auth.
+#[derive(Debug)]
+pub struct SigningUpload {
+    to_store: Vec<(&'static str, Value)>,
+    /// The spec lets a server skip UIA when the user has no master key yet, or when the upload
+    /// changes nothing. Anything else (another key, or signatures not stored yet) needs it.
+    pub needs_auth: bool,
+}
+
+/// Checks a `keys/device_signing/upload` body before anything is stored (and before UIA).
+/// Self-signing and user-signing keys must be signed by the master key; every signature in an
+/// uploaded key must be the user's own and verify (by the master key, or by one of the user's
+/// devices): an unverifiable signature is refused (`M_INVALID_SIGNATURE`), never stored.
+pub async fn prepare_signing_upload(state: &AppState, user: &str, body: &Value) -> ApiResult<SigningUpload> {
     let current: HashMap<String, Value> = storage::e2ee::cross_signing_keys(&state.db, &[user.to_owned()])
         .await?
         .into_iter()
         .map(|(_, k, v)| (k, v))
         .collect();
-    let master = match body.get("master_key").filter(|v| !v.is_null()) {
-        Some(m) => {
-            check_cross_signing_key(m, user, "master")?;
-            m.clone()
-        }
-        None => current.get("master").cloned().ok_or_else(|| bad("master_key is required for a first upload"))?,
-    };
-    let (master_id, master_pk) = single_key(&master)?;
+    let new_master = body.get("master_key").filter(|v| !v.is_null());
+    if let Some(m) = new_master {
+        check_cross_signing_key(m, user, "master")?;
+    }
+    let master =
+        new_master.or_else(|| current.get("master")).ok_or_else(|| bad("master_key is required for a first upload"))?;
+    let (master_id, master_pk) = single_key(master)?;
     let mut to_store = Vec::new();
-    if body.get("master_key").is_some_and(|v| !v.is_null()) {
-        to_store.push(("master", master.clone()));
+    if let Some(m) = new_master {
+        verify_own_signatures(state, m, user, &master_id, &master_pk, "master_key").await?;
+        to_store.push(("master", m.clone()));
     }
     for (field, kind) in [("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")] {
         if let Some(k) = body.get(field).filter(|v| !v.is_null()) {
@@ -324,14 +337,31 @@ pub async fn upload_signing_keys(state: &AppState, user: &str, body: &Value) -> 
             if !verify(k, user, &master_id, &master_pk) {
                 return Err(Error::invalid_signature(format!("{field} is not signed by the master key")));
             }
+            verify_own_signatures(state, k, user, &master_id, &master_pk, field).await?;
             to_store.push((kind, k.clone()));
         }
     }
-    if to_store.is_empty() {
+    // A key already stored with at least these signatures changes nothing; the same key with new
+    // signatures keeps the ones already stored (they were verified too).
+    to_store.retain(|(kind, k)| !current.get(*kind).is_some_and(|c| covers(c, k)));
+    for (kind, k) in &mut to_store {
+        if let Some(stored) = current.get(*kind)
+            && signed_bytes(stored) == signed_bytes(k)
+        {
+            *k = merge_signatures(stored, k);
+        }
+    }
+    let needs_auth = current.contains_key("master") && !to_store.is_empty();
+    Ok(SigningUpload { to_store, needs_auth })
+}
+
+/// Stores a checked upload (after UIA when it needed it).
+pub async fn store_signing_upload(state: &AppState, user: &str, upload: SigningUpload) -> ApiResult<()> {
+    if upload.to_store.is_empty() {
         return Ok(());
     }
     let mut tx = state.db.begin().await?;
-    for (kind, key) in &to_store {
+    for (kind, key) in &upload.to_store {
         storage::e2ee::set_cross_signing_key(&mut tx, user, kind, key).await?;
     }
     let pos = record_device_list_change(&mut tx, user).await?;
@@ -340,27 +370,68 @@ pub async fn upload_signing_keys(state: &AppState, user: &str, body: &Value) -> 
     Ok(())
 }
 
-/// Whether uploading these cross-signing keys may skip UIA: the spec allows it when the user has
-/// no master key yet, or when the upload changes nothing.
-pub async fn signing_upload_needs_auth(state: &AppState, user: &str, body: &Value) -> ApiResult<bool> {
-    let current: HashMap<String, Value> = storage::e2ee::cross_signing_keys(&state.db, &[user.to_owned()])
-        .await?
-        .into_iter()
-        .map(|(_, k, v)| (k, v))
-        .collect();
-    if !current.contains_key("master") {
-        return Ok(false);
+/// Whether `stored` is the same key as `uploaded` and already carries every signature of it.
+fn covers(stored: &Value, uploaded: &Value) -> bool {
+    if signed_bytes(stored) != signed_bytes(uploaded) {
+        return false;
     }
-    for (field, kind) in
-        [("master_key", "master"), ("self_signing_key", "self_signing"), ("user_signing_key", "user_signing")]
-    {
-        if let Some(k) = body.get(field).filter(|v| !v.is_null())
-            && current.get(kind).map(signed_bytes) != Some(signed_bytes(k))
-        {
-            return Ok(true);
+    let Some(sigs) = uploaded.get("signatures").and_then(Value::as_object) else { return true };
+    sigs.iter().all(|(signer, by_key)| {
+        by_key.as_object().is_some_and(|m| m.iter().all(|(key_id, sig)| stored["signatures"][signer][key_id] == *sig))
+    })
+}
+
+/// `uploaded` with the signatures of `stored` it lacks.
+fn merge_signatures(stored: &Value, uploaded: &Value) -> Value {
+    let mut out = uploaded.clone();
+    if let Some(sigs) = stored.get("signatures").and_then(Value::as_object) {
+        for (signer, by_key) in sigs {
+            for (key_id, sig) in by_key.as_object().into_iter().flatten() {
+                if out["signatures"][signer].get(key_id).is_none() {
+                    out["signatures"][signer][key_id] = sig.clone();
+                }
+            }
         }
     }
-    Ok(false)
+    out
+}
+
+/// Verifies every signature of an uploaded cross-signing key: each must be the user's own, by
+/// the master key (`master_id`) or by one of the user's devices (`ed25519:<device ID>`).
+async fn verify_own_signatures(
+    state: &AppState,
+    key: &Value,
+    user: &str,
+    master_id: &str,
+    master_pk: &str,
+    field: &str,
+) -> ApiResult<()> {
+    let Some(sigs) = key.get("signatures").filter(|v| !v.is_null()) else { return Ok(()) };
+    let sigs = sigs.as_object().ok_or_else(|| bad(format!("{field}.signatures must be an object")))?;
+    for (signer, by_key) in sigs {
+        if signer != user {
+            return Err(Error::invalid_signature(format!(
+                "{field}: signatures by other users cannot be uploaded here (use keys/signatures/upload)"
+            )));
+        }
+        let by_key = by_key.as_object().ok_or_else(|| bad(format!("{field}.signatures values must be objects")))?;
+        for key_id in by_key.keys() {
+            let ok = if key_id == master_id {
+                verify(key, user, key_id, master_pk)
+            } else if let Some(device) = key_id.strip_prefix("ed25519:") {
+                match storage::e2ee::device_keys(&state.db, user, device).await? {
+                    Some(dk) => dk["keys"][key_id].as_str().is_some_and(|pk| verify(key, user, key_id, pk)),
+                    None => false,
+                }
+            } else {
+                false
+            };
+            if !ok {
+                return Err(Error::invalid_signature(format!("{field}: the signature by {key_id} does not verify")));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_cross_signing_key(k: &Value, user: &str, usage: &str) -> ApiResult<()> {

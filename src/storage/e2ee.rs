@@ -72,8 +72,12 @@ pub async fn sign_device_keys(
     signature: &str,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE device_keys SET keys = jsonb_set(keys, ARRAY['signatures', $3],
-             COALESCE(keys -> 'signatures' -> $3, '{}'::jsonb) || jsonb_build_object($4::text, $5::text))
+        "UPDATE device_keys SET keys = keys || jsonb_build_object('signatures',
+             CASE WHEN jsonb_typeof(keys -> 'signatures') = 'object' THEN keys -> 'signatures' ELSE '{}'::jsonb END
+             || jsonb_build_object($3::text,
+                  CASE WHEN jsonb_typeof(keys -> 'signatures' -> $3) = 'object'
+                       THEN keys -> 'signatures' -> $3 ELSE '{}'::jsonb END
+                  || jsonb_build_object($4::text, $5::text)))
          WHERE user_id = $1 AND device_id = $2",
     )
     .bind(user_id)
@@ -278,7 +282,8 @@ pub async fn set_cross_signing_key(
     Ok(())
 }
 
-/// Adds a signature to a user's cross-signing key.
+/// Adds a signature to a user's cross-signing key, creating `signatures` and the signer's
+/// object when missing (`jsonb_set` would silently do nothing then).
 pub async fn sign_cross_signing_key(
     conn: &mut PgConnection,
     user_id: &str,
@@ -288,8 +293,12 @@ pub async fn sign_cross_signing_key(
     signature: &str,
 ) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE cross_signing_keys SET key_json = jsonb_set(key_json, ARRAY['signatures', $3],
-             COALESCE(key_json -> 'signatures' -> $3, '{}'::jsonb) || jsonb_build_object($4::text, $5::text))
+        "UPDATE cross_signing_keys SET key_json = key_json || jsonb_build_object('signatures',
+             CASE WHEN jsonb_typeof(key_json -> 'signatures') = 'object' THEN key_json -> 'signatures' ELSE '{}'::jsonb END
+             || jsonb_build_object($3::text,
+                  CASE WHEN jsonb_typeof(key_json -> 'signatures' -> $3) = 'object'
+                       THEN key_json -> 'signatures' -> $3 ELSE '{}'::jsonb END
+                  || jsonb_build_object($4::text, $5::text)))
          WHERE user_id = $1 AND key_type = $2",
     )
     .bind(user_id)

@@ -283,6 +283,30 @@ pub async fn relations_page(
     .await
 }
 
+/// The sender's live (unredacted) `m.reaction` annotating `target` with `key`, if any, as the
+/// `(txn_device, txn_id)` it was sent with (one lookup on `events_annotations`).
+pub async fn own_annotation(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    target: &str,
+    sender: &str,
+    key: &str,
+) -> sqlx::Result<Option<(Option<String>, Option<String>)>> {
+    sqlx::query_as(
+        "SELECT txn_device, txn_id FROM events
+         WHERE relates_to = $2 AND sender = $3 AND rel_type = 'm.annotation' AND room_nid = $1
+           AND event_type = 'm.reaction' AND redacted_by IS NULL
+           AND json::jsonb -> 'content' -> 'm.relates_to' ->> 'key' = $4
+         LIMIT 1",
+    )
+    .bind(room_nid)
+    .bind(target)
+    .bind(sender)
+    .bind(key)
+    .fetch_optional(db)
+    .await
+}
+
 /// Thread roots of a room ordered by latest activity (newest first), before `before` (the
 /// stream position of a thread's latest reply), optionally only threads `user` took part in.
 pub async fn thread_roots(

@@ -12,6 +12,9 @@ pub struct UiaSession {
     pub completed: sqlx::types::Json<Vec<String>>,
     pub registration_token: Option<String>,
     pub created_ts: i64,
+    /// SHA-256 of the request that started the session (see `auth::uia::RequestBinding`);
+    /// `None` for registration and for sessions from before migration 0012.
+    pub request_hash: Option<Vec<u8>>,
 }
 
 pub async fn create(
@@ -19,14 +22,18 @@ pub async fn create(
     session_id: &str,
     purpose: &str,
     user_id: Option<&str>,
+    request_hash: Option<&[u8]>,
 ) -> sqlx::Result<()> {
-    sqlx::query("INSERT INTO uia_sessions (session_id, purpose, user_id, created_ts) VALUES ($1, $2, $3, $4)")
-        .bind(session_id)
-        .bind(purpose)
-        .bind(user_id)
-        .bind(now_ms())
-        .execute(db)
-        .await?;
+    sqlx::query(
+        "INSERT INTO uia_sessions (session_id, purpose, user_id, created_ts, request_hash) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(session_id)
+    .bind(purpose)
+    .bind(user_id)
+    .bind(now_ms())
+    .bind(request_hash)
+    .execute(db)
+    .await?;
     Ok(())
 }
 

@@ -67,12 +67,10 @@ pub async fn set_password_hash(db: impl PgExecutor<'_>, user_id: &str, hash: Opt
     Ok(())
 }
 
-/// Marks the account deactivated and removes its password; devices and tokens are removed by
-/// the caller in the same transaction.
+/// Marks the account deactivated; devices and tokens are removed by the caller in the same
+/// transaction. The password hash is kept: login checks the password before saying that the
+/// account is deactivated, so that only its owner learns it.
 pub async fn deactivate(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<()> {
-    sqlx::query("UPDATE users SET deactivated = TRUE, password_hash = NULL WHERE user_id = $1")
-        .bind(user_id)
-        .execute(db)
-        .await?;
+    sqlx::query("UPDATE users SET deactivated = TRUE WHERE user_id = $1").bind(user_id).execute(db).await?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! Accounts: user ID rules, account creation, passwords and profiles.
 
+pub mod deactivate;
 pub mod directory;
 pub mod password;
 pub mod profile;

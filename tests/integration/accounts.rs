@@ -393,7 +393,8 @@ async fn change_password_with_uia() {
     // logout_devices: false keeps the other sessions.
     let (_, third) = s.login("jeanne", new, json!({})).await;
     let third = user_from(&third);
-    let (_, ch) = s.post(path, Some(&me.token), json!({ "new_password": PASSWORD })).await;
+    // (The request stays the same through a UIA session, as the spec requires.)
+    let (_, ch) = s.post(path, Some(&me.token), json!({ "new_password": PASSWORD, "logout_devices": false })).await;
     let (st, _) = s
         .post(path, Some(&me.token), json!({ "new_password": PASSWORD, "logout_devices": false, "auth": password_auth(&ch["session"], "@jeanne:localhost", new) }))
         .await;
@@ -409,7 +410,7 @@ async fn deactivate_account() {
     let (_, other) = s.login("partant", PASSWORD, json!({})).await;
     let other = user_from(&other);
     let path = "/_matrix/client/v3/account/deactivate";
-    let (st, ch) = s.post(path, Some(&me.token), json!({})).await;
+    let (st, ch) = s.post(path, Some(&me.token), json!({ "erase": true })).await;
     assert_eq!(st, 401);
     let (st, ok) = s
         .post(

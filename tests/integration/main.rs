@@ -11,6 +11,7 @@ mod e2ee;
 mod ephemeral;
 mod errors_limits;
 mod filters;
+mod hardening_accounts;
 mod media;
 mod presence;
 mod push;

@@ -1,14 +1,15 @@
-//! Account management: whoami, password change, deactivation.
+//! Account management: whoami, password change, deactivation, third-party identifiers.
 
 use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use axum::http::StatusCode;
+
 use crate::auth::{self, uia};
-use crate::error::ApiResult;
+use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json};
 use crate::state::AppState;
-use crate::users::profile::{ProfileChange, after_profile_change};
 use crate::{storage, users};
 
 pub async fn whoami(auth: Auth) -> axum::Json<Value> {
@@ -38,10 +39,13 @@ fn yes() -> bool {
 pub async fn change_password(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<PasswordBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    let body: PasswordBody = uia::parse_body(&raw)?;
     users::check_password_policy(&state, &body.new_password)?;
-    uia::check(&state, "change_password", Some(&auth.user_id), &password_flow(), body.auth.as_ref()).await?;
+    let binding = uia::RequestBinding::new(&line, &raw);
+    uia::check_bound(&state, "change_password", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
     let hash = state.passwords.hash(&body.new_password).await?;
     storage::users::set_password_hash(&state.db, &auth.user_id, Some(&hash)).await?;
     if body.logout_devices {
@@ -61,23 +65,46 @@ pub struct DeactivateBody {
 pub async fn deactivate(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<DeactivateBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
-    uia::check(&state, "deactivate", Some(&auth.user_id), &password_flow(), body.auth.as_ref()).await?;
-    let mut tx = state.db.begin().await?;
-    storage::users::deactivate(&mut *tx, &auth.user_id).await?;
-    let revoked =
-        storage::devices::delete(&mut *tx, &auth.user_id, storage::devices::Selection::AllExcept(None)).await?;
-    if body.erase {
-        storage::profiles::clear(&mut *tx, &auth.user_id).await?;
-    }
-    storage::directory::remove_user(&mut *tx, &auth.user_id).await?;
-    tx.commit().await?;
-    state.auth.evict(&revoked).await;
-    state.auth.evict_one(&auth.token_hash).await;
-    if body.erase {
-        after_profile_change(&state, ProfileChange { user_id: auth.user_id.to_string(), profile: Default::default() });
-    }
-    tracing::info!(user_id = %auth.user_id, erase = body.erase, "account deactivated");
+    let body: DeactivateBody = uia::parse_body(&raw)?;
+    let binding = uia::RequestBinding::new(&line, &raw);
+    uia::check_bound(&state, "deactivate", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
+    users::deactivate::deactivate(&state, &auth.user_id, body.erase).await?;
     Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
+}
+
+// ---- third-party identifiers ------------------------------------------------------------
+//
+// Parvis binds no third-party identifiers (no e-mail or SMS validation, no identity server):
+// the list is always empty, adding or binding one is refused, and removing one is a no-op.
+
+/// `GET /account/3pid`.
+pub async fn threepids(_auth: Auth) -> axum::Json<Value> {
+    axum::Json(json!({ "threepids": [] }))
+}
+
+/// `POST /account/3pid/add`, `/account/3pid/bind` and the deprecated `POST /account/3pid`: no
+/// validation session can exist (`requestToken` is refused), so the identifier cannot be proved.
+pub async fn add_threepid(_auth: Auth, Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Err(Error::new(
+        StatusCode::BAD_REQUEST,
+        "M_THREEPID_AUTH_FAILED",
+        "This server does not support third-party identifiers: none can be added or bound",
+    ))
+}
+
+/// `POST /account/3pid/delete` and `/account/3pid/unbind`: nothing is bound, nothing to remove.
+pub async fn remove_threepid(_auth: Auth, Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
+}
+
+/// `POST /account/3pid/{medium}/requestToken`: no medium is supported.
+pub async fn threepid_request_token(Json(_body): Json<Value>) -> ApiResult<axum::Json<Value>> {
+    Err(Error::new(
+        StatusCode::BAD_REQUEST,
+        "M_THREEPID_MEDIUM_NOT_SUPPORTED",
+        "This server does not support third-party identifiers",
+    ))
 }

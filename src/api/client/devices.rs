@@ -71,9 +71,12 @@ pub async fn delete(
     State(state): State<AppState>,
     auth: Auth,
     Path(device_id): Path<String>,
-    Json(body): Json<DeleteBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
-    delete_with_uia(&state, &auth, vec![device_id], body.auth.as_ref()).await
+    let body: DeleteBody = uia::parse_body(&raw)?;
+    let binding = uia::RequestBinding::new(&line, &raw);
+    delete_with_uia(&state, &auth, vec![device_id], body.auth.as_ref(), binding).await
 }
 
 #[derive(Deserialize)]
@@ -85,21 +88,27 @@ pub struct DeleteManyBody {
 pub async fn delete_many(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<DeleteManyBody>,
+    line: uia::RequestLine,
+    Json(raw): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    let body: DeleteManyBody = uia::parse_body(&raw)?;
     if body.devices.len() > 1000 {
         return Err(Error::invalid_param("At most 1000 devices at once"));
     }
-    delete_with_uia(&state, &auth, body.devices, body.auth.as_ref()).await
+    let binding = uia::RequestBinding::new(&line, &raw);
+    delete_with_uia(&state, &auth, body.devices, body.auth.as_ref(), binding).await
 }
 
+/// UIA bound to the request: a session started for deleting some devices cannot complete the
+/// deletion of others.
 async fn delete_with_uia(
     state: &AppState,
     auth: &Auth,
     devices: Vec<String>,
     uia_auth: Option<&Value>,
+    binding: uia::RequestBinding,
 ) -> ApiResult<axum::Json<Value>> {
-    uia::check(state, "delete_devices", Some(&auth.user_id), &[vec![uia::PASSWORD]], uia_auth).await?;
+    uia::check_bound(state, "delete_devices", &auth.user_id, &[vec![uia::PASSWORD]], uia_auth, binding).await?;
     // Deleting a device that does not exist is not an error (the outcome is the same).
     auth::delete_devices(state, &auth.user_id, &devices).await?;
     Ok(axum::Json(json!({})))

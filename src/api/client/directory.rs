@@ -256,20 +256,24 @@ pub async fn report_room(
 }
 
 /// Room summary (MSC3266, spec v1.15): a preview of a room the user may or may not be in.
+///
+/// Who may see it follows MSC3266 (the `/hierarchy` rules): anyone, without a token, when the
+/// room is `world_readable` or anyone may ask to enter (join rule `public`, `knock`,
+/// `knock_restricted`); otherwise only its members (joined, invited, knocking) and, for a
+/// `restricted` room, users joined to one of the rooms its join rule allows. Anyone else gets the
+/// same 404 `M_NOT_FOUND` as for a room that does not exist: the room's existence is not divulged.
 pub async fn room_summary(
     State(state): State<AppState>,
     MaybeAuth(auth): MaybeAuth,
     Path(id_or_alias): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
+    let not_found = || Error::not_found("Room not found");
     let room_id = if id_or_alias.starts_with('#') {
-        storage::rooms::resolve_alias(&state.db, &id_or_alias)
-            .await?
-            .ok_or_else(|| Error::not_found("Room alias not found"))?
-            .0
+        storage::rooms::resolve_alias(&state.db, &id_or_alias).await?.ok_or_else(not_found)?.0
     } else {
         id_or_alias
     };
-    let row = storage::rooms::by_id(&state.db, &room_id).await?.ok_or_else(|| Error::not_found("Unknown room"))?;
+    let row = storage::rooms::by_id(&state.db, &room_id).await?.ok_or_else(not_found)?;
     let room = Room::from_row(&row)?;
     let keys: Vec<(String, String)> = [
         "m.room.name",
@@ -293,17 +297,32 @@ pub async fn room_summary(
     let join_rule = s.get("m.room.join_rules").and_then(|c| c["join_rule"].as_str()).unwrap_or("invite").to_owned();
     let world_readable =
         s.get("m.room.history_visibility").is_some_and(|c| c["history_visibility"] == "world_readable");
+    let allowed_room_ids: Vec<String> = match join_rule.as_str() {
+        "restricted" | "knock_restricted" => s
+            .get("m.room.join_rules")
+            .and_then(|c| c["allow"].as_array())
+            .map(|a| {
+                a.iter()
+                    .filter(|x| x["type"] == "m.room_membership")
+                    .filter_map(|x| x["room_id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let membership = match &auth {
         Some(a) => storage::rooms::membership(&state.db, room.nid, &a.user_id).await?.map(|(m, _, _)| m),
         None => None,
     };
-    // Visible to members and invitees, and to anyone for rooms one could join or peek into.
     let previewable = world_readable
-        || row.is_public
-        || matches!(join_rule.as_str(), "public" | "knock" | "knock_restricted" | "restricted")
-        || matches!(membership.as_deref(), Some("join" | "invite" | "knock"));
+        || matches!(join_rule.as_str(), "public" | "knock" | "knock_restricted")
+        || matches!(membership.as_deref(), Some("join" | "invite" | "knock"))
+        || match &auth {
+            Some(a) if join_rule == "restricted" => joined_to_any(&state, &a.user_id, &allowed_room_ids).await?,
+            _ => false,
+        };
     if !previewable {
-        return Err(Error::not_found("Room not found or not previewable"));
+        return Err(not_found());
     }
     let joined = storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await?.len();
     let mut out = json!({
@@ -327,8 +346,24 @@ pub async fn room_summary(
             out[key] = json!(v);
         }
     }
-    if let Some(m) = membership {
-        out["membership"] = json!(m);
+    if !allowed_room_ids.is_empty() {
+        out["allowed_room_ids"] = json!(allowed_room_ids);
+    }
+    // Required when authenticated, absent otherwise.
+    if auth.is_some() {
+        out["membership"] = json!(membership.as_deref().unwrap_or("leave"));
     }
     Ok(axum::Json(out))
+}
+
+/// Whether `user` is joined to one of `room_ids` (the rooms a restricted join rule allows).
+async fn joined_to_any(state: &AppState, user: &str, room_ids: &[String]) -> ApiResult<bool> {
+    for id in room_ids {
+        if let Some(r) = storage::rooms::by_id(&state.db, id).await?
+            && storage::rooms::membership(&state.db, r.room_nid, user).await?.is_some_and(|(m, _, _)| m == "join")
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

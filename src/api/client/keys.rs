@@ -38,14 +38,28 @@ pub async fn changes(State(state): State<AppState>, auth: Auth, Query(q): Query<
     Ok(axum::Json(json!({ "changed": changed, "left": left })))
 }
 
-pub async fn device_signing_upload(State(state): State<AppState>, auth: Auth, Json(body): Json<Value>) -> JsonResult {
-    // A first upload (no master key yet) or an upload that changes nothing needs no
-    // authentication; replacing keys does.
-    if e2ee::signing_upload_needs_auth(&state, &auth.user_id, &body).await? {
-        uia::check(&state, "device_signing_upload", Some(&auth.user_id), &[vec![uia::PASSWORD]], body.get("auth"))
-            .await?;
+pub async fn device_signing_upload(
+    State(state): State<AppState>,
+    auth: Auth,
+    line: uia::RequestLine,
+    Json(body): Json<Value>,
+) -> JsonResult {
+    // Everything is checked (signatures verified) first; a first upload, or one that changes
+    // nothing, needs no authentication; anything else does, bound to this very request.
+    let upload = e2ee::prepare_signing_upload(&state, &auth.user_id, &body).await?;
+    if upload.needs_auth {
+        let binding = uia::RequestBinding::new(&line, &body);
+        uia::check_bound(
+            &state,
+            "device_signing_upload",
+            &auth.user_id,
+            &[vec![uia::PASSWORD]],
+            body.get("auth"),
+            binding,
+        )
+        .await?;
     }
-    e2ee::upload_signing_keys(&state, &auth.user_id, &body).await?;
+    e2ee::store_signing_upload(&state, &auth.user_id, upload).await?;
     Ok(axum::Json(json!({})))
 }
 

@@ -58,13 +58,16 @@ pub async fn login(
     state.rate_limits.check(&state.rate_limits.login_per_account, &user_id)?;
 
     let user = storage::users::get(&state.db, &user_id).await?;
-    if user.as_ref().is_some_and(|u| u.deactivated) {
-        return Err(Error::user_deactivated());
-    }
+    // The password is always checked first (against a dummy hash for unknown users): a wrong
+    // password gets the same answer, in the same time, whether the account exists, is active or
+    // is deactivated. Only the right password learns that the account is deactivated.
     let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
     if !state.passwords.verify(password, hash).await {
         tracing::info!(user_id, "failed login");
         return Err(Error::forbidden("Invalid username or password"));
+    }
+    if user.as_ref().is_some_and(|u| u.deactivated) {
+        return Err(Error::user_deactivated());
     }
     let (device_id, tokens) = auth::start_device_session(
         &state,

@@ -89,8 +89,19 @@ fn content_type_header(v: &str) -> HeaderValue {
     HeaderValue::from_str(v).unwrap_or(HeaderValue::from_static("application/octet-stream"))
 }
 
+/// A byte position of a `Range` header: digits only; a value past `u64` saturates (RFC 9110
+/// puts no bound on it, and any position past the content means "to the end").
+fn range_pos(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(s.parse::<u64>().unwrap_or(u64::MAX))
+}
+
 /// A single byte range of `Range: bytes=...` over `size` bytes: `Ok(None)` to serve the whole
 /// content (no header, several ranges or a syntax this does not handle), `Err` if unsatisfiable.
+/// A last position at or past the end (however large) is the end of the content (RFC 9110
+/// §14.1.2), and so is a suffix longer than the content.
 fn parse_range(header: Option<&HeaderValue>, size: u64) -> Result<Option<std::ops::Range<u64>>, ()> {
     let Some(spec) = header.and_then(|v| v.to_str().ok()).and_then(|v| v.trim().strip_prefix("bytes=")) else {
         return Ok(None);
@@ -101,18 +112,18 @@ fn parse_range(header: Option<&HeaderValue>, size: u64) -> Result<Option<std::op
     let Some((a, b)) = spec.split_once('-') else { return Ok(None) };
     let (a, b) = (a.trim(), b.trim());
     let range = if a.is_empty() {
-        let Ok(n) = b.parse::<u64>() else { return Ok(None) };
+        let Some(n) = range_pos(b) else { return Ok(None) };
         if n == 0 {
             return Err(());
         }
         size.saturating_sub(n)..size
     } else {
-        let Ok(start) = a.parse::<u64>() else { return Ok(None) };
+        let Some(start) = range_pos(a) else { return Ok(None) };
         let end = if b.is_empty() {
             size
         } else {
-            match b.parse::<u64>() {
-                Ok(e) if e >= start => (e + 1).min(size),
+            match range_pos(b) {
+                Some(e) if e >= start => e.saturating_add(1).min(size),
                 _ => return Ok(None),
             }
         };
@@ -393,5 +404,11 @@ mod tests {
         assert_eq!(parse_range(Some(&h("bytes=0-1,5-6")), 100), Ok(None));
         assert_eq!(parse_range(Some(&h("items=0-1")), 100), Ok(None));
         assert_eq!(parse_range(None, 100), Ok(None));
+        // Positions past u64 or at u64::MAX mean "to the end"; they never wrap.
+        assert_eq!(parse_range(Some(&h("bytes=0-18446744073709551615")), 100), Ok(Some(0..100)));
+        assert_eq!(parse_range(Some(&h("bytes=5-99999999999999999999999")), 100), Ok(Some(5..100)));
+        assert_eq!(parse_range(Some(&h("bytes=-99999999999999999999999")), 100), Ok(Some(0..100)));
+        assert_eq!(parse_range(Some(&h("bytes=99999999999999999999999-")), 100), Err(()));
+        assert_eq!(parse_range(Some(&h("bytes=+1-5")), 100), Ok(None));
     }
 }

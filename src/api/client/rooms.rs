@@ -389,11 +389,44 @@ pub async fn send_message(
         return Err(Error::invalid_param("Use the /redact endpoint to redact events"));
     }
     let room = Room::load(&state, &room_id).await?;
+    if event_type == "m.reaction" {
+        refuse_duplicate_annotation(&state, &room, &auth, &txn_id, &body).await?;
+    }
     let ev = NewEvent::message(&event_type, object(body)?);
     let scope = rooms::txn_scope(&["rooms", &room_id, "send", &event_type]);
     let txn = rooms::ClientTxn { device: &auth.device_id, scope: &scope, id: &txn_id };
     let id = rooms::send(&state, &room, &auth.user_id, ev, Some(txn)).await?;
     Ok(axum::Json(json!({ "event_id": id })))
+}
+
+/// The spec: a second identical annotation (same sender, target and key) is refused with 400
+/// `M_DUPLICATE_ANNOTATION`. A retry of the very send that made it (same device and txn ID) is
+/// let through, so that the pipeline answers it with the recorded event ID.
+async fn refuse_duplicate_annotation(
+    state: &AppState,
+    room: &Room,
+    auth: &Auth,
+    txn_id: &str,
+    body: &Value,
+) -> ApiResult<()> {
+    let rel = &body["m.relates_to"];
+    let (Some("m.annotation"), Some(target), Some(key)) =
+        (rel["rel_type"].as_str(), rel["event_id"].as_str(), rel["key"].as_str())
+    else {
+        return Ok(());
+    };
+    let Some((device, txn)) = storage::events::own_annotation(&state.db, room.nid, target, &auth.user_id, key).await?
+    else {
+        return Ok(());
+    };
+    if device.as_deref() == Some(&*auth.device_id) && txn.as_deref() == Some(txn_id) {
+        return Ok(());
+    }
+    Err(Error::new(
+        axum::http::StatusCode::BAD_REQUEST,
+        "M_DUPLICATE_ANNOTATION",
+        "You already sent this annotation for this event",
+    ))
 }
 
 /// `/rooms/{room_id}/state/{event_type}[/{state_key}]`: the state key may be absent (empty).
@@ -815,6 +848,14 @@ pub async fn put_alias(
 ) -> ApiResult<axum::Json<Value>> {
     check_local_alias(&state, &alias)?;
     let room = Room::load(&state, &body.room_id).await?;
+    // Pointing an alias at a room speaks for it: only its members may (and server admins).
+    if !auth.is_admin {
+        let joined =
+            storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.is_some_and(|(m, _, _)| m == "join");
+        if !joined {
+            return Err(Error::forbidden("You must be joined to the room to give it an alias"));
+        }
+    }
     if !storage::rooms::insert_alias(&state.db, &alias, room.nid, &auth.user_id).await? {
         return Err(Error::new(axum::http::StatusCode::CONFLICT, "M_UNKNOWN", "Room alias already exists"));
     }
@@ -830,10 +871,14 @@ pub async fn delete_alias(
     let (room_id, _, creator) = storage::rooms::resolve_alias(&state.db, &alias)
         .await?
         .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    // The alias's creator, a server admin, or a member of the room with the power to change its
+    // canonical alias (as Synapse: being joined is required for the last).
     if creator != *auth.user_id && !auth.is_admin {
         let room = Room::load(&state, &room_id).await?;
+        let joined =
+            storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.is_some_and(|(m, _, _)| m == "join");
         let levels = rooms::PowerLevels::load(&state, &room).await?;
-        if levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
+        if !joined || levels.of(&auth.user_id) < levels.state_event("m.room.canonical_alias") {
             return Err(Error::forbidden("You may not delete this alias"));
         }
     }
