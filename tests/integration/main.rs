@@ -19,3 +19,4 @@ mod rooms;
 mod rooms_more;
 mod sdk;
 mod sync;
+mod visibility;
