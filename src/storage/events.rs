@@ -216,6 +216,16 @@ pub async fn page(
         .await
 }
 
+/// The state group after the event of a room at a stream position.
+pub async fn state_after_at(db: impl PgExecutor<'_>, room_nid: i64, stream: i64) -> sqlx::Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT state_after FROM events WHERE room_nid = $1 AND stream_ordering = $2")
+        .bind(room_nid)
+        .bind(stream)
+        .fetch_optional(db)
+        .await?
+        .flatten())
+}
+
 /// Relations pointing at any of `targets` (excluding redacted ones), oldest first.
 pub async fn relations_to(
     db: impl PgExecutor<'_>,

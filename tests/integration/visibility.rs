@@ -113,10 +113,11 @@ async fn rejoin_does_not_leak_the_gap() {
     srv.stop().await;
 }
 
-/// An incremental sync whose token predates a leave and a rejoin: the gap stays hidden.
+/// An incremental sync whose token predates a leave and a rejoin: the gap stays hidden, also
+/// when the room became `shared` before the rejoin (the gap was sent under `joined`).
 #[tokio::test]
 async fn incremental_sync_over_a_rejoin() {
-    for cache in [true, false] {
+    for (cache, reopen) in [(true, false), (false, false), (true, true), (false, true)] {
         let srv = TestServer::start_with(|c| {
             if !cache {
                 c.sync.room_cache_mb = 0
@@ -130,11 +131,14 @@ async fn incremental_sync_over_a_rejoin() {
         let t0 = sync(&srv, &bob, None, None, 0).await;
         act(&srv, &bob, &room, "leave", json!({})).await;
         send_text(&srv, &alice, &room, "gap").await;
+        if reopen {
+            set_visibility(&srv, &alice, &room, "shared").await;
+        }
         act(&srv, &bob, &room, "join", json!({})).await;
         send_text(&srv, &alice, &room, "back").await;
         let v = sync(&srv, &bob, t0["next_batch"].as_str(), None, 0).await;
         let tl = &v["rooms"]["join"][&room]["timeline"]["events"];
-        assert_eq!(bodies(tl), s(&["back"]), "cache {cache}: {v}");
+        assert_eq!(bodies(tl), s(&["back"]), "cache {cache}, reopened {reopen}: {v}");
         srv.stop().await;
     }
 }
@@ -423,6 +427,16 @@ async fn state_of_departed_members() {
 
     assert_err(&srv.get(&room_path(&room, "state"), Some(&dave.token)).await, 403, "M_FORBIDDEN");
     assert_err(&srv.get(&room_path(&room, "members"), Some(&dave.token)).await, 403, "M_FORBIDDEN");
+
+    // Invited again and rejecting: still the state when bob's membership `join` ended, not the
+    // state at the rejection.
+    act(&srv, &alice, &room, "invite", json!({ "user_id": bob.user_id })).await;
+    act(&srv, &bob, &room, "leave", json!({})).await;
+    let (st, name) = srv.get(&room_path(&room, "state/m.room.name/"), Some(&bob.token)).await;
+    assert_eq!(st, 200, "{name}");
+    assert_eq!(name["name"], "Avant");
+    let (_, members) = srv.get(&room_path(&room, "members"), Some(&bob.token)).await;
+    assert!(!members.to_string().contains(&dave.user_id), "{members}");
     srv.stop().await;
 }
 

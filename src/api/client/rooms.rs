@@ -474,11 +474,11 @@ pub async fn redact(
 async fn readable_state_group(state: &AppState, room: &Room, user: &str) -> ApiResult<Option<i64>> {
     match storage::rooms::membership(&state.db, room.nid, user).await? {
         Some((m, _, _)) if m == "join" => return Ok(None),
-        Some((m, event_nid, stream)) if m == "leave" || m == "ban" => {
+        Some((m, _, _)) if m == "leave" || m == "ban" => {
+            // The state when their last membership `join` ended (not a later invite's end).
             let viewer = Viewer::load(state, room, user).await?;
-            if viewer.departed_from_join() == Some(stream) {
-                let ev = storage::events::by_nids(&state.db, &[event_nid]).await?;
-                return Ok(ev.first().and_then(|e| e.state_after));
+            if let Some(departure) = viewer.departed_from_join() {
+                return Ok(storage::events::state_after_at(&state.db, room.nid, departure).await?);
             }
         }
         _ => {}
