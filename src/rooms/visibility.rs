@@ -314,3 +314,151 @@ impl Ignored {
         row.state_key.is_none() && self.0.as_ref().is_some_and(|s| s.ignored.contains(&row.sender))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+
+    const USER: &str = "@v:example.org";
+
+    /// One event of a linear history, as the model sees it.
+    #[derive(Clone, Debug)]
+    enum Ev {
+        Message,
+        /// `m.room.history_visibility` with this value (possibly not a known one).
+        SetVis(&'static str),
+        /// The viewer's own member event with this membership.
+        Own(&'static str),
+        /// Someone else's member event.
+        Other(&'static str),
+    }
+
+    fn ev() -> impl Strategy<Value = Ev> {
+        let vis = prop_oneof![
+            Just("world_readable"),
+            Just("shared"),
+            Just("invited"),
+            Just("joined"),
+            Just("bogus")
+        ];
+        let mem = || prop_oneof![Just("join"), Just("invite"), Just("leave"), Just("ban"), Just("knock")];
+        prop_oneof![
+            2 => Just(Ev::Message),
+            1 => vis.prop_map(Ev::SetVis),
+            2 => mem().prop_map(Ev::Own),
+            1 => mem().prop_map(Ev::Other),
+        ]
+    }
+
+    fn row(i: usize, e: &Ev) -> EventRow {
+        let (kind, key, content) = match e {
+            Ev::Message => ("m.room.message", None, json!({ "body": "x" })),
+            Ev::SetVis(v) => (HISTORY_VISIBILITY, Some(""), json!({ "history_visibility": v })),
+            Ev::Own(m) => ("m.room.member", Some(USER), json!({ "membership": m })),
+            Ev::Other(m) => ("m.room.member", Some("@o:example.org"), json!({ "membership": m })),
+        };
+        EventRow {
+            event_nid: i as i64,
+            event_id: format!("${i}"),
+            room_nid: 1,
+            stream_ordering: i as i64,
+            depth: i as i64,
+            event_type: kind.into(),
+            state_key: key.map(str::to_owned),
+            sender: "@s:example.org".into(),
+            origin_server_ts: 0,
+            json: json!({ "type": kind, "content": content }).to_string(),
+            redacted_by: None,
+            txn_device: None,
+            txn_id: None,
+            state_before: None,
+            state_after: None,
+        }
+    }
+
+    /// The spec's rules, evaluated directly on the replayed history.
+    fn model(events: &[Ev]) -> Vec<bool> {
+        // State after each event: (visibility string, viewer membership string).
+        let mut vis: Option<&str> = None;
+        let mut mem: Option<&str> = None;
+        let mut before = Vec::new();
+        let mut after = Vec::new();
+        for e in events {
+            before.push((vis, mem));
+            match e {
+                Ev::SetVis(v) => vis = Some(v),
+                Ev::Own(m) => mem = Some(m),
+                _ => {}
+            }
+            after.push((vis, mem));
+        }
+        let shared = |v: Option<&str>| !matches!(v, Some("world_readable" | "invited" | "joined"));
+        (0..events.len())
+            .map(|i| {
+                let joined_later = (i..events.len()).any(|j| after[j].1 == Some("join"));
+                let allowed = |(v, m): (Option<&str>, Option<&str>)| {
+                    v == Some("world_readable")
+                        || m == Some("join")
+                        || (shared(v) && joined_later)
+                        || (v == Some("invited") && m == Some("invite"))
+                };
+                matches!(events[i], Ev::Own(_)) || allowed(before[i]) || allowed(after[i])
+            })
+            .collect()
+    }
+
+    /// The implementation: facts from the state before each event, the join period from the
+    /// viewer's membership history.
+    fn implementation(events: &[Ev]) -> (Viewer, Vec<bool>) {
+        let history: Vec<(String, i64)> = events
+            .iter()
+            .enumerate()
+            .filter_map(|(i, e)| match e {
+                Ev::Own(m) => Some((m.to_string(), i as i64)),
+                _ => None,
+            })
+            .collect();
+        let viewer = Viewer::from_history(USER, &history);
+        let mut vis = Hv::Shared;
+        let mut mem = Mem::Other;
+        let mut out = Vec::new();
+        for (i, e) in events.iter().enumerate() {
+            let r = row(i, e);
+            out.push(decide(&viewer.facts(&r, vis, mem), viewer.joined_until()));
+            match e {
+                Ev::SetVis(v) => vis = Hv::parse(Some(v)),
+                Ev::Own(m) => mem = Mem::parse(Some(m)),
+                _ => {}
+            }
+        }
+        (viewer, out)
+    }
+
+    proptest! {
+        #[test]
+        fn decision_matches_the_spec_model(events in proptest::collection::vec(ev(), 0..40)) {
+            let want = model(&events);
+            let (viewer, got) = implementation(&events);
+            prop_assert_eq!(&got, &want);
+            // The fast path never shows what the rules hide.
+            for (i, visible) in want.iter().enumerate() {
+                if viewer.surely_visible(i as i64) {
+                    prop_assert!(*visible, "event {} is in the join period but hidden", i);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn join_periods() {
+        let h = |v: &[(&str, i64)]| v.iter().map(|(m, s)| (m.to_string(), *s)).collect::<Vec<_>>();
+        assert_eq!(last_join_period(&h(&[])), None);
+        assert_eq!(last_join_period(&h(&[("invite", 1), ("leave", 2)])), None);
+        assert_eq!(last_join_period(&h(&[("join", 1), ("join", 3)])), Some((1, i64::MAX)));
+        assert_eq!(last_join_period(&h(&[("join", 1), ("leave", 2), ("invite", 5), ("leave", 6)])), Some((1, 2)));
+        assert_eq!(last_join_period(&h(&[("join", 1), ("ban", 2), ("leave", 3), ("join", 7)])), Some((7, i64::MAX)));
+    }
+}
