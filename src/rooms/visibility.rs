@@ -337,13 +337,7 @@ mod tests {
     }
 
     fn ev() -> impl Strategy<Value = Ev> {
-        let vis = prop_oneof![
-            Just("world_readable"),
-            Just("shared"),
-            Just("invited"),
-            Just("joined"),
-            Just("bogus")
-        ];
+        let vis = prop_oneof![Just("world_readable"), Just("shared"), Just("invited"), Just("joined"), Just("bogus")];
         let mem = || prop_oneof![Just("join"), Just("invite"), Just("leave"), Just("ban"), Just("knock")];
         prop_oneof![
             2 => Just(Ev::Message),

@@ -131,8 +131,9 @@ pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) 
     set_presence(state, user, req.set_presence.as_deref().unwrap_or("online")).await?;
     let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
     let waiter = state.sync.waiter(user);
-    // Usually from the push settings cache: no query.
-    let ignored = Ignored::load(state, user).await?;
+    // Read once per request, when a timeline is first built (usually from the push settings
+    // cache: no query); a sync with nothing new never needs it.
+    let ignored = tokio::sync::OnceCell::new();
     loop {
         // Registered before looking, so a change between the look and the wait still wakes us.
         let notified = waiter.notified();
@@ -146,8 +147,16 @@ pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) 
         let since = since.map(|s| s.clamp_to(current));
         let next = since.map_or(current, |s| s.max(current));
         let memberships: Vec<UserMembership> = rooms.read().rooms.values().cloned().collect();
-        let mut b =
-            Builder { state, user, device, filter: &filter, ignored: &ignored, since, next, full_state: req.full_state };
+        let mut b = Builder {
+            state,
+            user,
+            device,
+            filter: &filter,
+            ignored: &ignored,
+            since,
+            next,
+            full_state: req.full_state,
+        };
         let (body, has_content) = b.build(memberships).await?;
         if has_content || since.is_none() || req.full_state || Instant::now() >= deadline {
             return Ok(body);
@@ -202,7 +211,7 @@ struct Builder<'a> {
     device: &'a str,
     filter: &'a Filter,
     /// Users whose (non-state) events the user does not receive.
-    ignored: &'a Ignored,
+    ignored: &'a tokio::sync::OnceCell<Ignored>,
     since: Option<SyncToken>,
     next: SyncToken,
     full_state: bool,
@@ -793,6 +802,7 @@ impl Builder<'_> {
         viewer: &Viewer,
     ) -> ApiResult<Timeline> {
         let f = &self.filter.room.timeline;
+        let ignored = self.ignored.get_or_try_init(|| Ignored::load(self.state, self.user)).await?;
         {
             let e = entry.read();
             let from = after.max(e.complete_from);
@@ -802,7 +812,7 @@ impl Builder<'_> {
                 .timeline
                 .iter()
                 .filter(|ev| ev.stream() > from && ev.stream() <= upto && f.allows(ev))
-                .filter(|ev| !self.ignored.hides(&ev.row))
+                .filter(|ev| !ignored.hides(&ev.row))
                 .filter(|ev| hidden.as_ref().is_none_or(|h| !h.contains(&ev.stream())))
                 .cloned()
                 .collect();
@@ -825,7 +835,7 @@ impl Builder<'_> {
             let visible = viewer.visible(self.state, &rows).await?;
             for (row, visible) in rows.into_iter().zip(visible) {
                 cursor = row.stream_ordering - 1;
-                if !visible || self.ignored.hides(&row) {
+                if !visible || ignored.hides(&row) {
                     continue;
                 }
                 let ev = CachedEvent::new(room, row, None);

@@ -274,9 +274,8 @@ async fn relations_follow_visibility() {
                 "m.relates_to": { "rel_type": "m.thread", "event_id": root } })
     };
     for (i, body) in ["away 1", "away 2"].iter().enumerate() {
-        let (st, v) = srv
-            .put(&room_path(&room, &format!("send/m.room.message/away{i}")), Some(&alice.token), reply(body))
-            .await;
+        let (st, v) =
+            srv.put(&room_path(&room, &format!("send/m.room.message/away{i}")), Some(&alice.token), reply(body)).await;
         assert_eq!(st, 200, "{v}");
     }
     // A thread root sent while away, too.
@@ -290,8 +289,7 @@ async fn relations_follow_visibility() {
         .await;
     assert_eq!(st, 200, "{v}");
     act(&srv, &bob, &room, "join", json!({})).await;
-    let (st, v) =
-        srv.put(&room_path(&room, "send/m.room.message/back"), Some(&alice.token), reply("while back")).await;
+    let (st, v) = srv.put(&room_path(&room, "send/m.room.message/back"), Some(&alice.token), reply("while back")).await;
     assert_eq!(st, 200, "{v}");
 
     let rel_path = format!("/_matrix/client/v1/rooms/{}/relations/{}", enc(&room), enc(&root));
@@ -379,8 +377,10 @@ async fn leave_section() {
         assert!(!v.to_string().contains("\"after\""), "{v}");
 
         // Dave, banned without ever joining: the ban only, no state.
-        for v in [sync(&srv, &dave, td["next_batch"].as_str(), None, 0).await, sync(&srv, &dave, None, Some(&archived), 0).await]
-        {
+        for v in [
+            sync(&srv, &dave, td["next_batch"].as_str(), None, 0).await,
+            sync(&srv, &dave, None, Some(&archived), 0).await,
+        ] {
             let left = &v["rooms"]["leave"][&room];
             let tl = left["timeline"]["events"].as_array().unwrap_or_else(|| panic!("leave section: {v}"));
             assert_eq!(tl.len(), 1, "cache {cache}: {v}");

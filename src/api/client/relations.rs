@@ -175,15 +175,9 @@ pub async fn threads(
     let mut roots = Vec::new();
     let mut more = true;
     'pages: for _ in 0..10 {
-        let page = storage::events::thread_roots(
-            &state.db,
-            room.nid,
-            participant,
-            before,
-            (i64::MIN, i64::MAX),
-            limit + 1,
-        )
-        .await?;
+        let page =
+            storage::events::thread_roots(&state.db, room.nid, participant, before, (i64::MIN, i64::MAX), limit + 1)
+                .await?;
         let last_page = page.len() as i64 <= limit;
         let rows: Vec<&storage::events::EventRow> = page.iter().map(|(r, _)| r).collect();
         let visible = who.visible(&state, &rows).await?;
