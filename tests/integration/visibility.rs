@@ -525,3 +525,44 @@ async fn pagination_tokens_are_between_events() {
     assert_eq!(bodies(&bounded["chunk"]), s(&["m4", "m3", "m2"]), "{bounded}");
     srv.stop().await;
 }
+
+/// `/members?at=`: the state at a point the user could see (the `prev_batch` of their sync is
+/// just before their first visible event), refused at a point they could not.
+#[tokio::test]
+async fn members_at_a_point() {
+    let srv = TestServer::start().await;
+    let alice = srv.register("at_a", false).await;
+    let bob = srv.register("at_b", false).await;
+    let carol = srv.register("at_c", false).await;
+    let room = room_with(&srv, &alice, "joined").await;
+    send_text(&srv, &alice, &room, "m0").await;
+    let early = sync(&srv, &alice, None, None, 0).await;
+    send_text(&srv, &alice, &room, "m1").await;
+    act(&srv, &bob, &room, "join", json!({})).await;
+    act(&srv, &carol, &room, "join", json!({})).await;
+
+    let filter = json!({ "room": { "timeline": { "limit": 1 } } });
+    let v = sync(&srv, &bob, None, Some(&filter), 0).await;
+    let prev = v["rooms"]["join"][&room]["timeline"]["prev_batch"].as_str().unwrap().to_owned();
+    let (st, m) = srv.get(&room_path(&room, &format!("members?at={}", enc(&prev))), Some(&bob.token)).await;
+    assert_eq!(st, 200, "{m}");
+    // Just before carol's join: alice and bob are members, carol not yet.
+    let joined: Vec<&str> = m["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["content"]["membership"] == "join")
+        .filter_map(|e| e["state_key"].as_str())
+        .collect();
+    assert!(joined.contains(&bob.user_id.as_str()) && !joined.contains(&carol.user_id.as_str()), "{m}");
+
+    let at_early = early["next_batch"].as_str().unwrap();
+    assert_err(
+        &srv.get(&room_path(&room, &format!("members?at={}", enc(at_early))), Some(&bob.token)).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let (st, m) = srv.get(&room_path(&room, &format!("members?at={}", enc(at_early))), Some(&alice.token)).await;
+    assert_eq!(st, 200, "{m}");
+    srv.stop().await;
+}

@@ -787,9 +787,19 @@ pub async fn members(
                     let upto = upto.min(if viewer.is_joined() { i64::MAX } else { viewer.joined_until() });
                     let last = storage::events::page(&state.db, room.nid, true, from, (i64::MIN, upto), 1).await?;
                     match last.first() {
-                        Some(e) if viewer.sees(&state, e).await? => e.state_after.or(group),
-                        Some(_) => return Err(Error::forbidden("You may not see the room at that point")),
                         None => group,
+                        Some(e) => {
+                            // Readable if the event before the position or the one after it is
+                            // visible (the state before a user's first visible event is what
+                            // their sync showed them).
+                            let next =
+                                storage::events::page(&state.db, room.nid, false, from, (i64::MIN, upto), 1).await?;
+                            let rows: Vec<&storage::events::EventRow> = [e].into_iter().chain(next.first()).collect();
+                            if !viewer.visible(&state, &rows).await?.into_iter().any(|v| v) {
+                                return Err(Error::forbidden("You may not see the room at that point"));
+                            }
+                            e.state_after.or(group)
+                        }
                     }
                 }
                 None => group,
