@@ -134,6 +134,8 @@ pub struct Viewer {
     pub membership: Option<String>,
     /// The user has, or had, a membership event in the room.
     pub ever_member: bool,
+    /// When the user's current membership is `leave` or `ban`: the stream position of that event.
+    pub departed_at: Option<i64>,
     /// Their last join period `(join, end)`: events strictly after the join and up to the end
     /// are visible without looking at them (`end` is `i64::MAX` while joined).
     pub join_period: Option<(i64, i64)>,
@@ -151,6 +153,7 @@ impl Viewer {
             user: user.to_owned(),
             membership: history.last().map(|(m, _)| m.clone()),
             ever_member: !history.is_empty(),
+            departed_at: history.last().filter(|(m, _)| m == "leave" || m == "ban").map(|(_, s)| *s),
             join_period: last_join_period(history),
         }
     }
@@ -161,6 +164,7 @@ impl Viewer {
             user: user.to_owned(),
             membership: Some("join".into()),
             ever_member: true,
+            departed_at: None,
             join_period: Some((since, i64::MAX)),
         }
     }
@@ -177,6 +181,16 @@ impl Viewer {
     /// user's own member event).
     pub fn surely_visible(&self, stream: i64) -> bool {
         self.join_period.is_some_and(|(from, to)| stream > from && stream <= to)
+    }
+
+    /// The last stream position worth reading for the user: after leaving (or being banned) only
+    /// `world_readable` events could be visible, so unless the room is world-readable now, reads
+    /// stop at the departure (as Synapse's).
+    pub async fn read_limit(&self, state: &AppState, room: &Room) -> ApiResult<i64> {
+        match self.departed_at {
+            Some(d) if current(state, room).await? != Hv::WorldReadable => Ok(d),
+            _ => Ok(i64::MAX),
+        }
     }
 
     /// The user's membership event that ended the last join period, when they are not joined.

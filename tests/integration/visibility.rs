@@ -566,3 +566,24 @@ async fn members_at_a_point() {
     assert_eq!(st, 200, "{m}");
     srv.stop().await;
 }
+
+/// A departed member paging from the end of a busy room starts at their departure: the first
+/// page holds what they saw, not empty pages over what came after.
+#[tokio::test]
+async fn departed_member_pages_from_their_departure() {
+    let srv = TestServer::start().await;
+    let alice = srv.register("dp_a", false).await;
+    let bob = srv.register("dp_b", false).await;
+    let room = room_with(&srv, &alice, "shared").await;
+    act(&srv, &bob, &room, "join", json!({})).await;
+    send_text(&srv, &alice, &room, "seen").await;
+    act(&srv, &alice, &room, "kick", json!({ "user_id": bob.user_id })).await;
+    for i in 0..550 {
+        send_text(&srv, &alice, &room, &format!("later {i}")).await;
+    }
+    let (st, page) = srv.get(&room_path(&room, "messages?dir=b&limit=5"), Some(&bob.token)).await;
+    assert_eq!(st, 200, "{page}");
+    assert_eq!(bodies(&page["chunk"]), s(&["seen"]), "{page}");
+    assert_eq!(page["chunk"][0]["content"]["membership"], "leave", "the kick first: {page}");
+    srv.stop().await;
+}

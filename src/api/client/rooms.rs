@@ -659,9 +659,9 @@ pub async fn walk(
     if limit <= 0 {
         return Ok(Walk { events, cursor, exhausted });
     }
+    let upto = viewer.read_limit(state, room).await?;
     'pages: for _ in 0..10 {
-        let rows =
-            storage::events::page(&state.db, room.nid, backwards, cursor, (i64::MIN, i64::MAX), page_size).await?;
+        let rows = storage::events::page(&state.db, room.nid, backwards, cursor, (i64::MIN, upto), page_size).await?;
         let got = rows.len() as i64;
         let visible = viewer.visible(state, &rows).await?;
         for (row, visible) in rows.into_iter().zip(visible) {
