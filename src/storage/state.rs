@@ -67,8 +67,8 @@ pub async fn visibility_facts(
              FROM state_groups g JOIN chain c ON g.group_nid = c.prev_group
          ), found AS (
              SELECT DISTINCT ON (c.start, k.key_nid) c.start, k.event_type, e.event_nid
-             FROM chain c JOIN state_group_entries e ON e.group_nid = c.group_nid
-             JOIN keys k ON k.key_nid = e.key_nid
+             FROM chain c CROSS JOIN keys k
+             JOIN state_group_entries e ON e.group_nid = c.group_nid AND e.key_nid = k.key_nid
              ORDER BY c.start, k.key_nid, c.level
          )
          SELECT f.start, f.event_type,
