@@ -136,8 +136,8 @@ pub struct Viewer {
     pub ever_member: bool,
     /// When the user's current membership is `leave` or `ban`: the stream position of that event.
     pub departed_at: Option<i64>,
-    /// Their last join period `(join, end)`: events strictly after the join and up to the end
-    /// are visible without looking at them (`end` is `i64::MAX` while joined).
+    /// Their last join period `(join, end)`: events from the join to the end are visible without
+    /// looking at them (`end` is `i64::MAX` while joined).
     pub join_period: Option<(i64, i64)>,
 }
 
@@ -177,10 +177,10 @@ impl Viewer {
         self.join_period.map_or(i64::MIN, |p| p.1)
     }
 
-    /// Visible by rule 2 without looking: inside the user's last join period (its end is the
-    /// user's own member event).
+    /// Visible without looking: inside the user's last join period (rule 2); its ends are the
+    /// user's own member events.
     pub fn surely_visible(&self, stream: i64) -> bool {
-        self.join_period.is_some_and(|(from, to)| stream > from && stream <= to)
+        self.join_period.is_some_and(|(from, to)| stream >= from && stream <= to)
     }
 
     /// The last stream position worth reading for the user: after leaving (or being banned) only

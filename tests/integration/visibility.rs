@@ -587,3 +587,28 @@ async fn departed_member_pages_from_their_departure() {
     assert_eq!(page["chunk"][0]["content"]["membership"], "leave", "the kick first: {page}");
     srv.stop().await;
 }
+
+/// `invited`: a member sees from their invite on, in `/messages` and in their first `/sync`.
+#[tokio::test]
+async fn invited_visibility_counts_from_the_invite() {
+    for cache in [true, false] {
+        let srv = TestServer::start_with(|c| {
+            if !cache {
+                c.sync.room_cache_mb = 0
+            }
+        })
+        .await;
+        let alice = srv.register("iv_a", false).await;
+        let bob = srv.register("iv_b", false).await;
+        let room = room_with(&srv, &alice, "invited").await;
+        send_text(&srv, &alice, &room, "pre").await;
+        act(&srv, &alice, &room, "invite", json!({ "user_id": bob.user_id })).await;
+        send_text(&srv, &alice, &room, "invited").await;
+        act(&srv, &bob, &room, "join", json!({})).await;
+        send_text(&srv, &alice, &room, "joined").await;
+        assert_eq!(all_messages(&srv, &bob, &room).await, s(&["invited", "joined"]));
+        let v = sync(&srv, &bob, None, None, 0).await;
+        assert_eq!(bodies(&v["rooms"]["join"][&room]["timeline"]["events"]), s(&["invited", "joined"]), "{v}");
+        srv.stop().await;
+    }
+}
