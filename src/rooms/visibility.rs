@@ -142,8 +142,14 @@ pub struct Viewer {
 }
 
 impl Viewer {
-    /// Reads the user's membership history in the room (one query).
+    /// A joined user needs only their current membership (one primary-key lookup); the others
+    /// their membership history in the room (one more query).
     pub async fn load(state: &AppState, room: &Room, user: &str) -> ApiResult<Self> {
+        if let Some((m, _, stream)) = storage::rooms::membership(&state.db, room.nid, user).await?
+            && m == "join"
+        {
+            return Ok(Self::joined(user, stream));
+        }
         let history = storage::rooms::membership_history(&state.db, room.nid, user).await?;
         Ok(Self::from_history(user, &history))
     }
@@ -158,7 +164,8 @@ impl Viewer {
         }
     }
 
-    /// A user known (from the sync cache) to be joined since `since`: no query.
+    /// A user known to be joined since their membership event at `since` (perhaps joined
+    /// earlier: events before it are then checked, and found visible).
     pub fn joined(user: &str, since: i64) -> Self {
         Self {
             user: user.to_owned(),
