@@ -99,6 +99,11 @@ impl RulesCache {
         self.cache.invalidate(user_id);
     }
 
+    /// A user's settings if cached (no query).
+    pub fn cached(&self, user: &str) -> Option<Arc<UserPushSettings>> {
+        self.cache.get(user)
+    }
+
     /// The settings of `users`, from the cache or, for all the missing ones, one query.
     pub async fn get_many(
         &self,

@@ -1,4 +1,4 @@
-//! What clients see: events in the client format, and which events a user may see.
+//! What clients see: events in the client format (which events: `visibility.rs`).
 
 use serde_json::{Value, json};
 
@@ -47,35 +47,6 @@ pub fn format(room: &Room, row: &EventRow, viewer: Option<(&str, &str)>) -> Valu
     }
     ev["unsigned"] = unsigned;
     ev
-}
-
-/// The range of stream positions of a room that `user` may see, from the membership history
-/// and the room's current `m.room.history_visibility`. `None`: nothing visible.
-pub async fn visible_range(state: &AppState, room: &Room, user: &str) -> ApiResult<Option<(i64, i64)>> {
-    let history = storage::rooms::membership_history(&state.db, room.nid, user).await?;
-    let visibility = super::current_content(state, room, "m.room.history_visibility", "")
-        .await?
-        .and_then(|c| c["history_visibility"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "shared".into());
-    let current = history.last().map(|(m, _)| m.as_str());
-    let end = match current {
-        Some("join") => i64::MAX,
-        // After leaving (or being kicked/banned), the history up to that point stays readable.
-        Some("leave" | "ban") if history.iter().any(|(m, _)| m == "join") => {
-            history.last().map(|(_, s)| *s).unwrap_or(0)
-        }
-        Some("invite") if matches!(visibility.as_str(), "invited" | "shared" | "world_readable") => {
-            history.last().map(|(_, s)| *s).unwrap_or(0)
-        }
-        _ if visibility == "world_readable" => i64::MAX,
-        _ => return Ok(None),
-    };
-    let start = match visibility.as_str() {
-        "shared" | "world_readable" => 0,
-        "invited" => history.iter().find(|(m, _)| m == "invite" || m == "join").map(|(_, s)| *s).unwrap_or(0),
-        _ => history.iter().find(|(m, _)| m == "join").map(|(_, s)| *s).unwrap_or(i64::MAX),
-    };
-    Ok(Some((start, end)))
 }
 
 /// Requires the user to be joined to the room (for writes and member-only reads).

@@ -13,6 +13,7 @@ pub mod pdu;
 pub mod receipts;
 pub mod relations;
 pub mod typing;
+pub mod visibility;
 
 use std::collections::HashMap;
 use std::sync::Arc;

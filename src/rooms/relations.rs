@@ -8,16 +8,17 @@ use serde_json::{Map, Value, json};
 
 use super::Room;
 use super::client::format;
+use super::visibility::Viewer;
 use crate::error::ApiResult;
 use crate::state::AppState;
 use crate::storage;
 
-/// Adds bundled aggregations to client-format events. `visible` limits which relations count.
+/// Adds bundled aggregations to client-format events. Only relations `who` may see count.
 pub async fn bundle(
     state: &AppState,
     room: &Room,
     viewer: (&str, &str),
-    visible: (i64, i64),
+    who: &Viewer,
     events: &mut [Value],
 ) -> ApiResult<()> {
     let ids: Vec<String> = events.iter().filter_map(|e| e["event_id"].as_str().map(str::to_owned)).collect();
@@ -25,9 +26,11 @@ pub async fn bundle(
         return Ok(());
     }
     let rels = storage::events::relations_to(&state.db, room.nid, &ids).await?;
+    let rows: Vec<&storage::events::EventRow> = rels.iter().map(|(_, _, r)| r).collect();
+    let visible = who.visible(state, &rows).await?;
     let mut by_target: HashMap<&str, Vec<(&str, &storage::events::EventRow)>> = HashMap::new();
-    for (target, rel_type, row) in &rels {
-        if row.stream_ordering >= visible.0 && row.stream_ordering <= visible.1 {
+    for ((target, rel_type, row), visible) in rels.iter().zip(visible) {
+        if visible {
             by_target.entry(target.as_str()).or_default().push((rel_type.as_str(), row));
         }
     }

@@ -190,8 +190,9 @@ pub async fn mark_redacted(conn: &mut PgConnection, target: &str, room_nid: i64,
     Ok(())
 }
 
-/// A page of a room's timeline in topological order, strictly before or after a position
-/// `(depth, stream)`, limited to the stream range `[min_stream, max_stream]` the user may see.
+/// A page of a room's timeline in topological order from a position `(depth, stream)` between
+/// events: backwards the events before it, forwards the events at or after it; limited to the
+/// stream range `[min_stream, max_stream]`.
 pub async fn page(
     db: impl PgExecutor<'_>,
     room_nid: i64,
@@ -208,7 +209,7 @@ pub async fn page(
         )
     } else {
         format!(
-            "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND (depth, stream_ordering) > ($2, $3)
+            "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND (depth, stream_ordering) >= ($2, $3)
              AND stream_ordering BETWEEN $4 AND $5
              ORDER BY depth ASC, stream_ordering ASC LIMIT $6"
         )
@@ -222,6 +223,16 @@ pub async fn page(
         .bind(limit)
         .fetch_all(db)
         .await
+}
+
+/// The state group after the event of a room at a stream position.
+pub async fn state_after_at(db: impl PgExecutor<'_>, room_nid: i64, stream: i64) -> sqlx::Result<Option<i64>> {
+    Ok(sqlx::query_scalar("SELECT state_after FROM events WHERE room_nid = $1 AND stream_ordering = $2")
+        .bind(room_nid)
+        .bind(stream)
+        .fetch_optional(db)
+        .await?
+        .flatten())
 }
 
 /// Relations pointing at any of `targets` (excluding redacted ones), oldest first.
@@ -347,25 +358,23 @@ pub async fn thread_roots(
     Ok(rows.into_iter().map(|r| (r.event, r.latest)).collect())
 }
 
-/// The first event at or after (`forward`) / at or before `ts`.
+/// The first `limit` events at or after (`forward`) / at or before `ts`, closest first.
 pub async fn closest_to_ts(
     db: impl PgExecutor<'_>,
     room_nid: i64,
     ts: i64,
     forward: bool,
-    visible: (i64, i64),
-) -> sqlx::Result<Option<EventRow>> {
+    limit: i64,
+) -> sqlx::Result<Vec<EventRow>> {
     let (cmp, order) = if forward { (">=", "ASC") } else { ("<=", "DESC") };
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND origin_server_ts {cmp} $2
-           AND stream_ordering BETWEEN $3 AND $4
-         ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT 1"
+         ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT $3"
     )))
     .bind(room_nid)
     .bind(ts)
-    .bind(visible.0)
-    .bind(visible.1)
-    .fetch_optional(db)
+    .bind(limit)
+    .fetch_all(db)
     .await
 }
 

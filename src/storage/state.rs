@@ -48,6 +48,50 @@ pub async fn load_group(db: impl PgExecutor<'_>, group: i64) -> sqlx::Result<Has
     Ok(rows.into_iter().collect())
 }
 
+/// For each of `groups`: the `history_visibility` and `user`'s `membership` in that state (`None`
+/// when unset), in one query over the groups' delta chains.
+pub async fn visibility_facts(
+    db: impl PgExecutor<'_>,
+    groups: &[i64],
+    user: &str,
+) -> sqlx::Result<HashMap<i64, (Option<String>, Option<String>)>> {
+    let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "WITH RECURSIVE keys AS (
+             SELECT key_nid, event_type FROM state_keys
+             WHERE (event_type = 'm.room.history_visibility' AND state_key = '')
+                OR (event_type = 'm.room.member' AND state_key = $2)
+         ), chain(start, group_nid, prev_group, level) AS (
+             SELECT group_nid, group_nid, prev_group, 0 FROM state_groups WHERE group_nid = ANY($1)
+             UNION ALL
+             SELECT c.start, g.group_nid, g.prev_group, c.level + 1
+             FROM state_groups g JOIN chain c ON g.group_nid = c.prev_group
+         ), found AS (
+             SELECT DISTINCT ON (c.start, k.key_nid) c.start, k.event_type, e.event_nid
+             FROM chain c CROSS JOIN keys k
+             JOIN state_group_entries e ON e.group_nid = c.group_nid AND e.key_nid = k.key_nid
+             ORDER BY c.start, k.key_nid, c.level
+         )
+         SELECT f.start, f.event_type,
+                CASE WHEN f.event_type = 'm.room.member' THEN ev.json::jsonb -> 'content' ->> 'membership'
+                     ELSE ev.json::jsonb -> 'content' ->> 'history_visibility' END
+         FROM found f JOIN events ev ON ev.event_nid = f.event_nid",
+    )
+    .bind(groups)
+    .bind(user)
+    .fetch_all(db)
+    .await?;
+    let mut out: HashMap<i64, (Option<String>, Option<String>)> = HashMap::new();
+    for (group, kind, value) in rows {
+        let e = out.entry(group).or_default();
+        if kind == "m.room.member" {
+            e.1 = value;
+        } else {
+            e.0 = value;
+        }
+    }
+    Ok(out)
+}
+
 /// Creates a group equal to `prev` plus `delta`. Returns the new group.
 pub async fn create_group(
     conn: &mut PgConnection,

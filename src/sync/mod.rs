@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::api::client::rooms::token as topo_token;
 use crate::error::{ApiResult, Error};
 use crate::rooms::Room;
+use crate::rooms::visibility::{Ignored, Viewer};
 use crate::state::AppState;
 use crate::storage::rooms::UserMembership;
 use crate::storage::{self, now_ms};
@@ -130,6 +131,9 @@ pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) 
     set_presence(state, user, req.set_presence.as_deref().unwrap_or("online")).await?;
     let deadline = Instant::now() + req.timeout.min(MAX_TIMEOUT);
     let waiter = state.sync.waiter(user);
+    // Read once per request, when a timeline is first built (usually from the push settings
+    // cache: no query); a sync with nothing new never needs it.
+    let ignored = tokio::sync::OnceCell::new();
     loop {
         // Registered before looking, so a change between the look and the wait still wakes us.
         let notified = waiter.notified();
@@ -143,7 +147,16 @@ pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) 
         let since = since.map(|s| s.clamp_to(current));
         let next = since.map_or(current, |s| s.max(current));
         let memberships: Vec<UserMembership> = rooms.read().rooms.values().cloned().collect();
-        let mut b = Builder { state, user, device, filter: &filter, since, next, full_state: req.full_state };
+        let mut b = Builder {
+            state,
+            user,
+            device,
+            filter: &filter,
+            ignored: &ignored,
+            since,
+            next,
+            full_state: req.full_state,
+        };
         let (body, has_content) = b.build(memberships).await?;
         if has_content || since.is_none() || req.full_state || Instant::now() >= deadline {
             return Ok(body);
@@ -197,6 +210,8 @@ struct Builder<'a> {
     user: &'a str,
     device: &'a str,
     filter: &'a Filter,
+    /// Users whose (non-state) events the user does not receive.
+    ignored: &'a tokio::sync::OnceCell<Ignored>,
     since: Option<SyncToken>,
     next: SyncToken,
     full_state: bool,
@@ -501,6 +516,7 @@ impl Builder<'_> {
         &self,
         room: &Room,
         entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        who: &Viewer,
         timeline: &[Arc<CachedEvent>],
         events: &mut [Value],
     ) -> ApiResult<()> {
@@ -515,9 +531,10 @@ impl Builder<'_> {
         if !cached.is_empty() {
             let e = entry.read();
             let targets: HashSet<&str> = cached.iter().map(|i| timeline[*i].row.event_id.as_str()).collect();
+            let hidden = who.hidden_in_cache(&e, e.complete_from);
             let mut rels: HashMap<&str, Vec<(&str, &Arc<CachedEvent>)>> = HashMap::new();
             for ev in &e.timeline {
-                if ev.row.redacted_by.is_some() {
+                if ev.row.redacted_by.is_some() || hidden.as_ref().is_some_and(|h| h.contains(&ev.stream())) {
                     continue;
                 }
                 let r = &ev.client["content"]["m.relates_to"];
@@ -570,7 +587,7 @@ impl Builder<'_> {
         }
         if !older.is_empty() {
             let mut subset: Vec<Value> = older.iter().map(|i| events[*i].clone()).collect();
-            crate::rooms::relations::bundle(self.state, room, viewer, (0, self.next.events), &mut subset).await?;
+            crate::rooms::relations::bundle(self.state, room, viewer, who, &mut subset).await?;
             for (i, v) in older.into_iter().zip(subset) {
                 events[i] = v;
             }
@@ -620,11 +637,13 @@ impl Builder<'_> {
         let limit = self.filter.room.timeline.limit(DEFAULT_TIMELINE_LIMIT);
         let mut out = Map::new();
 
+        // Joined since their membership event: everything after it is visible without looking;
+        // a timeline reaching back before it (a new room for the client) is checked per event.
+        let viewer = Viewer::joined(self.user, m.stream_ordering);
         let timeline = if initial {
-            let after = visibility_floor(&entry.read().state, m);
-            self.timeline(&room, &entry, after, upto, limit).await?
+            self.timeline(&room, &entry, 0, upto, limit, &viewer).await?
         } else if events_changed || full {
-            self.timeline(&room, &entry, since_events, upto, limit).await?
+            self.timeline(&room, &entry, since_events, upto, limit, &viewer).await?
         } else {
             Timeline { events: Vec::new(), limited: false }
         };
@@ -648,7 +667,7 @@ impl Builder<'_> {
                 None => self.next.to_string(),
             };
             let mut events: Vec<Value> = timeline.events.iter().map(|e| self.format(e)).collect();
-            self.bundle(&room, &entry, &timeline.events, &mut events).await?;
+            self.bundle(&room, &entry, &viewer, &timeline.events, &mut events).await?;
             out.insert(
                 "timeline".into(),
                 json!({ "events": events, "limited": timeline.limited, "prev_batch": prev_batch }),
@@ -699,22 +718,18 @@ impl Builder<'_> {
         let (room, entry) = self.room_of(m).await?;
         let since_events = self.since.map_or(0, |s| s.events);
         let limit = self.filter.room.timeline.limit(DEFAULT_TIMELINE_LIMIT);
-        let was_joined = {
-            let e = entry.read();
-            let leave = e.timeline.iter().find(|ev| ev.row.event_nid == m.event_nid).cloned();
-            match leave {
-                Some(ev) => ev.replaces.as_ref().is_some_and(|p| p.membership() == Some("join")),
-                None => true,
-            }
-        };
+        // What they could see: the timeline up to their departure, per event; nothing of the
+        // room's history if the departure did not end a membership `join` (a rejected or
+        // withdrawn invite, a withdrawn knock, a ban without joining): only the membership event.
+        let viewer = Viewer::load(self.state, &room, self.user).await?;
+        let was_joined = viewer.departed_from_join() == Some(m.stream_ordering);
         let incremental = self.since.is_some() && !self.full_state && since_events > 0;
         let (timeline, state) = if !was_joined {
-            // A rejected invite or a knock withdrawn: only the membership event itself.
             let ev = storage::events::by_nids(&self.state.db, &[m.event_nid]).await?;
             let events = ev.into_iter().map(|r| Arc::new(CachedEvent::new(&room, r, None))).collect();
             (Timeline { events, limited: false }, Vec::new())
         } else if incremental {
-            let timeline = self.timeline(&room, &entry, since_events, m.stream_ordering, limit).await?;
+            let timeline = self.timeline(&room, &entry, since_events, m.stream_ordering, limit, &viewer).await?;
             let state = if timeline.limited {
                 let before = timeline.events.first().map_or(m.stream_ordering + 1, |e| e.stream());
                 self.state_between(&room, &entry, since_events, before).await?
@@ -724,7 +739,7 @@ impl Builder<'_> {
             (timeline, state)
         } else {
             let after = 0;
-            let timeline = self.timeline(&room, &entry, after, m.stream_ordering, limit).await?;
+            let timeline = self.timeline(&room, &entry, after, m.stream_ordering, limit, &viewer).await?;
             let start = timeline.events.first().map_or(m.stream_ordering + 1, |e| e.stream());
             let state = self.state_before(&room, &entry, start, timeline.events.first()).await?;
             (timeline, state)
@@ -774,8 +789,9 @@ impl Builder<'_> {
         Ok(out)
     }
 
-    /// The last `limit` events (after the filter) in `(after, upto]`, from the cache when it holds
-    /// enough of them, else from the database.
+    /// The last `limit` events in `(after, upto]` that the viewer may see (history visibility),
+    /// the filter accepts and are not from ignored users; from the cache when it holds enough of
+    /// them, else from the database.
     async fn timeline(
         &self,
         room: &Room,
@@ -783,15 +799,21 @@ impl Builder<'_> {
         after: i64,
         upto: i64,
         limit: usize,
+        viewer: &Viewer,
     ) -> ApiResult<Timeline> {
         let f = &self.filter.room.timeline;
+        let ignored = self.ignored.get_or_try_init(|| Ignored::load(self.state, self.user)).await?;
         {
             let e = entry.read();
             let from = after.max(e.complete_from);
+            // Usually `None`: every event of the window is inside the viewer's join period.
+            let hidden = viewer.hidden_in_cache(&e, from);
             let mut candidates: Vec<Arc<CachedEvent>> = e
                 .timeline
                 .iter()
                 .filter(|ev| ev.stream() > from && ev.stream() <= upto && f.allows(ev))
+                .filter(|ev| !ignored.hides(&ev.row))
+                .filter(|ev| hidden.as_ref().is_none_or(|h| !h.contains(&ev.stream())))
                 .cloned()
                 .collect();
             if candidates.len() > limit {
@@ -810,8 +832,12 @@ impl Builder<'_> {
         for _ in 0..10 {
             let rows = storage::events::latest_in_range(&self.state.db, room.nid, after, cursor, 200).await?;
             let n = rows.len();
-            for row in rows {
+            let visible = viewer.visible(self.state, &rows).await?;
+            for (row, visible) in rows.into_iter().zip(visible) {
                 cursor = row.stream_ordering - 1;
+                if !visible || ignored.hides(&row) {
+                    continue;
+                }
                 let ev = CachedEvent::new(room, row, None);
                 if f.allows(&ev) {
                     events.push(Arc::new(ev));
@@ -1009,19 +1035,6 @@ impl Builder<'_> {
         }
         out.truncate(pf.limit(1000).max(1));
         Ok(out)
-    }
-}
-
-/// The lower bound of what a member may see, from the room's history visibility: `joined`
-/// rooms hide what happened before the user's membership event.
-fn visibility_floor(state: &StateMap, m: &UserMembership) -> i64 {
-    let visibility = state
-        .get(&("m.room.history_visibility".to_owned(), String::new()))
-        .and_then(|e| e.client["content"]["history_visibility"].as_str().map(str::to_owned))
-        .unwrap_or_else(|| "shared".into());
-    match visibility.as_str() {
-        "joined" | "invited" => m.stream_ordering - 1,
-        _ => 0,
     }
 }
 

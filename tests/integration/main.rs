@@ -21,4 +21,5 @@ mod rooms;
 mod rooms_more;
 mod sdk;
 mod sync;
+mod visibility;
 mod write_path;

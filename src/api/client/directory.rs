@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, MaybeAuth, Path, Query};
-use crate::rooms::client::visible_range;
+use crate::rooms::visibility::event_visible;
 use crate::rooms::{self, Room};
 use crate::state::AppState;
 use crate::storage;
@@ -215,10 +215,9 @@ pub async fn report_event(
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
     let not_found = || Error::not_found("Event not found");
-    let (lo, hi) = visible_range(&state, &room, &auth.user_id).await?.ok_or_else(not_found)?;
     let ev =
         storage::events::by_id(&state.db, &event_id).await?.filter(|e| e.room_nid == room.nid).ok_or_else(not_found)?;
-    if ev.stream_ordering < lo || ev.stream_ordering > hi {
+    if !event_visible(&state, &room, &auth.user_id, &ev).await? {
         return Err(not_found());
     }
     if body.score.is_some_and(|s| !(-100..=0).contains(&s)) {

@@ -8,7 +8,8 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, Path};
-use crate::rooms::client::{require_joined, visible_range};
+use crate::rooms::client::require_joined;
+use crate::rooms::visibility::event_visible;
 use crate::rooms::{Room, typing};
 use crate::state::AppState;
 use crate::storage;
@@ -24,10 +25,7 @@ async fn visible_event(state: &AppState, room: &Room, user: &str, event_id: &str
     let not_found = || Error::not_found(format!("Event {event_id} not found in this room"));
     let ev =
         storage::events::by_id(&state.db, event_id).await?.filter(|e| e.room_nid == room.nid).ok_or_else(not_found)?;
-    match visible_range(state, room, user).await? {
-        Some((start, end)) if (start..=end).contains(&ev.stream_ordering) => Ok(ev),
-        _ => Err(not_found()),
-    }
+    if event_visible(state, room, user, &ev).await? { Ok(ev) } else { Err(not_found()) }
 }
 
 /// Moves the fully-read marker (room account data `m.fully_read`) to `ev`, unless it already

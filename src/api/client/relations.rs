@@ -4,16 +4,20 @@ use axum::extract::State;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::rooms::{RoomEventFilter, token};
+use super::rooms::{RoomEventFilter, Walk, require_readable, token, walk};
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Path, Query};
-use crate::rooms::client::{format, visible_range};
+use crate::rooms::client::format;
+use crate::rooms::visibility::{Ignored, Viewer};
 use crate::rooms::{Room, relations::bundle};
 use crate::state::AppState;
 use crate::storage;
 
-async fn visible(state: &AppState, room: &Room, user: &str) -> ApiResult<(i64, i64)> {
-    visible_range(state, room, user).await?.ok_or_else(|| Error::forbidden("You are not a member of this room"))
+/// The viewer, once the room is known to be readable by them at all.
+async fn viewer(state: &AppState, room: &Room, user: &str) -> ApiResult<Viewer> {
+    let viewer = Viewer::load(state, room, user).await?;
+    require_readable(state, room, &viewer).await?;
+    Ok(viewer)
 }
 
 /// Relation pagination tokens are `r<stream>`.
@@ -39,11 +43,14 @@ async fn relations_inner(
     q: RelationsQuery,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(state, room_id).await?;
-    let range = visible(state, &room, &auth.user_id).await?;
+    let who = viewer(state, &room, &auth.user_id).await?;
     let parent = storage::events::by_id(&state.db, event_id)
         .await?
-        .filter(|e| e.room_nid == room.nid && e.stream_ordering >= range.0 && e.stream_ordering <= range.1)
+        .filter(|e| e.room_nid == room.nid)
         .ok_or_else(|| Error::not_found("Event not found"))?;
+    if !who.sees(state, &parent).await? {
+        return Err(Error::not_found("Event not found"));
+    }
     let backwards = match q.dir.as_deref() {
         None | Some("b") => true,
         Some("f") => false,
@@ -56,29 +63,55 @@ async fn relations_inner(
         None => i64::MIN,
     };
     let to = q.to.as_deref().map(parse_rel_token).transpose()?;
-    let mut rows = storage::events::relations_page(
-        &state.db,
-        room.nid,
-        &parent.event_id,
-        rel_type,
-        event_type,
-        backwards,
-        from,
-        range,
-        limit + 1,
-    )
-    .await?;
-    if let Some(to) = to {
-        rows.retain(|r| if backwards { r.stream_ordering > to } else { r.stream_ordering < to });
+    // Relations the user may not see are skipped: read further pages (bounded) to fill the chunk.
+    let mut rows = Vec::new();
+    let mut cursor = from;
+    let mut more = true;
+    for _ in 0..10 {
+        let mut page = storage::events::relations_page(
+            &state.db,
+            room.nid,
+            &parent.event_id,
+            rel_type,
+            event_type,
+            backwards,
+            cursor,
+            (i64::MIN, i64::MAX),
+            limit + 1,
+        )
+        .await?;
+        let mut last_page = page.len() as i64 <= limit;
+        if let Some(to) = to {
+            let n = page.len();
+            page.retain(|r| if backwards { r.stream_ordering > to } else { r.stream_ordering < to });
+            last_page |= page.len() < n;
+        }
+        let visible = who.visible(state, &page).await?;
+        let mut chunk_full = false;
+        for (row, visible) in page.into_iter().zip(visible) {
+            if rows.len() as i64 == limit {
+                chunk_full = true;
+                break;
+            }
+            cursor = row.stream_ordering;
+            if visible {
+                rows.push(row);
+            }
+        }
+        if chunk_full {
+            break;
+        }
+        if last_page {
+            more = false;
+            break;
+        }
     }
-    let more = rows.len() as i64 > limit;
-    rows.truncate(limit as usize);
     let viewer = (&*auth.user_id, &*auth.device_id);
     let mut chunk: Vec<Value> = rows.iter().map(|r| format(&room, r, Some(viewer))).collect();
-    bundle(state, &room, viewer, range, &mut chunk).await?;
+    bundle(state, &room, viewer, &who, &mut chunk).await?;
     let mut resp = json!({ "chunk": chunk });
-    if more && let Some(last) = rows.last() {
-        resp["next_batch"] = json!(format!("r{}", last.stream_ordering));
+    if more {
+        resp["next_batch"] = json!(format!("r{cursor}"));
     }
     if let Some(f) = q.from {
         resp["prev_batch"] = json!(f);
@@ -127,26 +160,47 @@ pub async fn threads(
     Query(q): Query<ThreadsQuery>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
-    let range = visible(&state, &room, &auth.user_id).await?;
+    let who = viewer(&state, &room, &auth.user_id).await?;
     let participant = match q.include.as_deref() {
         None | Some("all") => None,
         Some("participated") => Some(&*auth.user_id),
         Some(_) => return Err(Error::invalid_param("include must be all or participated")),
     };
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
-    let before = match &q.from {
+    let mut before = match &q.from {
         Some(t) => parse_rel_token(t)?,
         None => i64::MAX,
     };
-    let mut roots = storage::events::thread_roots(&state.db, room.nid, participant, before, range, limit + 1).await?;
-    let more = roots.len() as i64 > limit;
-    roots.truncate(limit as usize);
+    // Roots the user may not see are skipped: read further pages (bounded) to fill the chunk.
+    let mut roots = Vec::new();
+    let mut more = true;
+    'pages: for _ in 0..10 {
+        let page =
+            storage::events::thread_roots(&state.db, room.nid, participant, before, (i64::MIN, i64::MAX), limit + 1)
+                .await?;
+        let last_page = page.len() as i64 <= limit;
+        let rows: Vec<&storage::events::EventRow> = page.iter().map(|(r, _)| r).collect();
+        let visible = who.visible(&state, &rows).await?;
+        for ((row, latest), visible) in page.into_iter().zip(visible) {
+            if roots.len() as i64 == limit {
+                break 'pages;
+            }
+            before = latest;
+            if visible {
+                roots.push(row);
+            }
+        }
+        if last_page {
+            more = false;
+            break;
+        }
+    }
     let viewer = (&*auth.user_id, &*auth.device_id);
-    let mut chunk: Vec<Value> = roots.iter().map(|(r, _)| format(&room, r, Some(viewer))).collect();
-    bundle(&state, &room, viewer, range, &mut chunk).await?;
+    let mut chunk: Vec<Value> = roots.iter().map(|r| format(&room, r, Some(viewer))).collect();
+    bundle(&state, &room, viewer, &who, &mut chunk).await?;
     let mut resp = json!({ "chunk": chunk });
-    if more && let Some((_, latest)) = roots.last() {
-        resp["next_batch"] = json!(format!("r{latest}"));
+    if more {
+        resp["next_batch"] = json!(format!("r{before}"));
     }
     Ok(axum::Json(resp))
 }
@@ -164,34 +218,28 @@ pub async fn context(
     Query(q): Query<ContextQuery>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
-    let range =
-        visible_range(&state, &room, &auth.user_id).await?.ok_or_else(|| Error::not_found("Event not found"))?;
-    let ev = storage::events::by_id(&state.db, &event_id)
-        .await?
-        .filter(|e| e.room_nid == room.nid && e.stream_ordering >= range.0 && e.stream_ordering <= range.1)
-        .ok_or_else(|| Error::not_found("Event not found"))?;
+    let not_found = || Error::not_found("Event not found");
+    let ev =
+        storage::events::by_id(&state.db, &event_id).await?.filter(|e| e.room_nid == room.nid).ok_or_else(not_found)?;
+    let who = Viewer::load(&state, &room, &auth.user_id).await?;
+    if !who.sees(&state, &ev).await? {
+        return Err(not_found());
+    }
     let filter: RoomEventFilter = match &q.filter {
         Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
         None => RoomEventFilter::default(),
     };
+    let ignored = Ignored::load(&state, &auth.user_id).await?;
     let limit = q.limit.unwrap_or(10).clamp(0, 100);
-    let pos = (ev.depth, ev.stream_ordering);
     let n_before = limit / 2;
     let n_after = limit - n_before;
-    let mut before = if n_before > 0 {
-        storage::events::page(&state.db, room.nid, true, pos, range, n_before).await?
-    } else {
-        vec![]
-    };
-    let mut after = if n_after > 0 {
-        storage::events::page(&state.db, room.nid, false, pos, range, n_after).await?
-    } else {
-        vec![]
-    };
-    before.retain(|r| filter.matches(r));
-    after.retain(|r| filter.matches(r));
-    let start = before.last().map(|r| token(r.depth, r.stream_ordering)).unwrap_or_else(|| token(pos.0, pos.1));
-    let end = after.last().map(|r| token(r.depth, r.stream_ordering)).unwrap_or_else(|| token(pos.0, pos.1));
+    // Positions between events: just before the event, and just after it.
+    let at = (ev.depth, ev.stream_ordering);
+    let after_at = (ev.depth, ev.stream_ordering + 1);
+    let Walk { events: before, cursor: start, .. } =
+        walk(&state, &room, &who, &ignored, &filter, true, at, None, n_before).await?;
+    let Walk { events: after, cursor: end, .. } =
+        walk(&state, &room, &who, &ignored, &filter, false, after_at, None, n_after).await?;
     // State at the last event returned; with lazy loading only the senders' member events.
     let last_group = after.last().unwrap_or(&ev).state_after;
     let mut state_rows = match last_group {
@@ -208,15 +256,15 @@ pub async fn context(
     let mut event = vec![format(&room, &ev, Some(viewer))];
     let mut before_v: Vec<Value> = before.iter().map(|r| format(&room, r, Some(viewer))).collect();
     let mut after_v: Vec<Value> = after.iter().map(|r| format(&room, r, Some(viewer))).collect();
-    bundle(&state, &room, viewer, range, &mut event).await?;
-    bundle(&state, &room, viewer, range, &mut before_v).await?;
-    bundle(&state, &room, viewer, range, &mut after_v).await?;
+    bundle(&state, &room, viewer, &who, &mut event).await?;
+    bundle(&state, &room, viewer, &who, &mut before_v).await?;
+    bundle(&state, &room, viewer, &who, &mut after_v).await?;
     Ok(axum::Json(json!({
         "event": event.pop(),
         "events_before": before_v,
         "events_after": after_v,
-        "start": start,
-        "end": end,
+        "start": token(start.0, start.1),
+        "end": token(end.0, end.1),
         "state": state_rows.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>(),
     })))
 }
@@ -234,14 +282,19 @@ pub async fn timestamp_to_event(
     Query(q): Query<TimestampQuery>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
-    let range = visible(&state, &room, &auth.user_id).await?;
+    let who = viewer(&state, &room, &auth.user_id).await?;
     let forward = match q.dir.as_str() {
         "f" => true,
         "b" => false,
         _ => return Err(Error::invalid_param("dir must be f or b")),
     };
-    let ev = storage::events::closest_to_ts(&state.db, room.nid, q.ts, forward, range)
-        .await?
+    // The closest event the user may see, among the 100 closest.
+    let rows = storage::events::closest_to_ts(&state.db, room.nid, q.ts, forward, 100).await?;
+    let visible = who.visible(&state, &rows).await?;
+    let ev = rows
+        .into_iter()
+        .zip(visible)
+        .find_map(|(r, v)| v.then_some(r))
         .ok_or_else(|| Error::not_found("No event found in that direction"))?;
     Ok(axum::Json(json!({ "event_id": ev.event_id, "origin_server_ts": ev.origin_server_ts })))
 }

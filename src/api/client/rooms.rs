@@ -6,8 +6,9 @@ use serde_json::{Map, Value, json};
 
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, ClientIp, Json, Path, Query};
-use crate::rooms::client::{format, require_joined, visible_range};
+use crate::rooms::client::{format, require_joined};
 use crate::rooms::create::{CreateRoomRequest, create_room as create, member_content};
+use crate::rooms::visibility::{self, Hv, Ignored, Viewer};
 use crate::rooms::{self, NewEvent, Room};
 use crate::state::AppState;
 use crate::storage;
@@ -505,18 +506,24 @@ pub async fn redact(
 
 // ---- reading ----------------------------------------------------------------------------
 
-/// The state a user may read: the current state while joined, the state when they left after.
+/// The state a user may read: the current state while joined (or in a world-readable room), the
+/// state at their departure after leaving a room they had joined.
 async fn readable_state_group(state: &AppState, room: &Room, user: &str) -> ApiResult<Option<i64>> {
     match storage::rooms::membership(&state.db, room.nid, user).await? {
-        Some((m, _, _)) if m == "join" => Ok(None),
-        Some((m, event_nid, _))
-            if (m == "leave" || m == "ban") && visible_range(state, room, user).await?.is_some() =>
-        {
-            let ev = storage::events::by_nids(&state.db, &[event_nid]).await?;
-            Ok(ev.first().and_then(|e| e.state_after))
+        Some((m, _, _)) if m == "join" => return Ok(None),
+        Some((m, _, _)) if m == "leave" || m == "ban" => {
+            // The state when their last membership `join` ended (not a later invite's end).
+            let viewer = Viewer::load(state, room, user).await?;
+            if let Some(departure) = viewer.departed_from_join() {
+                return Ok(storage::events::state_after_at(&state.db, room.nid, departure).await?);
+            }
         }
-        _ => Err(Error::forbidden("You are not a member of this room")),
+        _ => {}
     }
+    if visibility::current(state, room).await? == Hv::WorldReadable {
+        return Ok(None);
+    }
+    Err(Error::forbidden("You are not a member of this room"))
 }
 
 async fn readable_state(state: &AppState, room: &Room, user: &str) -> ApiResult<Vec<storage::events::EventRow>> {
@@ -570,12 +577,12 @@ pub async fn get_event(
     let not_found = || Error::not_found("Event not found");
     let row =
         storage::events::by_id(&state.db, &event_id).await?.filter(|e| e.room_nid == room.nid).ok_or_else(not_found)?;
-    let (lo, hi) = visible_range(&state, &room, &auth.user_id).await?.ok_or_else(not_found)?;
-    if row.stream_ordering < lo || row.stream_ordering > hi {
+    let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
+    if !viewer.sees(&state, &row).await? {
         return Err(not_found());
     }
     let mut ev = [format(&room, &row, Some((&auth.user_id, &auth.device_id)))];
-    rooms::relations::bundle(&state, &room, (&auth.user_id, &auth.device_id), (lo, hi), &mut ev).await?;
+    rooms::relations::bundle(&state, &room, (&auth.user_id, &auth.device_id), &viewer, &mut ev).await?;
     let [ev] = ev;
     Ok(axum::Json(ev))
 }
@@ -636,7 +643,10 @@ impl RoomEventFilter {
     }
 }
 
-/// Pagination tokens are `t<depth>_<stream>`: a position in topological order.
+/// Pagination tokens are `t<depth>_<stream>`: a position *between* events in topological order,
+/// just before the event at `(depth, stream)`. Backwards from it come the events before that
+/// position, forwards the events from it on; so a backward page's `end` (the position before its
+/// oldest event) used forwards returns that page again, oldest first.
 pub fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
     let bad = || Error::invalid_param("Invalid pagination token");
     let (d, s) = t.strip_prefix('t').and_then(|r| r.split_once('_')).ok_or_else(bad)?;
@@ -645,6 +655,74 @@ pub fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
 
 pub fn token(depth: i64, stream: i64) -> String {
     format!("t{depth}_{stream}")
+}
+
+/// The room may be read at all: the user has (or had) a membership, or it is world-readable.
+pub async fn require_readable(state: &AppState, room: &Room, viewer: &Viewer) -> ApiResult<()> {
+    if viewer.ever_member || visibility::current(state, room).await? == Hv::WorldReadable {
+        return Ok(());
+    }
+    Err(Error::forbidden("You are not a member of this room"))
+}
+
+/// A walk through a room's timeline from a position: what it found and where it stopped.
+pub struct Walk {
+    pub events: Vec<storage::events::EventRow>,
+    /// The position after the last event looked at, in the walk's direction.
+    pub cursor: (i64, i64),
+    /// No further events (in the room, or before `to`).
+    pub exhausted: bool,
+}
+
+/// Reads up to `limit` events the viewer may see (and the filter accepts, and not from ignored
+/// users) from `from` (a position between events) in one direction, stopping at `to`. Reads
+/// pages until the chunk is full, at most 10 pages of at least 50 rows.
+#[allow(clippy::too_many_arguments)]
+pub async fn walk(
+    state: &AppState,
+    room: &Room,
+    viewer: &Viewer,
+    ignored: &Ignored,
+    filter: &RoomEventFilter,
+    backwards: bool,
+    from: (i64, i64),
+    to: Option<(i64, i64)>,
+    limit: i64,
+) -> ApiResult<Walk> {
+    let mut events = Vec::new();
+    let mut cursor = from;
+    let mut exhausted = false;
+    let page_size = limit.max(50);
+    if limit <= 0 {
+        return Ok(Walk { events, cursor, exhausted });
+    }
+    let upto = viewer.read_limit(state, room).await?;
+    'pages: for _ in 0..10 {
+        let rows = storage::events::page(&state.db, room.nid, backwards, cursor, (i64::MIN, upto), page_size).await?;
+        let got = rows.len() as i64;
+        let visible = viewer.visible(state, &rows).await?;
+        for (row, visible) in rows.into_iter().zip(visible) {
+            let pos = (row.depth, row.stream_ordering);
+            if let Some(t) = to
+                && (if backwards { pos < t } else { pos >= t })
+            {
+                exhausted = true;
+                break 'pages;
+            }
+            cursor = if backwards { pos } else { (pos.0, pos.1.saturating_add(1)) };
+            if visible && filter.matches(&row) && !ignored.hides(&row) {
+                events.push(row);
+                if events.len() as i64 == limit {
+                    break 'pages;
+                }
+            }
+        }
+        if got < page_size {
+            exhausted = true;
+            break;
+        }
+    }
+    Ok(Walk { events, cursor, exhausted })
 }
 
 pub async fn messages(
@@ -664,19 +742,17 @@ pub async fn messages(
         Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
         None => RoomEventFilter::default(),
     };
-    let visible = visible_range(&state, &room, &auth.user_id)
-        .await?
-        .ok_or_else(|| Error::forbidden("You are not a member of this room"))?;
+    let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
+    require_readable(&state, &room, &viewer).await?;
+    let ignored = Ignored::load(&state, &auth.user_id).await?;
     let start = match &q.from {
-        // A sync token (`next_batch`) names a stream position: start at the room's last event
-        // at or before it.
+        // A sync token (`next_batch`) names a stream position: the position just after the
+        // room's last event at or before it.
         Some(t) if t.starts_with('s') => {
             let pos = crate::sync::token::SyncToken::parse(t)?.events;
-            let upto = (visible.0, visible.1.min(pos));
+            let upto = (i64::MIN, pos);
             match storage::events::page(&state.db, room.nid, true, (i64::MAX, i64::MAX), upto, 1).await?.first() {
-                Some(e) if backwards => (e.depth, e.stream_ordering + 1),
-                Some(e) => (e.depth, e.stream_ordering),
-                None if backwards => (i64::MIN, i64::MIN),
+                Some(e) => (e.depth, e.stream_ordering + 1),
                 None => (i64::MIN, i64::MIN),
             }
         }
@@ -685,38 +761,11 @@ pub async fn messages(
         None => (i64::MIN, i64::MIN),
     };
     let to = q.to.as_deref().map(parse_token).transpose()?;
-    let mut chunk = Vec::new();
-    let mut cursor = start;
-    let mut exhausted = false;
-    // Filters can drop rows; read further pages until the chunk is full (bounded).
-    for _ in 0..10 {
-        let rows = storage::events::page(&state.db, room.nid, backwards, cursor, visible, limit).await?;
-        let got = rows.len() as i64;
-        for row in rows {
-            cursor = (row.depth, row.stream_ordering);
-            if let Some(t) = to
-                && (if backwards { cursor <= t } else { cursor >= t })
-            {
-                exhausted = true;
-                break;
-            }
-            if filter.matches(&row) {
-                chunk.push(row);
-                if chunk.len() as i64 == limit {
-                    break;
-                }
-            }
-        }
-        if got < limit {
-            exhausted = true;
-        }
-        if exhausted || chunk.len() as i64 == limit {
-            break;
-        }
-    }
-    let viewer = (&*auth.user_id, &*auth.device_id);
-    let mut events: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(viewer))).collect();
-    rooms::relations::bundle(&state, &room, viewer, visible, &mut events).await?;
+    let Walk { events: chunk, cursor, exhausted } =
+        walk(&state, &room, &viewer, &ignored, &filter, backwards, start, to, limit).await?;
+    let device = (&*auth.user_id, &*auth.device_id);
+    let mut events: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(device))).collect();
+    rooms::relations::bundle(&state, &room, device, &viewer, &mut events).await?;
     let mut resp = json!({
         "start": q.from.clone().unwrap_or_else(|| token(start.0.clamp(0, i64::MAX), start.1.clamp(0, i64::MAX))),
         "chunk": events,
@@ -759,17 +808,36 @@ pub async fn members(
             // State at a point of the timeline (or at the user's departure).
             let group = match at {
                 Some(t) => {
-                    let (depth, stream) = parse_token(t).or_else(|_| {
-                        t.strip_prefix('s')
-                            .and_then(|s| s.parse::<i64>().ok())
-                            .map(|s| (i64::MAX, s))
-                            .ok_or_else(|| Error::invalid_param("Invalid at token"))
-                    })?;
-                    let visible = visible_range(&state, &room, &auth.user_id).await?.unwrap_or((0, 0));
-                    let last =
-                        storage::events::page(&state.db, room.nid, true, (depth, stream.saturating_add(1)), visible, 1)
-                            .await?;
-                    last.first().and_then(|e| e.state_after).or(group)
+                    // The state at a position: after the last event before it (a sync token:
+                    // after the last event at or before its stream position).
+                    let (from, upto) = match parse_token(t) {
+                        Ok(pos) => (pos, i64::MAX),
+                        Err(_) => {
+                            let s = crate::sync::token::SyncToken::parse(t)
+                                .map_err(|_| Error::invalid_param("Invalid at token"))?
+                                .events;
+                            ((i64::MAX, i64::MAX), s)
+                        }
+                    };
+                    let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
+                    // A departed member reads no further than their departure.
+                    let upto = upto.min(if viewer.is_joined() { i64::MAX } else { viewer.joined_until() });
+                    let last = storage::events::page(&state.db, room.nid, true, from, (i64::MIN, upto), 1).await?;
+                    match last.first() {
+                        None => group,
+                        Some(e) => {
+                            // Readable if the event before the position or the one after it is
+                            // visible (the state before a user's first visible event is what
+                            // their sync showed them).
+                            let next =
+                                storage::events::page(&state.db, room.nid, false, from, (i64::MIN, upto), 1).await?;
+                            let rows: Vec<&storage::events::EventRow> = [e].into_iter().chain(next.first()).collect();
+                            if !viewer.visible(&state, &rows).await?.into_iter().any(|v| v) {
+                                return Err(Error::forbidden("You may not see the room at that point"));
+                            }
+                            e.state_after.or(group)
+                        }
+                    }
                 }
                 None => group,
             };
@@ -892,8 +960,6 @@ pub async fn room_aliases(
     Path(room_id): Path<String>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
-    if visible_range(&state, &room, &auth.user_id).await?.is_none() {
-        return Err(Error::forbidden("You are not a member of this room"));
-    }
+    require_readable(&state, &room, &Viewer::load(&state, &room, &auth.user_id).await?).await?;
     Ok(axum::Json(json!({ "aliases": storage::rooms::aliases_of(&state.db, room.nid).await? })))
 }
