@@ -113,8 +113,8 @@ async fn relations_threads_edits_and_context() {
     let eve = s.register("eve", false).await;
     assert_err(
         &s.get(&format!("/_matrix/client/v1/rooms/{r}/relations/{}", enc(&root)), Some(&eve.token)).await,
-        403,
-        "M_FORBIDDEN",
+        404,
+        "M_NOT_FOUND",
     );
 
     // Threads list.

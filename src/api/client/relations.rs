@@ -43,7 +43,11 @@ async fn relations_inner(
     q: RelationsQuery,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(state, room_id).await?;
-    let who = viewer(state, &room, &auth.user_id).await?;
+    // The spec answers 404 alike for a parent that does not exist and one the user cannot read.
+    let who = viewer(state, &room, &auth.user_id).await.map_err(|e| match e.errcode {
+        "M_FORBIDDEN" => Error::not_found("Event not found"),
+        _ => e,
+    })?;
     let parent = storage::events::by_id(&state.db, event_id)
         .await?
         .filter(|e| e.room_nid == room.nid)
