@@ -209,6 +209,18 @@ async fn deactivation_leaves_rooms_rejects_invites_and_hides_itself() {
         .await
         .unwrap();
     assert_eq!((devices, pushers), (0, 0));
+    // Nobody can invite the account back into a room.
+    assert_err(
+        &s.post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&joined)),
+            Some(&alice.token),
+            json!({ "user_id": victim.user_id }),
+        )
+        .await,
+        403,
+        "M_FORBIDDEN",
+    );
+    assert_eq!(membership_of(&s, &alice, &joined, &victim).await, "leave");
 
     // Login: a wrong password gets exactly what any wrong password gets; only the right one
     // learns that the account is deactivated.

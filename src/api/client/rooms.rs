@@ -284,6 +284,9 @@ pub async fn invite(
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
     local_target(&state, &body.user_id).await?;
+    if storage::users::get(&state.db, &body.user_id).await?.is_some_and(|u| u.deactivated) {
+        return Err(Error::forbidden("This account is deactivated and cannot be invited"));
+    }
     set_membership(&state, &room, &auth.user_id, &body.user_id, "invite", body.reason).await?;
     Ok(axum::Json(json!({})))
 }
