@@ -8,21 +8,21 @@ use serde_json::{Value, json};
 use crate::common::*;
 use crate::sync::sync;
 
-fn b64(bytes: &[u8]) -> String {
+pub(crate) fn b64(bytes: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
 }
 
-fn key(seed: u8) -> SigningKey {
+pub(crate) fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
-fn public(k: &SigningKey) -> String {
+pub(crate) fn public(k: &SigningKey) -> String {
     b64(k.verifying_key().as_bytes())
 }
 
 /// Signs `obj` (canonical JSON without `signatures`/`unsigned`) as `signer` with `key_id`.
-fn sign(obj: &mut Value, signer: &str, key_id: &str, k: &SigningKey) {
+pub(crate) fn sign(obj: &mut Value, signer: &str, key_id: &str, k: &SigningKey) {
     let mut bare = obj.as_object().unwrap().clone();
     bare.remove("signatures");
     bare.remove("unsigned");
@@ -31,7 +31,7 @@ fn sign(obj: &mut Value, signer: &str, key_id: &str, k: &SigningKey) {
     obj["signatures"][signer][key_id] = json!(b64(&sig.to_bytes()));
 }
 
-fn device_keys(u: &User, k: &SigningKey) -> Value {
+pub(crate) fn device_keys(u: &User, k: &SigningKey) -> Value {
     let mut dk = json!({
         "user_id": u.user_id, "device_id": u.device_id,
         "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
@@ -50,7 +50,7 @@ fn otk(u: &User, k: &SigningKey, n: u8) -> Value {
     o
 }
 
-fn cross_key(u: &User, usage: &str, k: &SigningKey) -> Value {
+pub(crate) fn cross_key(u: &User, usage: &str, k: &SigningKey) -> Value {
     json!({ "user_id": u.user_id, "usage": [usage], "keys": { format!("ed25519:{}", public(k)): public(k) } })
 }
 

@@ -3,54 +3,14 @@
 //! past `u64`, server names with ports in `keys/query`, duplicate annotations; and property
 //! tests for the user-ID parsing `keys/query` relies on.
 
-use ed25519_dalek::{Signer, SigningKey};
 use proptest::prelude::*;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::common::*;
+use crate::e2ee::{b64, cross_key, device_keys, key, public, sign};
 
 // ---- helpers ------------------------------------------------------------------------------
-
-fn b64(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD_NO_PAD.encode(bytes)
-}
-
-fn key(seed: u8) -> SigningKey {
-    SigningKey::from_bytes(&[seed; 32])
-}
-
-fn public(k: &SigningKey) -> String {
-    b64(k.verifying_key().as_bytes())
-}
-
-/// Signs `obj` (canonical JSON without `signatures`/`unsigned`) as `signer` with `key_id`.
-fn sign(obj: &mut Value, signer: &str, key_id: &str, k: &SigningKey) {
-    let mut bare = obj.as_object().unwrap().clone();
-    bare.remove("signatures");
-    bare.remove("unsigned");
-    let canonical = ruma::CanonicalJsonValue::try_from(Value::Object(bare)).unwrap();
-    let sig = k.sign(serde_json::to_string(&canonical).unwrap().as_bytes());
-    obj["signatures"][signer][key_id] = json!(b64(&sig.to_bytes()));
-}
-
-fn device_keys(u: &User, k: &SigningKey) -> Value {
-    let mut dk = json!({
-        "user_id": u.user_id, "device_id": u.device_id,
-        "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
-        "keys": {
-            format!("curve25519:{}", u.device_id): b64(&[7u8; 32]),
-            format!("ed25519:{}", u.device_id): public(k),
-        }
-    });
-    sign(&mut dk, &u.user_id, &format!("ed25519:{}", u.device_id), k);
-    dk
-}
-
-fn cross_key(u: &User, usage: &str, k: &SigningKey) -> Value {
-    json!({ "user_id": u.user_id, "usage": [usage], "keys": { format!("ed25519:{}", public(k)): public(k) } })
-}
 
 fn password_auth(session: &Value, user: &str, password: &str) -> Value {
     json!({

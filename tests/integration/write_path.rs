@@ -370,39 +370,22 @@ async fn kill_9_loses_no_acknowledged_event() {
 
     let p = server.start().await;
     for (txn, id) in &acked {
-        let r = http
-            .get(format!("{base}/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id)))
-            .bearer_auth(&u.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK, "acknowledged {txn} ({id}) lost by SIGKILL");
+        let path = format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&room), enc(id));
+        let (st, _) = server.call(reqwest::Method::GET, &path, Some(&u.token), None).await;
+        assert_eq!(st, StatusCode::OK, "acknowledged {txn} ({id}) lost by SIGKILL");
     }
     // Every send retried with its transaction ID: acknowledged ones answer the same event, and in
     // the end each transaction is exactly one event.
     for txn in &tried {
-        let r = http
-            .put(format!("{base}{}", send_path(&room, txn)))
-            .bearer_auth(&u.token)
-            .json(&json!({ "msgtype": "m.text", "body": txn }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        let v: Value = r.json().await.unwrap();
+        let body = json!({ "msgtype": "m.text", "body": txn });
+        let (st, v) = server.call(reqwest::Method::PUT, &send_path(&room, txn), Some(&u.token), Some(body)).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
         if let Some((_, id)) = acked.iter().find(|(t, _)| t == txn) {
             assert_eq!(v["event_id"].as_str(), Some(id.as_str()), "retry of {txn}");
         }
     }
-    let page: Value = http
-        .get(format!("{base}/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(&room)))
-        .bearer_auth(&u.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let messages = format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1000", enc(&room));
+    let (_, page) = server.call(reqwest::Method::GET, &messages, Some(&u.token), None).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for e in page["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message") {
         *counts.entry(e["content"]["body"].as_str().unwrap().to_owned()).or_default() += 1;
