@@ -347,7 +347,7 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
     .collect();
     let mut jobs = Vec::new();
     let mut seen = HashSet::new();
-    let mut rooms: HashMap<i64, Option<(ruma::OwnedRoomId, Option<String>, Option<String>)>> = HashMap::new();
+    let mut rooms: HashMap<i64, Option<RoomNames>> = HashMap::new();
     for r in rows {
         let key = (r.user_id.clone(), r.app_id.clone(), r.pushkey.clone());
         let event = events.get(&r.event_nid);
@@ -362,8 +362,8 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
         if !seen.insert((r.user_id.clone(), r.stream_ordering)) {
             continue;
         }
-        if !rooms.contains_key(&e.room_nid) {
-            rooms.insert(e.room_nid, room_names(state, e.room_nid).await?);
+        if let std::collections::hash_map::Entry::Vacant(slot) = rooms.entry(e.room_nid) {
+            slot.insert(room_names(state, e.room_nid).await?);
         }
         let Some(Some((room_id, room_name, room_alias))) = rooms.get(&e.room_nid) else { continue };
         let pdu: Value = serde_json::from_str(&e.json).unwrap_or(Value::Null);
@@ -397,11 +397,11 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
     Ok(n)
 }
 
+/// A room's ID, name and canonical alias.
+type RoomNames = (ruma::OwnedRoomId, Option<String>, Option<String>);
+
 /// A room's ID, name and canonical alias (current state), for resumed notifications.
-async fn room_names(
-    state: &AppState,
-    room_nid: i64,
-) -> sqlx::Result<Option<(ruma::OwnedRoomId, Option<String>, Option<String>)>> {
+async fn room_names(state: &AppState, room_nid: i64) -> sqlx::Result<Option<RoomNames>> {
     let Some(room) = storage::rooms::by_nid(&state.db, room_nid).await? else { return Ok(None) };
     let Ok(room_id) = ruma::OwnedRoomId::try_from(room.room_id.as_str()) else { return Ok(None) };
     let keys = [("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
