@@ -10,6 +10,7 @@ mod e2ee;
 mod ephemeral;
 mod errors_limits;
 mod filters;
+mod hardening_input;
 mod media;
 mod presence;
 mod push;
