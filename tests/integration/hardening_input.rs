@@ -309,7 +309,7 @@ async fn nul_anywhere_else_is_refused_with_the_right_errcode() {
         format!("{C}/rooms/{r}/event/%24x%00"),
         format!("/_matrix/client/v1/rooms/{r}/relations/{e}?from=%00"),
         format!("{C}/notifications?from=%00"),
-        format!("/_matrix/client/v1/media/download/localhost/ab%00c"),
+        "/_matrix/client/v1/media/download/localhost/ab%00c".to_owned(),
     ];
     for path in bad_params {
         let r = s.get(&path, Some(&alice.token)).await;
