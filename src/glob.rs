@@ -65,7 +65,8 @@ pub struct Glob {
     other: Vec<(char, u32)>,
     /// Masks, `words` each, indexed by the values of `ascii` (minus one) and `other`.
     masks: Vec<u64>,
-    /// No wildcard at all: a whole-value match is a comparison.
+    /// No wildcard at all: a whole-value match is a comparison, a short one in words mode a
+    /// substring search.
     literal: Option<String>,
 }
 
@@ -205,6 +206,19 @@ impl Glob {
         if self.len == 0 {
             return value.is_empty();
         }
+        if let Some(lit) = self.literal.as_deref().filter(|l| l.len() <= SHORT_LITERAL) {
+            // Plain text (a localpart, a display name, a keyword): substring search, trying
+            // every occurrence (overlapping ones too), O(n·m) with m ≤ 64.
+            let mut from = 0;
+            while let Some(i) = value[from..].find(lit) {
+                let start = from + i;
+                if boundary(value, start) && boundary(value, start + lit.len()) {
+                    return true;
+                }
+                from = start + value[start..].chars().next().map_or(1, char::len_utf8);
+            }
+            return false;
+        }
         let mut d = vec![0u64; self.words];
         let mut tmp = vec![0u64; self.words];
         let mut prev: Option<char> = None;
@@ -224,6 +238,16 @@ impl Glob {
             prev = Some(c);
         }
     }
+}
+
+/// Literal patterns up to this many bytes are matched in words mode by substring search.
+const SHORT_LITERAL: usize = 64;
+
+/// Whether byte offset `i` (a char boundary) of `value` is a word boundary.
+fn boundary(value: &str, i: usize) -> bool {
+    let before = value[..i].chars().next_back();
+    let after = value[i..].chars().next();
+    !(before.is_some_and(is_word) && after.is_some_and(is_word))
 }
 
 #[cfg(test)]
@@ -278,6 +302,11 @@ mod tests {
         assert!(!Glob::new("").is_match_words("x"));
         assert!(Glob::new("").is_match(""));
         assert!(Glob::new(".foo").is_match_words("a.foo"));
+        assert!(Glob::new("aa").is_match_words("aaa aa"));
+        assert!(!Glob::new("aa").is_match_words("aaa"));
+        let long = "ab".repeat(40);
+        assert!(Glob::new(&long).is_match_words(&format!("x{long} {long}")));
+        assert!(!Glob::new(&long).is_match_words(&format!("x{long}")));
     }
 
     #[test]

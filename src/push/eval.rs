@@ -419,6 +419,10 @@ fn event_match(event: &FlattenedJson, key: &str, pattern: &str, ctx: &PushCondit
 /// Case-insensitive glob (`*`, `?`) match of `pattern` against all of `value`, or with `words`
 /// against a part of it that starts and ends on word boundaries.
 pub fn pattern_matches(pattern: &str, value: &str, words: bool) -> bool {
+    if !words && !pattern.contains(['*', '?']) {
+        // Most conditions (`type`, `content.msgtype`...): a comparison, without allocating.
+        return pattern.chars().flat_map(char::to_lowercase).eq(value.chars().flat_map(char::to_lowercase));
+    }
     let glob = crate::glob::Glob::new(&pattern.to_lowercase());
     let value = value.to_lowercase();
     if words { glob.is_match_words(&value) } else { glob.is_match(&value) }
