@@ -7,7 +7,8 @@
 //!   ASCII input. Used by sync filters (whose spec has only `*`).
 //! - [`Glob`]: a compiled `*`/`?` pattern for push rules, matched by a bit-parallel NFA
 //!   (Shift-And): O(n·⌈m/64⌉) for any pattern and value, both for the whole value and for the
-//!   spec's `content.body` word matching (a substring that starts and ends on word boundaries).
+//!   spec's `content.body` word matching (a substring that starts and ends on word boundaries);
+//!   plain text of at most 64 bytes is found by substring search instead (O(n·64) at worst).
 //!
 //! Neither ever builds a regex: a pattern's length changes only the cost, linearly.
 
