@@ -5,6 +5,7 @@ pub mod auth;
 pub mod config;
 pub mod e2ee;
 pub mod error;
+pub mod glob;
 pub mod http;
 pub mod keys;
 pub mod media;

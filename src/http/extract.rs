@@ -122,6 +122,49 @@ pub async fn read_body(req: Request, limit: usize) -> Result<axum::body::Bytes, 
     })
 }
 
+/// The server's one policy for text PostgreSQL cannot store: U+0000 (`jsonb` and `text` refuse
+/// it). Every request body parsed as JSON ([`Json`], [`parse_json`]), every query string
+/// ([`Query`]) and every path ([`Path`]) is checked here, at the edge, before any handler runs:
+/// such a request is refused with 400 (`M_BAD_JSON` for a body, `M_INVALID_PARAM` for a path or
+/// query parameter) and nothing of it is stored. Handlers therefore never see U+0000 in client
+/// input, and nothing a user stores can make a shared endpoint fail for others.
+pub const NUL_MESSAGE: &str = "Text must not contain U+0000";
+
+/// Whether any string of `value` (object keys included, at any depth) contains U+0000. One walk
+/// over the parsed value with an explicit stack: linear time, no recursion.
+pub fn json_has_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::String(s) if s.contains('\0') => return true,
+            Value::Array(a) => stack.extend(a),
+            Value::Object(o) => {
+                for (k, v) in o {
+                    if k.contains('\0') {
+                        return true;
+                    }
+                    stack.push(v);
+                }
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// U+0000 in a query string: in a percent-decoded name or value (`%00`).
+pub fn query_has_nul(query: &str) -> bool {
+    // Only `%00` decodes to U+0000 (a raw NUL cannot appear in a URI); decoding is the exact test.
+    query.contains("%00")
+        && url::form_urlencoded::parse(query.as_bytes()).any(|(k, v)| k.contains('\0') || v.contains('\0'))
+}
+
+/// U+0000 in a path: a percent-decoded segment holds it exactly when the raw path has `%00`.
+pub fn path_has_nul(path: &str) -> bool {
+    path.contains("%00")
+}
+
 /// Parses a body as a JSON object into `T`.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     let value: serde_json::Value = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -131,6 +174,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
     };
     if !value.is_object() {
         return Err(Error::bad_json("Request body must be a JSON object"));
+    }
+    if json_has_nul(&value) {
+        return Err(Error::bad_json(NUL_MESSAGE));
     }
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
@@ -149,6 +195,9 @@ impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Query<T> {
     type Rejection = Error;
     async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Self, Error> {
         let q = parts.uri.query().unwrap_or("");
+        if query_has_nul(q) {
+            return Err(Error::invalid_param(NUL_MESSAGE));
+        }
         let de = serde_urlencoded::Deserializer::new(url::form_urlencoded::parse(q.as_bytes()));
         serde_path_to_error::deserialize(de).map(Query).map_err(|e| {
             let msg = e.inner().to_string();
@@ -167,6 +216,9 @@ pub struct Path<T>(pub T);
 impl<T: DeserializeOwned + Send> FromRequestParts<AppState> for Path<T> {
     type Rejection = Error;
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
+        if path_has_nul(parts.uri.path()) {
+            return Err(Error::invalid_param(NUL_MESSAGE));
+        }
         axum::extract::Path::<T>::from_request_parts(parts, state)
             .await
             .map(|p| Path(p.0))
@@ -185,5 +237,138 @@ impl FromRequestParts<AppState> for MaybeAuth {
             return Ok(MaybeAuth(None));
         }
         Auth::from_request_parts(parts, state).await.map(|a| MaybeAuth(Some(a)))
+    }
+}
+
+/// Strategies shared by the property tests of the parsers that take client JSON.
+#[cfg(test)]
+pub(crate) mod testing {
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    /// Keys the parsers know (filters, push rules), mixed with arbitrary ones, so generated
+    /// values reach deep into the expected shapes.
+    const KEYS: &[&str] = &[
+        "room",
+        "timeline",
+        "state",
+        "ephemeral",
+        "account_data",
+        "presence",
+        "types",
+        "not_types",
+        "senders",
+        "not_senders",
+        "rooms",
+        "not_rooms",
+        "limit",
+        "event_fields",
+        "event_format",
+        "include_leave",
+        "contains_url",
+        "lazy_load_members",
+        "kind",
+        "key",
+        "pattern",
+        "actions",
+        "conditions",
+        "is",
+        "value",
+        "set_tweak",
+        "highlight",
+        "sound",
+        "event_match",
+        "content.body",
+    ];
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![3 => proptest::sample::select(KEYS).prop_map(str::to_owned), 1 => any::<String>()]
+    }
+
+    /// Arbitrary JSON (strings with any Unicode, U+0000 included).
+    pub fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            any::<String>().prop_map(Value::String),
+            "[a-z.*?]{0,8}".prop_map(Value::String),
+            proptest::sample::select(KEYS).prop_map(|k| Value::String(k.to_owned())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// An arbitrary JSON object.
+    pub fn filter_like_json() -> impl Strategy<Value = Value> {
+        proptest::collection::btree_map(key(), json(), 0..8).prop_map(|m| Value::Object(m.into_iter().collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn reference(v: &Value) -> bool {
+        match v {
+            Value::String(s) => s.chars().any(|c| c == '\0'),
+            Value::Array(a) => a.iter().any(reference),
+            Value::Object(o) => o.iter().any(|(k, v)| k.chars().any(|c| c == '\0') || reference(v)),
+            _ => false,
+        }
+    }
+
+    #[test]
+    fn nul_anywhere_is_bad_json() {
+        for body in [
+            r#"{"displayname": "a\u0000b"}"#,
+            r#"{"a": {"b": [1, {"c": "\u0000"}]}}"#,
+            r#"{"a\u0000": 1}"#,
+            r#"{"deep": [[[[{"x\u0000y": null}]]]]}"#,
+        ] {
+            let e = parse_json::<Value>(body.as_bytes()).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.errcode), (400, "M_BAD_JSON"), "{body}");
+        }
+        // An escaped backslash followed by `u0000` is text, not U+0000.
+        let v: Value = parse_json(br#"{"a": "\\u0000"}"#).unwrap();
+        assert_eq!(v, json!({ "a": "\\u0000" }));
+        assert!(query_has_nul("a=1&filename=x%00y"));
+        assert!(query_has_nul("a%00=1"));
+        assert!(!query_has_nul("a=%2500"));
+        assert!(path_has_nul("/_matrix/client/v3/rooms/!r/state/m.x/a%00b"));
+        assert!(!path_has_nul("/_matrix/client/v3/rooms/!r/state/m.x/a%2500b"));
+    }
+
+    proptest! {
+        #[test]
+        fn json_scanner_agrees_with_reference(v in testing::json()) {
+            prop_assert_eq!(json_has_nul(&v), reference(&v));
+            // Through the text a client would send, too.
+            let obj = json!({ "v": v });
+            let text = obj.to_string();
+            match parse_json::<Value>(text.as_bytes()) {
+                Ok(_) => prop_assert!(!reference(&obj)),
+                Err(e) => {
+                    prop_assert!(reference(&obj));
+                    prop_assert_eq!((e.status.as_u16(), e.errcode), (400, "M_BAD_JSON"));
+                }
+            }
+        }
+
+        #[test]
+        fn query_and_path_scanners_agree_with_decoding(k in any::<String>(), v in any::<String>()) {
+            let q = url::form_urlencoded::Serializer::new(String::new()).append_pair(&k, &v).finish();
+            prop_assert_eq!(query_has_nul(&q), k.contains('\0') || v.contains('\0'));
+            let seg: String = url::form_urlencoded::byte_serialize(v.as_bytes()).collect();
+            prop_assert_eq!(path_has_nul(&format!("/_matrix/client/v3/profile/{seg}")), v.contains('\0'));
+        }
     }
 }

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use ruma::events::room::power_levels::{RoomPowerLevels, RoomPowerLevelsEventContent, RoomPowerLevelsSource};
 use ruma::push::{
-    Action, AnyPushRuleRef, FlattenedJson, PushCondition, PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset,
+    Action, AnyPushRuleRef, FlattenedJson, PredefinedContentRuleId, PredefinedOverrideRuleId, PushCondition,
+    PushConditionPowerLevelsCtx, PushConditionRoomCtx, Ruleset,
 };
 use ruma::serde::Raw;
 use ruma::{OwnedEventId, OwnedRoomId, OwnedUserId, UInt, UserId};
@@ -340,17 +341,98 @@ pub fn flatten(room: &Room, event_type: &str, sender: &str, state_key: Option<&s
 /// The first matching rule's actions in `ruleset`, as ruma's `Ruleset::get_actions` but over an
 /// event flattened once by the caller. A user without a display name in the room is never
 /// matched by a display-name condition.
+///
+/// Rules are evaluated here, not by ruma, wherever a glob pattern is involved (content rules,
+/// room and sender rules, `event_match` and display-name conditions): ruma compiles a regex from
+/// each pattern at every evaluation and panics when it is too large (a long pattern, or a long
+/// display name full of `?`), and its word matching recurses once per occurrence of the
+/// pattern in the body. [`crate::glob::Glob`] matches in O(n·⌈m/64⌉) and cannot panic. Other
+/// conditions (member count, sender permission, exact property matches) are ruma's.
 pub async fn actions_for<'a>(ruleset: &'a Ruleset, event: &FlattenedJson, ctx: &PushConditionRoomCtx) -> &'a [Action] {
+    if event.get_str("sender").is_some_and(|sender| sender == ctx.user_id) {
+        return &[];
+    }
     let has_display_name = !ctx.user_display_name.is_empty();
     for rule in ruleset.iter() {
         if !has_display_name && uses_display_name(rule) {
             continue;
         }
-        if rule.applies(event, ctx).await {
+        if rule_applies(rule, event, ctx).await {
             return rule.actions();
         }
     }
     &[]
+}
+
+/// ruma's `AnyPushRuleRef::applies`, with patterns matched by [`pattern_matches`].
+#[allow(deprecated)]
+async fn rule_applies(rule: AnyPushRuleRef<'_>, event: &FlattenedJson, ctx: &PushConditionRoomCtx) -> bool {
+    match rule {
+        AnyPushRuleRef::Override(r) | AnyPushRuleRef::Underride(r) => {
+            if !r.enabled {
+                return false;
+            }
+            // The old mention rules are disabled when an m.mentions field is present.
+            if (r.rule_id == PredefinedOverrideRuleId::RoomNotif.as_str()
+                || r.rule_id == PredefinedOverrideRuleId::ContainsDisplayName.as_str())
+                && event.contains_mentions()
+            {
+                return false;
+            }
+            for c in &r.conditions {
+                if !condition_applies(c, event, ctx).await {
+                    return false;
+                }
+            }
+            true
+        }
+        AnyPushRuleRef::Content(r) => {
+            if r.rule_id == PredefinedContentRuleId::ContainsUserName.as_str() && event.contains_mentions() {
+                return false;
+            }
+            r.enabled && event_match(event, "content.body", &r.pattern, ctx)
+        }
+        AnyPushRuleRef::Room(r) => r.enabled && event_match(event, "room_id", r.rule_id.as_str(), ctx),
+        AnyPushRuleRef::Sender(r) => r.enabled && event_match(event, "sender", r.rule_id.as_str(), ctx),
+        // Kinds outside the spec (unstable features): only ever server defaults.
+        other => other.applies(event, ctx).await,
+    }
+}
+
+#[allow(deprecated)]
+async fn condition_applies(c: &PushCondition, event: &FlattenedJson, ctx: &PushConditionRoomCtx) -> bool {
+    match c {
+        PushCondition::EventMatch(d) => event_match(event, &d.key, &d.pattern, ctx),
+        PushCondition::ContainsDisplayName => {
+            event.get_str("content.body").is_some_and(|body| pattern_matches(&ctx.user_display_name, body, true))
+        }
+        other => other.applies(event, ctx).await,
+    }
+}
+
+/// The spec's `event_match`: `room_id` from the context, other keys from the event; the whole
+/// value must match, except for `content.body` where a word-bounded part of it must.
+fn event_match(event: &FlattenedJson, key: &str, pattern: &str, ctx: &PushConditionRoomCtx) -> bool {
+    let value = match key {
+        "room_id" => ctx.room_id.as_str(),
+        _ => match event.get_str(key) {
+            Some(v) => v,
+            None => return false,
+        },
+    };
+    pattern_matches(pattern, value, key == "content.body")
+}
+
+/// Case-insensitive glob (`*`, `?`) match of `pattern` against all of `value`, or with `words`
+/// against a part of it that starts and ends on word boundaries.
+pub fn pattern_matches(pattern: &str, value: &str, words: bool) -> bool {
+    if !words && !pattern.contains(['*', '?']) {
+        // Most conditions (`type`, `content.msgtype`...): a comparison, without allocating.
+        return pattern.chars().flat_map(char::to_lowercase).eq(value.chars().flat_map(char::to_lowercase));
+    }
+    let glob = crate::glob::Glob::new(&pattern.to_lowercase());
+    let value = value.to_lowercase();
+    if words { glob.is_match_words(&value) } else { glob.is_match(&value) }
 }
 
 #[allow(deprecated)]
@@ -707,6 +789,81 @@ mod tests {
         let out =
             evaluate_event(&room, &mut view, &settings, "example.org", "m.room.message", &users[0], None, &msg).await;
         assert!(out.is_empty(), "{out:?}");
+    }
+
+    fn ctx(room: &Room, user: &str, display_name: &str) -> PushConditionRoomCtx {
+        PushConditionRoomCtx::new(
+            room.room_id.clone(),
+            UInt::from(3u32),
+            OwnedUserId::try_from(user).unwrap(),
+            display_name.to_owned(),
+        )
+    }
+
+    /// A ruleset with one user content rule, inserted past the limits on purpose: evaluation
+    /// itself must stay safe whatever the ruleset holds.
+    fn with_content_rule(user: &str, pattern: &str) -> Ruleset {
+        let mut ruleset = Ruleset::server_default(<&UserId>::try_from(user).unwrap());
+        let rule = ruma::push::NewPushRule::Content(ruma::push::NewPatternedPushRule::new(
+            "kw".into(),
+            pattern.into(),
+            vec![Action::Notify, Action::SetTweak(ruma::push::Tweak::Highlight(ruma::push::HighlightTweakValue::Yes))],
+        ));
+        ruleset.insert(rule, None, None).unwrap();
+        ruleset
+    }
+
+    #[tokio::test]
+    async fn huge_patterns_neither_panic_nor_stall() {
+        let room = room();
+        let body = format!("{} end", "word ".repeat(10_000));
+        let flat =
+            flatten(&room, "m.room.message", "@s:example.org", None, &json!({ "msgtype": "m.text", "body": body }));
+        let started = std::time::Instant::now();
+        for pattern in ["?".repeat(100_000), "*".repeat(20_000), format!("{}x", "*a".repeat(500))] {
+            let ruleset = with_content_rule("@u:example.org", &pattern);
+            // ruma would panic building a regex for the first one.
+            let _ = actions_for(&ruleset, &flat, &ctx(&room, "@u:example.org", "U")).await;
+        }
+        // A display name full of wildcards is a pattern too (the display-name rule).
+        let ruleset = Ruleset::server_default(<&UserId>::try_from("@u:example.org").unwrap());
+        let _ = actions_for(&ruleset, &flat, &ctx(&room, "@u:example.org", &"?".repeat(256))).await;
+        assert!(started.elapsed().as_secs() < 10, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn keyword_rules_match_words_case_insensitively() {
+        let room = room();
+        let ruleset = with_content_rule("@u:example.org", "caf?");
+        let ctx = ctx(&room, "@u:example.org", "U");
+        for (body, hit) in [("Lunch at the CAFE?", true), ("cafeteria", false), ("a cafe", true), ("café", true)] {
+            let flat =
+                flatten(&room, "m.room.message", "@s:example.org", None, &json!({ "msgtype": "m.text", "body": body }));
+            let actions = actions_for(&ruleset, &flat, &ctx).await;
+            assert_eq!(actions.iter().any(Action::is_highlight), hit, "{body}");
+        }
+        // Own events never notify.
+        let flat = flatten(&room, "m.room.message", "@u:example.org", None, &json!({ "body": "cafe" }));
+        assert!(actions_for(&ruleset, &flat, &ctx).await.is_empty());
+    }
+
+    proptest::proptest! {
+        /// Our evaluation of patterns agrees with ruma's (on ASCII input without newlines, where
+        /// ruma's regexes and the spec agree).
+        #[test]
+        fn event_match_agrees_with_ruma(pattern in "[abA_ .*?]{0,6}", value in "[abA_ .]{0,10}", body in proptest::bool::ANY) {
+            // ruma reads a wildcard right after another as a literal (`*?` is `.*\?`): not
+            // compared.
+            proptest::prop_assume!(!pattern.contains("**") && !pattern.contains("*?") && !pattern.contains("?*") && !pattern.contains("??"));
+            let room = room();
+            let key = if body { "content.body" } else { "content.x" };
+            let flat = flatten(&room, "m.room.message", "@s:example.org", None, &json!({ "body": value, "x": value }));
+            let ctx = ctx(&room, "@u:example.org", "U");
+            let cond = PushCondition::EventMatch(ruma::push::EventMatchConditionData::new(key.into(), pattern.clone()));
+            let ours = futures_util::FutureExt::now_or_never(condition_applies(&cond, &flat, &ctx)).unwrap();
+            let theirs = futures_util::FutureExt::now_or_never(cond.applies(&flat, &ctx)).unwrap();
+            proptest::prop_assert_eq!(ours, theirs, "pattern {:?} value {:?} key {}", pattern, value, key);
+        }
     }
 
     #[test]

@@ -57,16 +57,30 @@ pub struct RoomEventFilter {
     pub unread_thread_notifications: bool,
 }
 
-/// `*` matches any run of characters (the spec's wildcard for types).
+/// `*` matches any run of characters (the spec's only wildcard for types); linear for ordinary
+/// patterns, O(n·m) at worst, never panics (see `crate::glob`).
 pub fn glob(pattern: &str, value: &str) -> bool {
-    match pattern.split_once('*') {
-        None => pattern == value,
-        Some((head, tail)) => {
-            value.len() >= head.len()
-                && value.starts_with(head)
-                && (tail.is_empty() || (0..=value.len() - head.len()).any(|i| glob(tail, &value[head.len() + i..])))
-        }
+    crate::glob::matches(pattern, value, false)
+}
+
+/// Largest filter accepted, as JSON text (uploaded or inline in `/sync`).
+pub const MAX_FILTER_BYTES: usize = 16 * 1024;
+/// Most entries in any one list of a filter (`types`, `not_types`, `senders`, `rooms`,
+/// `event_fields`...).
+pub const MAX_LIST_ENTRIES: usize = 500;
+/// Longest entry of such a list, in bytes: the spec's limit on event types and IDs, so no
+/// longer entry can be useful.
+pub const MAX_ENTRY_BYTES: usize = 255;
+
+fn check_list(name: &str, list: &Option<Vec<String>>) -> Result<(), String> {
+    let Some(list) = list else { return Ok(()) };
+    if list.len() > MAX_LIST_ENTRIES {
+        return Err(format!("{name}: more than {MAX_LIST_ENTRIES} entries"));
     }
+    if list.iter().any(|e| e.len() > MAX_ENTRY_BYTES) {
+        return Err(format!("{name}: an entry is longer than {MAX_ENTRY_BYTES} bytes"));
+    }
+    Ok(())
 }
 
 fn type_ok(types: &Option<Vec<String>>, not_types: &Option<Vec<String>>, kind: &str) -> bool {
@@ -84,6 +98,13 @@ fn sender_ok(senders: &Option<Vec<String>>, not_senders: &Option<Vec<String>>, s
 }
 
 impl EventFilter {
+    fn check_limits(&self, at: &str) -> Result<(), String> {
+        check_list(&format!("{at}.types"), &self.types)?;
+        check_list(&format!("{at}.not_types"), &self.not_types)?;
+        check_list(&format!("{at}.senders"), &self.senders)?;
+        check_list(&format!("{at}.not_senders"), &self.not_senders)
+    }
+
     pub fn allows(&self, kind: &str, sender: Option<&str>) -> bool {
         type_ok(&self.types, &self.not_types, kind)
             && sender.is_none_or(|s| sender_ok(&self.senders, &self.not_senders, s))
@@ -95,6 +116,15 @@ impl EventFilter {
 }
 
 impl RoomEventFilter {
+    pub fn check_limits(&self, at: &str) -> Result<(), String> {
+        check_list(&format!("{at}.types"), &self.types)?;
+        check_list(&format!("{at}.not_types"), &self.not_types)?;
+        check_list(&format!("{at}.senders"), &self.senders)?;
+        check_list(&format!("{at}.not_senders"), &self.not_senders)?;
+        check_list(&format!("{at}.rooms"), &self.rooms)?;
+        check_list(&format!("{at}.not_rooms"), &self.not_rooms)
+    }
+
     pub fn allows_room(&self, room_id: &str) -> bool {
         !self.not_rooms.as_ref().is_some_and(|r| r.iter().any(|x| x == room_id))
             && self.rooms.as_ref().is_none_or(|r| r.iter().any(|x| x == room_id))
@@ -129,6 +159,9 @@ impl Filter {
             return Ok(Self::default());
         };
         if param.starts_with('{') {
+            if param.len() > MAX_FILTER_BYTES {
+                return Err(Error::invalid_param(format!("Inline filter is larger than {MAX_FILTER_BYTES} bytes")));
+            }
             let value =
                 serde_json::from_str(param).map_err(|e| Error::invalid_param(format!("Invalid inline filter: {e}")))?;
             return Self::from_value(value);
@@ -148,7 +181,7 @@ impl Filter {
         Ok(filter)
     }
 
-    fn from_value(value: Value) -> ApiResult<Self> {
+    pub fn from_value(value: Value) -> ApiResult<Self> {
         let filter: Self = serde_path_to_error::deserialize(value)
             .map_err(|e| Error::invalid_param(format!("Invalid filter at {}: {}", e.path(), e.inner())))?;
         if let Some(f) = &filter.event_format
@@ -157,7 +190,22 @@ impl Filter {
         {
             return Err(Error::invalid_param("event_format must be client or federation"));
         }
+        filter.check_limits().map_err(|e| Error::invalid_param(format!("Filter too large: {e}")))?;
         Ok(filter)
+    }
+
+    /// The first size limit the filter exceeds (list lengths and entry lengths; the caller
+    /// bounds the JSON text to [`MAX_FILTER_BYTES`]).
+    pub fn check_limits(&self) -> Result<(), String> {
+        check_list("event_fields", &self.event_fields)?;
+        self.presence.check_limits("presence")?;
+        self.account_data.check_limits("account_data")?;
+        check_list("room.rooms", &self.room.rooms)?;
+        check_list("room.not_rooms", &self.room.not_rooms)?;
+        self.room.ephemeral.check_limits("room.ephemeral")?;
+        self.room.state.check_limits("room.state")?;
+        self.room.timeline.check_limits("room.timeline")?;
+        self.room.account_data.check_limits("room.account_data")
     }
 
     /// Applies `event_fields` (dotted paths, `\.` escaping a dot) to a client event.
@@ -225,6 +273,47 @@ mod tests {
         assert!(glob("m.room.*age", "m.room.message"));
         assert!(!glob("m.room.*age", "m.room.member"));
         assert!(!glob("m.room.member", "m.room.member2"));
+    }
+
+    #[test]
+    fn wildcards_are_linear_and_unicode_safe() {
+        let started = std::time::Instant::now();
+        let kind = "a".repeat(10_000);
+        assert!(!glob(&format!("{}b", "*a".repeat(20)), &kind));
+        assert!(glob("ü*", "über.ß"));
+        assert!(!glob("*ß*x", "über.ß"));
+        assert!(started.elapsed().as_millis() < 1000);
+    }
+
+    #[test]
+    fn limits() {
+        let many: Vec<String> = (0..=MAX_LIST_ENTRIES).map(|i| format!("m.{i}")).collect();
+        for f in [
+            json!({ "room": { "timeline": { "types": many } } }),
+            json!({ "account_data": { "not_types": ["x".repeat(MAX_ENTRY_BYTES + 1)] } }),
+            json!({ "room": { "rooms": many } }),
+            json!({ "event_fields": many }),
+        ] {
+            let e = Filter::from_value(f).unwrap_err();
+            assert_eq!((e.status.as_u16(), e.errcode), (400, "M_INVALID_PARAM"));
+        }
+        assert!(Filter::from_value(json!({ "room": { "timeline": { "types": ["m.*"], "limit": 5 } } })).is_ok());
+    }
+
+    proptest::proptest! {
+        /// Any JSON is a filter or a 400 `M_INVALID_PARAM`, and applying a parsed filter never
+        /// panics.
+        #[test]
+        fn arbitrary_json_parses_or_400(v in crate::http::extract::testing::json(), kind in ".{0,20}") {
+            match Filter::from_value(v) {
+                Ok(f) => {
+                    let _ = f.account_data.allows(&kind, Some("@a:b"));
+                    let _ = f.room.timeline.allows_kind(&kind, Some(&kind));
+                    let _ = f.room.allows_room(&kind);
+                }
+                Err(e) => proptest::prop_assert_eq!((e.status.as_u16(), e.errcode), (400, "M_INVALID_PARAM")),
+            }
+        }
     }
 
     #[test]

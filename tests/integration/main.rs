@@ -12,6 +12,7 @@ mod ephemeral;
 mod errors_limits;
 mod filters;
 mod hardening_accounts;
+mod hardening_input;
 mod media;
 mod presence;
 mod push;

@@ -124,10 +124,15 @@ pub async fn put_rule(
     if rule_id.contains(['/', '\\']) {
         return Err(push::insert_error(ruma::push::InsertPushRuleError::InvalidRuleId));
     }
+    if rule_id.chars().count() > push::MAX_TEXT_CHARS {
+        return Err(Error::invalid_param(format!("Rule IDs are at most {} characters", push::MAX_TEXT_CHARS)));
+    }
     let body: RuleBody = push::parse(&Value::Object(body))?;
-    let rule = new_rule(&kind, rule_id, body)?;
+    let rule = new_rule(&kind, rule_id.clone(), body)?;
     push::modify(&state, &auth.user_id, |ruleset| {
-        ruleset.insert(rule, pos.after.as_deref(), pos.before.as_deref()).map_err(push::insert_error)
+        ruleset.insert(rule, pos.after.as_deref(), pos.before.as_deref()).map_err(push::insert_error)?;
+        let inserted = ruleset.get(kind.clone(), &rule_id).map(rule_json).unwrap_or_default();
+        push::check_new_rule(ruleset, kind, &rule_id, inserted)
     })
     .await?;
     Ok(axum::Json(json!({})))
@@ -198,8 +203,55 @@ pub async fn put_actions(
     let kind = kind_in(&scope, &kind)?;
     let ActionsBody { actions } = push::parse(&Value::Object(body))?;
     push::modify(&state, &auth.user_id, |ruleset| {
-        ruleset.set_actions(kind, &rule_id, actions).map_err(|_| push::rule_not_found())
+        ruleset.set_actions(kind.clone(), &rule_id, actions).map_err(|_| push::rule_not_found())?;
+        // Server-default rules take any actions a user rule could have.
+        match ruleset.get(kind, &rule_id).map(rule_json).and_then(|r| push::rule_problem(&r)) {
+            Some(problem) => Err(Error::bad_json(format!("Push rule too large: {problem}"))),
+            None => Ok(()),
+        }
     })
     .await?;
     Ok(axum::Json(json!({})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Everything a `PUT /pushrules/global/{kind}/{rule_id}` does with its body before storing.
+    fn put(kind: &str, rule_id: &str, body: &Value) -> ApiResult<()> {
+        let kind = push::parse_kind(kind)?;
+        let Value::Object(body) = body else { return Err(Error::bad_json("not an object")) };
+        let body: RuleBody = push::parse(&Value::Object(body.clone()))?;
+        let rule = new_rule(&kind, rule_id.to_owned(), body)?;
+        let mut ruleset = ruma::push::Ruleset::server_default(<&ruma::UserId>::try_from("@u:example.org").unwrap());
+        ruleset.insert(rule, None, None).map_err(push::insert_error)?;
+        let inserted = ruleset.get(kind.clone(), rule_id).map(rule_json).unwrap_or_default();
+        push::check_new_rule(&ruleset, kind, rule_id, inserted)
+    }
+
+    #[test]
+    fn long_patterns_are_refused() {
+        let e = put("content", "kw", &json!({ "pattern": "?".repeat(100_000), "actions": ["notify"] })).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.errcode), (400, "M_BAD_JSON"));
+        let cond = json!({ "kind": "event_match", "key": "content.body", "pattern": "*".repeat(20_000) });
+        let e = put("override", "o", &json!({ "conditions": [cond], "actions": ["notify"] })).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.errcode), (400, "M_BAD_JSON"));
+        assert!(put("content", "kw", &json!({ "pattern": "lunch*", "actions": ["notify"] })).is_ok());
+    }
+
+    proptest! {
+        /// Any body is a rule or a 400, never a panic.
+        #[test]
+        fn arbitrary_bodies_are_a_rule_or_400(
+            kind in proptest::sample::select(&["override", "content", "room", "sender", "underride"][..]),
+            rule_id in "[!@a-z:.]{1,12}",
+            body in crate::http::extract::testing::filter_like_json(),
+        ) {
+            if let Err(e) = put(kind, &rule_id, &body) {
+                prop_assert_eq!(e.status.as_u16(), 400, "{:?}", e);
+            }
+        }
+    }
 }
