@@ -557,8 +557,7 @@ async fn record(
         }
     }
     let server_name = state.config.server_name.as_str();
-    let candidates: Vec<&str> =
-        candidates.into_iter().filter(|u| u.rsplit_once(':').is_some_and(|(_, s)| s == server_name)).collect();
+    let candidates: Vec<&str> = candidates.into_iter().filter(|u| crate::users::is_local(u, server_name)).collect();
     let settings = state.push_rules.get_many(&mut *conn, &candidates).await?;
 
     let mut rows = Vec::new();
@@ -615,7 +614,7 @@ async fn record(
             if row.event_type == "m.room.member"
                 && a.content["membership"] == "join"
                 && !view.members.contains_key(sk)
-                && sk.rsplit_once(':').is_some_and(|(_, s)| s == server_name)
+                && crate::users::is_local(sk, server_name)
             {
                 joins.push((sk.clone(), a.stream));
             }

@@ -449,7 +449,7 @@ impl SyncCaches {
                 && let Some(user) = &a.row.state_key
             {
                 affected.push(user.clone());
-                if user.rsplit_once(':').is_some_and(|(_, s)| s == server_name) {
+                if crate::users::is_local(user, server_name) {
                     self.user_heads.raise(user, a.stream);
                     if let Some(u) = self.users.get(user) {
                         let mut u = u.write();

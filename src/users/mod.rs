@@ -11,6 +11,12 @@ use crate::storage;
 
 /// Checks a localpart requested for a *new* account against the spec's grammar for user IDs
 /// (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`) and the 255-byte limit on the full user ID.
+/// Whether a user ID belongs to this server: its server part (everything after the first colon,
+/// since localparts have none; it may carry a port) is exactly `server_name`.
+pub fn is_local(user_id: &str, server_name: &str) -> bool {
+    user_id.split_once(':').is_some_and(|(_, server)| server == server_name)
+}
+
 pub fn validate_new_localpart(localpart: &str, server_name: &str) -> ApiResult<()> {
     if localpart.is_empty() {
         return Err(Error::invalid_username("User ID cannot be empty"));
@@ -125,6 +131,17 @@ pub fn check_password_policy(state: &AppState, password: &str) -> ApiResult<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_users_with_ports_in_server_names() {
+        assert!(is_local("@a:ville.fr", "ville.fr"));
+        assert!(is_local("@a:ville.fr:8448", "ville.fr:8448"));
+        assert!(!is_local("@a:ville.fr:8448", "ville.fr"));
+        assert!(!is_local("@a:ville.fr", "ville.fr:8448"));
+        assert!(is_local("@a:[::1]:8448", "[::1]:8448"));
+        assert!(!is_local("@a:autre.ville.fr", "ville.fr"));
+        assert!(!is_local("nocolon", "ville.fr"));
+    }
 
     #[test]
     fn localpart_grammar() {

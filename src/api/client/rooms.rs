@@ -132,7 +132,7 @@ async fn restricted_join_authoriser(
     let invite_level = pl.action("invite", 0);
     for member in storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await? {
         let Some(candidate) = member.state_key else { continue };
-        if !candidate.ends_with(&format!(":{}", state.config.server_name)) {
+        if !crate::users::is_local(&candidate, &state.config.server_name) {
             continue;
         }
         if pl.of(&candidate) >= invite_level {
