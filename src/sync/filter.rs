@@ -143,6 +143,29 @@ impl RoomEventFilter {
     pub fn limit(&self, default: i64) -> usize {
         self.limit.unwrap_or(default).clamp(1, 1000) as usize
     }
+
+    /// The `filter` query parameter of `/messages` and `/context`: inline JSON, within the same
+    /// limits as a sync filter.
+    pub fn from_param(param: Option<&str>) -> ApiResult<Self> {
+        let Some(param) = param.map(str::trim).filter(|p| !p.is_empty()) else { return Ok(Self::default()) };
+        if param.len() > MAX_FILTER_BYTES {
+            return Err(Error::invalid_param(format!("filter is larger than {MAX_FILTER_BYTES} bytes")));
+        }
+        let filter: Self = serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_str(param))
+            .map_err(|e| Error::invalid_param(format!("Invalid filter at {}: {}", e.path(), e.inner())))?;
+        filter.check_limits("filter").map_err(|e| Error::invalid_param(format!("Filter too large: {e}")))?;
+        Ok(filter)
+    }
+
+    /// [`Self::allows`] for a stored event (whose URL presence is read from its content only
+    /// when the filter asks).
+    pub fn allows_row(&self, row: &storage::events::EventRow) -> bool {
+        self.allows_kind(&row.event_type, Some(&row.sender))
+            && self.contains_url.is_none_or(|want| {
+                let has = serde_json::from_str::<Value>(&row.json).is_ok_and(|v| v["content"]["url"].is_string());
+                has == want
+            })
+    }
 }
 
 impl RoomFilter {

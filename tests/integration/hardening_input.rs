@@ -406,6 +406,25 @@ async fn filter_size_limits_are_400() {
     assert_eq!(st, StatusCode::OK, "{v}");
     let (st, v) = s.get(&format!("{C}/sync?filter={}", enc(&ok.to_string())), Some(&alice.token)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
+
+    // /messages and /context take the same RoomEventFilter, with the same limits and globs.
+    let room = create(&s, &alice, json!({})).await;
+    let (st, v) = send(&s, &alice, &room, "f1", "bonjour").await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let event = v["event_id"].as_str().unwrap().to_owned();
+    let messages = |f: &Value| format!("{C}/rooms/{}/messages?dir=b&filter={}", enc(&room), enc(&f.to_string()));
+    let context =
+        |f: &Value| format!("{C}/rooms/{}/context/{}?filter={}", enc(&room), enc(&event), enc(&f.to_string()));
+    let too_many_room = json!({ "not_types": (0..501).map(|i| format!("m.t{i}")).collect::<Vec<_>>() });
+    for f in [&too_many_room, &json!({ "types": ["x".repeat(300)] }), &json!({ "types": vec!["*"; 2000] })] {
+        assert_err(&s.get(&messages(f), Some(&alice.token)).await, 400, "M_INVALID_PARAM");
+        assert_err(&s.get(&context(f), Some(&alice.token)).await, 400, "M_INVALID_PARAM");
+    }
+    // A wildcard anywhere in the pattern, as in sync filters.
+    let (st, v) = s.get(&messages(&json!({ "types": ["*.message"] })), Some(&alice.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let kinds: Vec<&str> = v["chunk"].as_array().unwrap().iter().filter_map(|e| e["type"].as_str()).collect();
+    assert_eq!(kinds, ["m.room.message"], "{v}");
     s.stop().await;
 }
 

@@ -229,10 +229,7 @@ pub async fn context(
     if !who.sees(&state, &ev).await? {
         return Err(not_found());
     }
-    let filter: RoomEventFilter = match &q.filter {
-        Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
-        None => RoomEventFilter::default(),
-    };
+    let filter = RoomEventFilter::from_param(q.filter.as_deref())?;
     let ignored = Ignored::load(&state, &auth.user_id).await?;
     let limit = q.limit.unwrap_or(10).clamp(0, 100);
     let n_before = limit / 2;

@@ -599,52 +599,7 @@ pub struct MessagesQuery {
     filter: Option<String>,
 }
 
-#[derive(Deserialize, Default)]
-pub struct RoomEventFilter {
-    types: Option<Vec<String>>,
-    not_types: Option<Vec<String>>,
-    senders: Option<Vec<String>>,
-    not_senders: Option<Vec<String>>,
-    #[serde(default)]
-    pub lazy_load_members: bool,
-    contains_url: Option<bool>,
-}
-
-impl RoomEventFilter {
-    pub fn matches(&self, row: &storage::events::EventRow) -> bool {
-        let glob = |pat: &str, v: &str| match pat.strip_suffix('*') {
-            Some(prefix) => v.starts_with(prefix),
-            None => pat == v,
-        };
-        if let Some(t) = &self.types
-            && !t.iter().any(|p| glob(p, &row.event_type))
-        {
-            return false;
-        }
-        if let Some(t) = &self.not_types
-            && t.iter().any(|p| glob(p, &row.event_type))
-        {
-            return false;
-        }
-        if let Some(s) = &self.senders
-            && !s.contains(&row.sender)
-        {
-            return false;
-        }
-        if let Some(s) = &self.not_senders
-            && s.contains(&row.sender)
-        {
-            return false;
-        }
-        if let Some(want) = self.contains_url {
-            let has = serde_json::from_str::<Value>(&row.json).ok().is_some_and(|v| v["content"]["url"].is_string());
-            if has != want {
-                return false;
-            }
-        }
-        true
-    }
-}
+pub use crate::sync::filter::RoomEventFilter;
 
 /// Pagination tokens are `t<depth>_<stream>`: a position *between* events in topological order,
 /// just before the event at `(depth, stream)`. Backwards from it come the events before that
@@ -713,7 +668,7 @@ pub async fn walk(
                 break 'pages;
             }
             cursor = if backwards { pos } else { (pos.0, pos.1.saturating_add(1)) };
-            if visible && filter.matches(&row) && !ignored.hides(&row) {
+            if visible && filter.allows_row(&row) && !ignored.hides(&row) {
                 events.push(row);
                 if events.len() as i64 == limit {
                     break 'pages;
@@ -741,10 +696,7 @@ pub async fn messages(
         _ => return Err(Error::invalid_param("dir must be b or f")),
     };
     let limit = q.limit.unwrap_or(10).clamp(1, 1000);
-    let filter: RoomEventFilter = match &q.filter {
-        Some(f) => serde_json::from_str(f).map_err(|e| Error::invalid_param(format!("Invalid filter: {e}")))?,
-        None => RoomEventFilter::default(),
-    };
+    let filter = RoomEventFilter::from_param(q.filter.as_deref())?;
     let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
     require_readable(&state, &room, &viewer).await?;
     let ignored = Ignored::load(&state, &auth.user_id).await?;
