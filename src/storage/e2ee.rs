@@ -62,6 +62,20 @@ pub async fn query_device_keys(db: impl PgExecutor<'_>, users: &[String]) -> sql
     .await
 }
 
+/// SQL for the JSONB `column` with `signatures.$3.$4 = $5` set, creating `signatures` and the
+/// signer's object when missing (`jsonb_set` would silently do nothing then). `column` is
+/// always a constant of this module.
+fn with_signature(column: &str) -> String {
+    format!(
+        "{column} || jsonb_build_object('signatures',
+             CASE WHEN jsonb_typeof({column} -> 'signatures') = 'object' THEN {column} -> 'signatures' ELSE '{{}}'::jsonb END
+             || jsonb_build_object($3::text,
+                  CASE WHEN jsonb_typeof({column} -> 'signatures' -> $3) = 'object'
+                       THEN {column} -> 'signatures' -> $3 ELSE '{{}}'::jsonb END
+                  || jsonb_build_object($4::text, $5::text)))"
+    )
+}
+
 /// Adds a signature to a device's keys (`signatures.<signer>.<key_id>`).
 pub async fn sign_device_keys(
     conn: &mut PgConnection,
@@ -71,15 +85,10 @@ pub async fn sign_device_keys(
     key_id: &str,
     signature: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE device_keys SET keys = keys || jsonb_build_object('signatures',
-             CASE WHEN jsonb_typeof(keys -> 'signatures') = 'object' THEN keys -> 'signatures' ELSE '{}'::jsonb END
-             || jsonb_build_object($3::text,
-                  CASE WHEN jsonb_typeof(keys -> 'signatures' -> $3) = 'object'
-                       THEN keys -> 'signatures' -> $3 ELSE '{}'::jsonb END
-                  || jsonb_build_object($4::text, $5::text)))
-         WHERE user_id = $1 AND device_id = $2",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE device_keys SET keys = {} WHERE user_id = $1 AND device_id = $2",
+        with_signature("keys")
+    )))
     .bind(user_id)
     .bind(device_id)
     .bind(signer)
@@ -292,15 +301,10 @@ pub async fn sign_cross_signing_key(
     key_id: &str,
     signature: &str,
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE cross_signing_keys SET key_json = key_json || jsonb_build_object('signatures',
-             CASE WHEN jsonb_typeof(key_json -> 'signatures') = 'object' THEN key_json -> 'signatures' ELSE '{}'::jsonb END
-             || jsonb_build_object($3::text,
-                  CASE WHEN jsonb_typeof(key_json -> 'signatures' -> $3) = 'object'
-                       THEN key_json -> 'signatures' -> $3 ELSE '{}'::jsonb END
-                  || jsonb_build_object($4::text, $5::text)))
-         WHERE user_id = $1 AND key_type = $2",
-    )
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "UPDATE cross_signing_keys SET key_json = {} WHERE user_id = $1 AND key_type = $2",
+        with_signature("key_json")
+    )))
     .bind(user_id)
     .bind(key_type)
     .bind(signer)
