@@ -918,3 +918,34 @@ pub async fn room_aliases(
     require_readable(&state, &room, &Viewer::load(&state, &room, &auth.user_id).await?).await?;
     Ok(axum::Json(json!({ "aliases": storage::rooms::aliases_of(&state.db, room.nid).await? })))
 }
+
+#[cfg(test)]
+mod proptests {
+    use proptest::prelude::*;
+
+    use super::{parse_token, token};
+
+    proptest! {
+        /// Any string: a position or 400 `M_INVALID_PARAM`, never a panic.
+        #[test]
+        fn pagination_token_never_panics(s in any::<String>()) {
+            if let Err(e) = parse_token(&s) {
+                prop_assert_eq!(e.errcode, "M_INVALID_PARAM");
+            }
+        }
+
+        /// Near-misses of the format (signs, missing parts, overflow) never panic either.
+        #[test]
+        fn pagination_token_near_misses(s in "t?[0-9_+-]{0,45}") {
+            if let Ok((d, st)) = parse_token(&s) {
+                prop_assert_eq!(parse_token(&token(d, st)).unwrap(), (d, st));
+            }
+        }
+
+        /// Every token this server hands out parses back to its position.
+        #[test]
+        fn pagination_token_round_trip(depth in any::<i64>(), stream in any::<i64>()) {
+            prop_assert_eq!(parse_token(&token(depth, stream)).unwrap(), (depth, stream));
+        }
+    }
+}
