@@ -345,9 +345,19 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
     .into_iter()
     .map(|e| (e.event_nid, e))
     .collect();
+    // Each room's names and its senders' display names: one state read per room.
+    let mut senders: HashMap<i64, BTreeSet<&str>> = HashMap::new();
+    for e in events.values() {
+        senders.entry(e.room_nid).or_default().insert(e.sender.as_str());
+    }
+    let mut rooms: HashMap<i64, RoomNames> = HashMap::new();
+    for (room_nid, senders) in senders {
+        if let Some(names) = room_names(state, room_nid, &senders).await? {
+            rooms.insert(room_nid, names);
+        }
+    }
     let mut jobs = Vec::new();
     let mut seen = HashSet::new();
-    let mut rooms: HashMap<i64, Option<RoomNames>> = HashMap::new();
     for r in rows {
         let key = (r.user_id.clone(), r.app_id.clone(), r.pushkey.clone());
         let event = events.get(&r.event_nid);
@@ -362,31 +372,23 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
         if !seen.insert((r.user_id.clone(), r.stream_ordering)) {
             continue;
         }
-        if let std::collections::hash_map::Entry::Vacant(slot) = rooms.entry(e.room_nid) {
-            slot.insert(room_names(state, e.room_nid).await?);
-        }
-        let Some(Some((room_id, room_name, room_alias))) = rooms.get(&e.room_nid) else { continue };
+        let Some(names) = rooms.get(&e.room_nid) else { continue };
         let pdu: Value = serde_json::from_str(&e.json).unwrap_or(Value::Null);
-        let sender_display_name =
-            storage::rooms::current_state_for(&state.db, e.room_nid, &[("m.room.member".to_owned(), e.sender.clone())])
-                .await?
-                .first()
-                .and_then(|m| serde_json::from_str::<Value>(&m.json).ok())
-                .and_then(|m| m["content"]["displayname"].as_str().map(str::to_owned));
+        let sender_display_name = names.display_names.get(&e.sender).cloned();
         let Ok(event_id) = ruma::OwnedEventId::try_from(e.event_id.as_str()) else { continue };
         jobs.push(PushJob {
             user_id: r.user_id,
             stream: r.stream_ordering,
             event: Arc::new(super::eval::NotifiedEvent {
-                room_id: room_id.clone(),
+                room_id: names.room_id.clone(),
                 event_id,
                 event_type: e.event_type.clone(),
                 sender: e.sender.clone(),
                 state_key: e.state_key.clone(),
                 content: pdu.get("content").cloned().unwrap_or_else(|| json!({})),
                 sender_display_name,
-                room_name: room_name.clone(),
-                room_alias: room_alias.clone(),
+                room_name: names.name.clone(),
+                room_alias: names.alias.clone(),
             }),
             actions: serde_json::from_value(r.actions.0).unwrap_or_default(),
             highlight: r.highlight,
@@ -397,23 +399,37 @@ pub async fn resume(state: &AppState, first: bool) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// A room's ID, name and canonical alias.
-type RoomNames = (ruma::OwnedRoomId, Option<String>, Option<String>);
+/// What a resumed notification says of its room, from the room's current state.
+struct RoomNames {
+    room_id: ruma::OwnedRoomId,
+    name: Option<String>,
+    alias: Option<String>,
+    /// Display names of the senders asked for.
+    display_names: HashMap<String, String>,
+}
 
-/// A room's ID, name and canonical alias (current state), for resumed notifications.
-async fn room_names(state: &AppState, room_nid: i64) -> sqlx::Result<Option<RoomNames>> {
+/// A room's ID, name, canonical alias and the display names of `senders` (one state read).
+async fn room_names(state: &AppState, room_nid: i64, senders: &BTreeSet<&str>) -> sqlx::Result<Option<RoomNames>> {
     let Some(room) = storage::rooms::by_nid(&state.db, room_nid).await? else { return Ok(None) };
     let Ok(room_id) = ruma::OwnedRoomId::try_from(room.room_id.as_str()) else { return Ok(None) };
-    let keys = [("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
-    let (mut name, mut alias) = (None, None);
+    let mut keys =
+        vec![("m.room.name".to_owned(), String::new()), ("m.room.canonical_alias".to_owned(), String::new())];
+    keys.extend(senders.iter().map(|s| ("m.room.member".to_owned(), (*s).to_owned())));
+    let mut names = RoomNames { room_id, name: None, alias: None, display_names: HashMap::new() };
     for row in storage::rooms::current_state_for(&state.db, room_nid, &keys).await? {
         let content = serde_json::from_str::<Value>(&row.json).map(|v| v["content"].clone()).unwrap_or(Value::Null);
-        match row.event_type.as_str() {
-            "m.room.name" => name = content["name"].as_str().map(str::to_owned),
-            _ => alias = content["alias"].as_str().map(str::to_owned),
+        match (row.event_type.as_str(), row.state_key) {
+            ("m.room.name", _) => names.name = content["name"].as_str().map(str::to_owned),
+            ("m.room.canonical_alias", _) => names.alias = content["alias"].as_str().map(str::to_owned),
+            (_, Some(user)) => {
+                if let Some(d) = content["displayname"].as_str() {
+                    names.display_names.insert(user, d.to_owned());
+                }
+            }
+            _ => {}
         }
     }
-    Ok(Some((room_id, name, alias)))
+    Ok(Some(names))
 }
 
 /// Resumes undelivered notifications at start-up, then every minute, until `stop`.

@@ -695,31 +695,12 @@ mod proptests {
     use proptest::prelude::*;
     use serde_json::{Value, json};
 
-    /// Arbitrary JSON as a client could send it (strings over all of Unicode, floats, huge
-    /// integers, nesting).
-    fn json_value() -> impl Strategy<Value = Value> {
-        let leaf = prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(|n| json!(n)),
-            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
-            any::<String>().prop_map(Value::String),
-        ];
-        leaf.prop_recursive(4, 64, 8, |inner| {
-            prop_oneof![
-                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
-                prop::collection::btree_map(any::<String>(), inner, 0..8)
-                    .prop_map(|m| Value::Object(m.into_iter().collect())),
-            ]
-        })
-    }
-
     proptest! {
         /// Canonical JSON never panics; it refuses exactly floats and integers outside
         /// ±(2^53 - 1); what it accepts serialises to text that parses back to the same value,
         /// with object keys sorted.
         #[test]
-        fn canonical_json(content in json_value()) {
+        fn canonical_json(content in crate::http::extract::testing::json()) {
             let ev = json!({ "type": "m.room.message", "content": content });
             fn representable(v: &Value) -> bool {
                 match v {

@@ -486,6 +486,7 @@ async fn push_deliveries_survive_a_restart() {
     let got = next(&mut received).await.expect("the notification is delivered after the restart");
     assert_eq!(got["body"]["notification"]["event_id"], event_id.as_str(), "{got}");
     assert_eq!(got["body"]["notification"]["content"]["body"], "hello");
+    assert_eq!(got["body"]["notification"]["sender_display_name"], "alice", "{got}");
     assert_eq!(got["answered"], 200);
     // Its position is recorded once delivered: the process after does not send it again.
     tokio::time::sleep(Duration::from_millis(500)).await;
