@@ -22,5 +22,6 @@ mod rooms;
 mod rooms_more;
 mod sdk;
 mod sync;
+mod tokens;
 mod visibility;
 mod write_path;
