@@ -8,6 +8,7 @@ mod common;
 mod devices_profile;
 mod discovery;
 mod e2ee;
+mod element;
 mod ephemeral;
 mod errors_limits;
 mod filters;

@@ -723,6 +723,61 @@ pub async fn messages(
 }
 
 #[derive(Deserialize)]
+pub struct InitialSyncQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /rooms/{roomId}/initialSync`: a snapshot of a room (its state, latest messages, the
+/// user's room account data), for peeking into world-readable rooms; Element also asks it
+/// for rooms it is in. Readable as `/state` and `/messages` are: a member sees the current
+/// state, a departed member the room as they left it, anyone a world-readable room.
+pub async fn initial_sync(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<InitialSyncQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
+    require_readable(&state, &room, &viewer).await?;
+    let state_rows = readable_state(&state, &room, &auth.user_id).await?;
+    let limit = q.limit.unwrap_or(10).clamp(0, 100);
+    let ignored = Ignored::load(&state, &auth.user_id).await?;
+    let filter = RoomEventFilter::default();
+    let Walk { events: mut chunk, cursor, .. } =
+        walk(&state, &room, &viewer, &ignored, &filter, true, (i64::MAX, i64::MAX), None, limit).await?;
+    chunk.reverse();
+    // `start` names the position before the oldest message, `end` the one after the newest:
+    // both can be given to `/messages` (backwards from `start`, forwards from `end`).
+    let start = token(cursor.0, cursor.1);
+    let end = match chunk.last() {
+        Some(e) => token(e.depth, e.stream_ordering.saturating_add(1)),
+        None => start.clone(),
+    };
+    let device = (&*auth.user_id, &*auth.device_id);
+    let mut messages: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(device))).collect();
+    rooms::relations::bundle(&state, &room, device, &viewer, &mut messages).await?;
+    let membership = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.map(|(m, _, _)| m);
+    let is_public = storage::rooms::by_id(&state.db, room.room_id.as_str()).await?.is_some_and(|r| r.is_public);
+    let account_data: Vec<Value> = storage::account_data::room_all(&state.db, &auth.user_id, room.room_id.as_str())
+        .await?
+        .into_iter()
+        .map(|(kind, content)| json!({ "type": kind, "content": content.0 }))
+        .collect();
+    let mut resp = json!({
+        "room_id": room.room_id,
+        "messages": { "start": start, "end": end, "chunk": messages },
+        "state": state_rows.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>(),
+        "visibility": if is_public { "public" } else { "private" },
+        "account_data": account_data,
+    });
+    if let Some(m) = membership.filter(|m| ["invite", "join", "leave", "ban"].contains(&m.as_str())) {
+        resp["membership"] = json!(m);
+    }
+    Ok(axum::Json(resp))
+}
+
+#[derive(Deserialize)]
 pub struct MembersQuery {
     membership: Option<String>,
     not_membership: Option<String>,
