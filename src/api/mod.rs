@@ -178,6 +178,7 @@ pub fn router() -> Router<AppState> {
             get(relations::relations_by_type_and_event_type),
         )
         .route("/_matrix/client/v1/rooms/{room_id}/threads", get(relations::threads))
+        .route("/_matrix/client/v1/rooms/{room_id}/hierarchy", get(client::spaces::hierarchy))
         .route("/_matrix/client/v1/room_summary/{room_id_or_alias}", get(directory::room_summary))
         .route(
             "/_matrix/client/unstable/im.nheko.summary/rooms/{room_id_or_alias}/summary",

@@ -74,6 +74,48 @@ pub async fn current_state_for(
     .await
 }
 
+/// The current state events of one type (e.g. a space's `m.space.child` events), at most
+/// `limit` of them.
+pub async fn current_state_of_type(
+    db: impl PgExecutor<'_>,
+    room_nid: i64,
+    event_type: &str,
+    limit: i64,
+) -> sqlx::Result<Vec<EventRow>> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {EVENT_COLUMNS} FROM current_state cs
+         JOIN state_keys sk ON sk.key_nid = cs.key_nid
+         JOIN events e ON e.event_nid = cs.event_nid
+         WHERE cs.room_nid = $1 AND sk.event_type = $2
+         ORDER BY sk.state_key LIMIT $3"
+    )))
+    .bind(room_nid)
+    .bind(event_type)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
+/// How many users are joined to a room.
+pub async fn joined_count(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COUNT(*) FROM room_memberships WHERE room_nid = $1 AND membership = 'join'")
+        .bind(room_nid)
+        .fetch_one(db)
+        .await
+}
+
+/// Whether `user_id` is joined to at least one of `room_ids` (one query).
+pub async fn joined_any(db: impl PgExecutor<'_>, user_id: &str, room_ids: &[String]) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM room_memberships m JOIN rooms r ON r.room_nid = m.room_nid
+                        WHERE m.user_id = $1 AND m.membership = 'join' AND r.room_id = ANY($2))",
+    )
+    .bind(user_id)
+    .bind(room_ids)
+    .fetch_one(db)
+    .await
+}
+
 /// The whole current state of a room.
 pub async fn current_state(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<Vec<EventRow>> {
     sqlx::query_as(sqlx::AssertSqlSafe(format!(

@@ -22,6 +22,7 @@ mod pushrules;
 mod rooms;
 mod rooms_more;
 mod sdk;
+mod spaces;
 mod sync;
 mod tokens;
 mod visibility;

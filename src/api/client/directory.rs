@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Json, MaybeAuth, Path, Query};
+use crate::rooms::summary::Summary;
 use crate::rooms::visibility::event_visible;
 use crate::rooms::{self, Room};
 use crate::state::AppState;
@@ -254,13 +255,9 @@ pub async fn report_room(
     Ok(axum::Json(json!({})))
 }
 
-/// Room summary (MSC3266, spec v1.15): a preview of a room the user may or may not be in.
-///
-/// Who may see it follows MSC3266 (the `/hierarchy` rules): anyone, without a token, when the
-/// room is `world_readable` or anyone may ask to enter (join rule `public`, `knock`,
-/// `knock_restricted`); otherwise only its members (joined, invited, knocking) and, for a
-/// `restricted` room, users joined to one of the rooms its join rule allows. Anyone else gets the
-/// same 404 `M_NOT_FOUND` as for a room that does not exist: the room's existence is not divulged.
+/// Room summary (MSC3266, spec v1.15): a preview of a room the user may or may not be in (who
+/// may see it: `rooms::summary`). Anyone else gets the same 404 `M_NOT_FOUND` as for a room
+/// that does not exist: the room's existence is not divulged.
 pub async fn room_summary(
     State(state): State<AppState>,
     MaybeAuth(auth): MaybeAuth,
@@ -273,98 +270,17 @@ pub async fn room_summary(
         id_or_alias
     };
     let row = storage::rooms::by_id(&state.db, &room_id).await?.ok_or_else(not_found)?;
-    let room = Room::from_row(&row)?;
-    let keys: Vec<(String, String)> = [
-        "m.room.name",
-        "m.room.topic",
-        "m.room.avatar",
-        "m.room.canonical_alias",
-        "m.room.join_rules",
-        "m.room.history_visibility",
-        "m.room.guest_access",
-        "m.room.create",
-        "m.room.encryption",
-    ]
-    .iter()
-    .map(|t| (t.to_string(), String::new()))
-    .collect();
-    let mut s = serde_json::Map::new();
-    for r in storage::rooms::current_state_for(&state.db, room.nid, &keys).await? {
-        let v: Value = serde_json::from_str(&r.json).unwrap_or(Value::Null);
-        s.insert(r.event_type, v["content"].clone());
-    }
-    let join_rule = s.get("m.room.join_rules").and_then(|c| c["join_rule"].as_str()).unwrap_or("invite").to_owned();
-    let world_readable =
-        s.get("m.room.history_visibility").is_some_and(|c| c["history_visibility"] == "world_readable");
-    let allowed_room_ids: Vec<String> = match join_rule.as_str() {
-        "restricted" | "knock_restricted" => s
-            .get("m.room.join_rules")
-            .and_then(|c| c["allow"].as_array())
-            .map(|a| {
-                a.iter()
-                    .filter(|x| x["type"] == "m.room_membership")
-                    .filter_map(|x| x["room_id"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        _ => Vec::new(),
-    };
-    let membership = match &auth {
-        Some(a) => storage::rooms::membership(&state.db, room.nid, &a.user_id).await?.map(|(m, _, _)| m),
-        None => None,
-    };
-    let previewable = world_readable
-        || matches!(join_rule.as_str(), "public" | "knock" | "knock_restricted")
-        || matches!(membership.as_deref(), Some("join" | "invite" | "knock"))
-        || match &auth {
-            Some(a) if join_rule == "restricted" => joined_to_any(&state, &a.user_id, &allowed_room_ids).await?,
-            _ => false,
-        };
-    if !previewable {
+    let user = auth.as_ref().map(|a| &*a.user_id);
+    let summary = Summary::load(&state, &row, user).await?;
+    if !summary.visible_to(&state, user).await? {
         return Err(not_found());
     }
-    let joined = storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await?.len();
-    let mut out = json!({
-        "room_id": room.room_id,
-        "num_joined_members": joined,
-        "join_rule": join_rule,
-        "world_readable": world_readable,
-        "guest_can_join": s.get("m.room.guest_access").is_some_and(|c| c["guest_access"] == "can_join"),
-        "room_version": row.room_version,
-    });
-    let pick = |k: &str, f: &str| s.get(k).and_then(|c| c[f].as_str()).map(str::to_owned);
-    for (key, ty, field) in [
-        ("name", "m.room.name", "name"),
-        ("topic", "m.room.topic", "topic"),
-        ("avatar_url", "m.room.avatar", "url"),
-        ("canonical_alias", "m.room.canonical_alias", "alias"),
-        ("room_type", "m.room.create", "type"),
-        ("encryption", "m.room.encryption", "algorithm"),
-    ] {
-        if let Some(v) = pick(ty, field) {
-            out[key] = json!(v);
-        }
-    }
-    if !allowed_room_ids.is_empty() {
-        out["allowed_room_ids"] = json!(allowed_room_ids);
-    }
+    let mut out = summary.fields;
     // Required when authenticated, absent otherwise.
     if auth.is_some() {
-        out["membership"] = json!(membership.as_deref().unwrap_or("leave"));
+        out["membership"] = json!(summary.membership.as_deref().unwrap_or("leave"));
     }
     Ok(axum::Json(out))
-}
-
-/// Whether `user` is joined to one of `room_ids` (the rooms a restricted join rule allows).
-async fn joined_to_any(state: &AppState, user: &str, room_ids: &[String]) -> ApiResult<bool> {
-    for id in room_ids {
-        if let Some(r) = storage::rooms::by_id(&state.db, id).await?
-            && storage::rooms::membership(&state.db, r.room_nid, user).await?.is_some_and(|(m, _, _)| m == "join")
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 #[derive(Deserialize)]

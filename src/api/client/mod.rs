@@ -18,4 +18,5 @@ pub mod receipts;
 pub mod register;
 pub mod relations;
 pub mod rooms;
+pub mod spaces;
 pub mod sync;
