@@ -165,8 +165,8 @@ async function startClient(label, session, secretStorageKey) {
             getSecretStorageKey: async ({ keys }) => {
                 const k = secretStorageKey.current;
                 if (!k) throw new Error(`${label}: secret storage key asked for before it is known`);
-                const keyId = Object.keys(keys).find((id) => id === k.keyId) ?? Object.keys(keys)[0];
-                return [keyId, k.privateKey];
+                // A has one secret storage key: it is the one asked for.
+                return [Object.keys(keys)[0], k];
             },
         },
     });
@@ -271,7 +271,7 @@ async function main() {
         setupNewKeyBackup: true,
         createSecretStorageKey: async () => {
             recoveryKey = await cryptoA1.createRecoveryKeyFromPassphrase();
-            keyA.current = { keyId: null, privateKey: recoveryKey.privateKey };
+            keyA.current = recoveryKey.privateKey;
             return recoveryKey;
         },
     });
@@ -369,7 +369,7 @@ async function main() {
     // SDK reads the cross-signing keys from secret storage and signs the new device.
     assert(await cryptoA2.userHasCrossSigningKeys(A, true), "A2: the account has cross-signing keys");
     const typed = recoveryKey.encodedPrivateKey;
-    keyA2.current = { keyId: null, privateKey: decodeRecoveryKey(typed) };
+    keyA2.current = decodeRecoveryKey(typed);
     await cryptoA2.bootstrapCrossSigning({ authUploadDeviceSigningKeys: passwordUia(A) });
     assert(await cryptoA2.isCrossSigningReady(), "A2: cross-signing is ready after unlocking secret storage");
     // The signature reaches A2's own view of its device through the device-list stream (sync,
