@@ -14,6 +14,7 @@ mod errors_limits;
 mod filters;
 mod hardening_accounts;
 mod hardening_input;
+mod js_sdk;
 mod media;
 mod presence;
 mod push;
