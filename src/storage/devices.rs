@@ -79,8 +79,8 @@ pub enum Selection<'a> {
     AllExcept(Option<&'a str>),
 }
 
-/// Deletes devices (and by cascade their tokens). Returns the token hashes that were revoked,
-/// so the caller can evict them from the token cache.
+/// Deletes devices (and by cascade their tokens and keys; their queued to-device messages too).
+/// Returns the token hashes that were revoked, so the caller can evict them from the token cache.
 pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, which: Selection<'_>) -> sqlx::Result<Vec<Vec<u8>>> {
     let (these, except) = match which {
         Selection::These(ids) => (Some(ids), None),
@@ -91,7 +91,9 @@ pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, which: Selection<'_>
         "WITH gone AS (DELETE FROM devices WHERE user_id = $1
                          AND ($2::text[] IS NULL OR device_id = ANY($2))
                          AND device_id IS DISTINCT FROM $3
-                       RETURNING device_id)
+                       RETURNING device_id),
+              msgs AS (DELETE FROM to_device_messages m USING gone g
+                       WHERE m.recipient_user = $1 AND m.recipient_device = g.device_id)
          SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
          WHERE t.user_id = $1",
     )
