@@ -125,6 +125,7 @@ async fn create_get_replace_delete_and_refusals() {
     assert_err(&s.delete(BASE, Some(&alice.token), json!({})).await, 404, "M_NOT_FOUND");
     assert_err(&s.post(&events_path(DEVICE_A), Some(&alice.token), json!({})).await, 403, "M_FORBIDDEN");
     assert_err(&s.get(BASE, None).await, 401, "M_MISSING_TOKEN");
+    assert_err(&s.post(BASE, Some(&alice.token), json!({})).await, 405, "M_UNRECOGNIZED");
     assert_err(&s.put(BASE, None, put_body(&alice, DEVICE_A, &k)).await, 401, "M_MISSING_TOKEN");
 
     // Malformed bodies.
