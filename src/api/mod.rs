@@ -186,6 +186,14 @@ pub fn router() -> Router<AppState> {
         )
         .route("/_matrix/client/unstable/im.nheko.summary/summary/{room_id_or_alias}", get(directory::room_summary))
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",
+            get(client::dehydrated::get).put(client::dehydrated::put).delete(client::dehydrated::delete),
+        )
+        .route(
+            "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/{device_id}/events",
+            post(client::dehydrated::events_post).get(client::dehydrated::events_get),
+        )
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
         .route("/_synapse/admin/v1/event_reports", get(admin::reports::list))

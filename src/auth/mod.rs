@@ -164,7 +164,10 @@ pub async fn start_device_session(
         return Err(Error::invalid_param("initial_device_display_name is too long"));
     }
     let mut tx = state.db.begin().await?;
-    storage::devices::upsert(&mut *tx, user_id, &device_id, display_name, ip).await?;
+    if !storage::devices::upsert(&mut *tx, user_id, &device_id, display_name, ip).await? {
+        // MSC3814: the dehydrated device lives on the server; no session may take it over.
+        return Err(Error::invalid_param("device_id is the user's dehydrated device and cannot be logged into"));
+    }
     let tokens = state.auth.issue(&mut tx, user_id, &device_id, with_refresh).await?;
     // A new device is news for whoever encrypts for this user.
     let pos = crate::e2ee::record_device_list_change(&mut tx, user_id).await?;

@@ -7,6 +7,7 @@
 //! [`query_keys`] and [`claim_keys`], which split the request by server.
 
 pub mod backup;
+pub mod dehydrated;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -95,6 +96,13 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
     let mut changed = false;
     if let Some(dk) = body.get("device_keys").filter(|v| !v.is_null()) {
         validate_device_keys(dk, user, device)?;
+        if dk.get("dehydrated") == Some(&Value::Bool(true)) {
+            // Only the dehydrated device (`PUT /dehydrated_device`) is one; a session's device
+            // claiming it would be hidden or treated specially by other clients.
+            return Err(Error::invalid_param(
+                "device_keys.dehydrated: only the dehydrated device (PUT /dehydrated_device) is dehydrated",
+            ));
+        }
         let current = storage::e2ee::device_keys(&mut *tx, user, device).await?;
         let same = current.as_ref().is_some_and(|c| signed_bytes(c) == signed_bytes(dk));
         if !same {
@@ -104,21 +112,8 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
             changed = true;
         }
     }
-    if let Some(otks) = body.get("one_time_keys").filter(|v| !v.is_null()) {
-        let otks = otks.as_object().ok_or_else(|| bad("one_time_keys must be an object"))?;
-        let mut parsed = Vec::new();
-        for (id, key) in otks {
-            let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid one-time key ID {id}")))?;
-            if alg.is_empty() || key_id.is_empty() || !(key.is_object() || key.is_string()) {
-                return Err(bad(format!("invalid one-time key {id}")));
-            }
-            if let Some(o) = key.as_object()
-                && !o.get("key").is_some_and(Value::is_string)
-            {
-                return Err(bad(format!("one-time key {id} has no key")));
-            }
-            parsed.push((alg.to_owned(), key_id.to_owned(), key.clone()));
-        }
+    let parsed = parse_one_time_keys(body)?;
+    if !parsed.is_empty() {
         let ids: Vec<String> = parsed.iter().map(|(a, k, _)| format!("{a}:{k}")).collect();
         let existing = storage::e2ee::existing_one_time_keys(&mut *tx, user, device, &ids).await?;
         for (a, k, v) in &parsed {
@@ -132,16 +127,8 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
         }
         storage::e2ee::insert_one_time_keys(&mut tx, user, device, &parsed).await?;
     }
-    for field in ["fallback_keys", "org.matrix.msc2732.fallback_keys"] {
-        let Some(fks) = body.get(field).filter(|v| !v.is_null()) else { continue };
-        let fks = fks.as_object().ok_or_else(|| bad(format!("{field} must be an object")))?;
-        for (id, key) in fks {
-            let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid fallback key ID {id}")))?;
-            if !key.get("key").is_some_and(Value::is_string) {
-                return Err(bad(format!("fallback key {id} has no key")));
-            }
-            storage::e2ee::set_fallback_key(&mut tx, user, device, alg, key_id, key).await?;
-        }
+    for (alg, key_id, key) in parse_fallback_keys(body)? {
+        storage::e2ee::set_fallback_key(&mut tx, user, device, &alg, &key_id, &key).await?;
     }
     let pos = if changed { Some(record_device_list_change(&mut tx, user).await?) } else { None };
     let counts = storage::e2ee::one_time_key_counts(&mut *tx, user, device).await?;
@@ -153,12 +140,55 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
     Ok(json!({ "one_time_key_counts": counts }))
 }
 
+/// The `one_time_keys` of a `keys/upload`-shaped body: (algorithm, key ID, key).
+fn parse_one_time_keys(body: &Value) -> ApiResult<Vec<(String, String, Value)>> {
+    let Some(otks) = body.get("one_time_keys").filter(|v| !v.is_null()) else { return Ok(Vec::new()) };
+    let otks = otks.as_object().ok_or_else(|| bad("one_time_keys must be an object"))?;
+    let mut parsed = Vec::with_capacity(otks.len());
+    for (id, key) in otks {
+        let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid one-time key ID {id}")))?;
+        if alg.is_empty() || key_id.is_empty() || !(key.is_object() || key.is_string()) {
+            return Err(bad(format!("invalid one-time key {id}")));
+        }
+        if let Some(o) = key.as_object()
+            && !o.get("key").is_some_and(Value::is_string)
+        {
+            return Err(bad(format!("one-time key {id} has no key")));
+        }
+        parsed.push((alg.to_owned(), key_id.to_owned(), key.clone()));
+    }
+    Ok(parsed)
+}
+
+/// The fallback keys of a `keys/upload`-shaped body (`fallback_keys`, or the unstable
+/// `org.matrix.msc2732.fallback_keys`): (algorithm, key ID, key).
+fn parse_fallback_keys(body: &Value) -> ApiResult<Vec<(String, String, Value)>> {
+    let mut parsed = Vec::new();
+    for field in ["fallback_keys", "org.matrix.msc2732.fallback_keys"] {
+        let Some(fks) = body.get(field).filter(|v| !v.is_null()) else { continue };
+        let fks = fks.as_object().ok_or_else(|| bad(format!("{field} must be an object")))?;
+        for (id, key) in fks {
+            let (alg, key_id) = id.split_once(':').ok_or_else(|| bad(format!("invalid fallback key ID {id}")))?;
+            if !key.get("key").is_some_and(Value::is_string) {
+                return Err(bad(format!("fallback key {id} has no key")));
+            }
+            parsed.push((alg.to_owned(), key_id.to_owned(), key.clone()));
+        }
+    }
+    Ok(parsed)
+}
+
+/// Checks uploaded device keys: they are `user`'s, for `device` (the authenticated device, or the
+/// dehydrated device being uploaded), well-formed, and signed by the device's own ed25519 key.
 fn validate_device_keys(dk: &Value, user: &str, device: &str) -> ApiResult<()> {
     if dk["user_id"] != user {
         return Err(Error::invalid_param("device_keys.user_id is not the authenticated user"));
     }
     if dk["device_id"] != device {
-        return Err(Error::invalid_param("device_keys.device_id is not the authenticated device"));
+        return Err(Error::invalid_param(format!("device_keys.device_id is not {device}")));
+    }
+    if dk.get("dehydrated").is_some_and(|d| !d.is_boolean()) {
+        return Err(bad("device_keys.dehydrated must be a boolean"));
     }
     if !dk["algorithms"].as_array().is_some_and(|a| a.iter().all(Value::is_string)) {
         return Err(bad("device_keys.algorithms must be a list of strings"));

@@ -15,20 +15,24 @@ pub struct DeviceRow {
 }
 
 /// Creates the device, or keeps an existing one (login with a known `device_id`). A display name
-/// given for an existing device replaces the old one only when the old one is unset.
+/// given for an existing device replaces the old one only when the old one is unset. `false`
+/// (nothing written) if the device is the user's dehydrated device, which no session may use;
+/// the check is on the conflicting row itself, so a concurrent `PUT /dehydrated_device` of the
+/// same ID cannot slip between check and use.
 pub async fn upsert(
     db: impl PgExecutor<'_>,
     user_id: &str,
     device_id: &str,
     display_name: Option<&str>,
     ip: Option<&str>,
-) -> sqlx::Result<()> {
-    sqlx::query(
+) -> sqlx::Result<bool> {
+    let n = sqlx::query(
         "INSERT INTO devices (user_id, device_id, display_name, created_ts, last_seen_ts, last_seen_ip)
          VALUES ($1, $2, $3, $4, $4, $5)
          ON CONFLICT (user_id, device_id) DO UPDATE
            SET display_name = COALESCE(devices.display_name, EXCLUDED.display_name),
-               last_seen_ts = EXCLUDED.last_seen_ts, last_seen_ip = EXCLUDED.last_seen_ip",
+               last_seen_ts = EXCLUDED.last_seen_ts, last_seen_ip = EXCLUDED.last_seen_ip
+           WHERE devices.dehydrated_data IS NULL",
     )
     .bind(user_id)
     .bind(device_id)
@@ -36,8 +40,9 @@ pub async fn upsert(
     .bind(now_ms())
     .bind(ip)
     .execute(db)
-    .await?;
-    Ok(())
+    .await?
+    .rows_affected();
+    Ok(n == 1)
 }
 
 pub async fn list(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<Vec<DeviceRow>> {
@@ -79,8 +84,8 @@ pub enum Selection<'a> {
     AllExcept(Option<&'a str>),
 }
 
-/// Deletes devices (and by cascade their tokens). Returns the token hashes that were revoked,
-/// so the caller can evict them from the token cache.
+/// Deletes devices (and by cascade their tokens and keys; their queued to-device messages too).
+/// Returns the token hashes that were revoked, so the caller can evict them from the token cache.
 pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, which: Selection<'_>) -> sqlx::Result<Vec<Vec<u8>>> {
     let (these, except) = match which {
         Selection::These(ids) => (Some(ids), None),
@@ -91,7 +96,9 @@ pub async fn delete(db: impl PgExecutor<'_>, user_id: &str, which: Selection<'_>
         "WITH gone AS (DELETE FROM devices WHERE user_id = $1
                          AND ($2::text[] IS NULL OR device_id = ANY($2))
                          AND device_id IS DISTINCT FROM $3
-                       RETURNING device_id)
+                       RETURNING device_id),
+              msgs AS (DELETE FROM to_device_messages m USING gone g
+                       WHERE m.recipient_user = $1 AND m.recipient_device = g.device_id)
          SELECT t.token_hash FROM access_tokens t JOIN gone g ON t.device_id = g.device_id
          WHERE t.user_id = $1",
     )

@@ -474,6 +474,30 @@ pub async fn take_to_device(
     .await
 }
 
+/// The device's queued messages in `(after, upto]`, oldest first, at most `limit`, without
+/// deleting anything (a dehydrated device's messages stay until the device goes).
+pub async fn to_device_page(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+    after: i64,
+    upto: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<ToDevice>> {
+    sqlx::query_as(
+        "SELECT stream_ordering, sender, event_type, content FROM to_device_messages
+         WHERE recipient_user = $1 AND recipient_device = $2 AND stream_ordering > $3 AND stream_ordering <= $4
+         ORDER BY stream_ordering LIMIT $5",
+    )
+    .bind(user_id)
+    .bind(device_id)
+    .bind(after)
+    .bind(upto)
+    .bind(limit)
+    .fetch_all(db)
+    .await
+}
+
 /// Keeps at most `max` queued messages per device (the oldest go) and forgets old transaction IDs.
 pub async fn prune_to_device(db: impl PgExecutor<'_> + Copy, max: i64, txn_before_ts: i64) -> sqlx::Result<u64> {
     let n = sqlx::query(

@@ -6,6 +6,7 @@
 
 pub mod account_data;
 pub mod backup;
+pub mod dehydrated;
 pub mod devices;
 pub mod directory;
 pub mod e2ee;

@@ -36,6 +36,7 @@ async fn versions_advertise_exactly_what_is_implemented() {
             "org.matrix.msc3440.stable",
             "org.matrix.msc3771",
             "org.matrix.msc3773",
+            "org.matrix.msc3814",
             "org.matrix.msc3827.stable",
             "uk.tcpip.msc4133.stable",
         ],
@@ -76,6 +77,12 @@ async fn versions_advertise_exactly_what_is_implemented() {
     // msc3440 / msc3773: threads list and per-thread notification counts.
     let (st, r) = s.get(&format!("/_matrix/client/v1/rooms/{}/threads", enc(&room)), Some(&alice.token)).await;
     assert_eq!(st, 200, "{r}");
+    // msc3814: dehydrated devices (none yet: 404 M_NOT_FOUND, not M_UNRECOGNIZED).
+    assert_err(
+        &s.get("/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", Some(&alice.token)).await,
+        404,
+        "M_NOT_FOUND",
+    );
     // msc4133: custom profile fields.
     let (st, r) = s
         .put(

@@ -5,6 +5,7 @@ mod accounts;
 mod authz;
 mod cli;
 mod common;
+mod dehydrated;
 mod devices_profile;
 mod discovery;
 mod e2ee;

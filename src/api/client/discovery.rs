@@ -37,6 +37,9 @@ pub const UNSTABLE_FEATURES: &[(&str, &str)] = &[
     ("org.matrix.msc3440.stable", "threads"),
     ("org.matrix.msc3771", "threaded read receipts"),
     ("org.matrix.msc3773", "thread notification counts"),
+    // Dehydrated devices (`api::client::dehydrated`). Clients probe the endpoint itself and
+    // turn the feature on from `.well-known` (`org.matrix.msc3814` in `well_known.client_extra`).
+    ("org.matrix.msc3814", "dehydrated devices"),
     // Custom profile fields on the stable endpoints (spec v1.16).
     ("uk.tcpip.msc4133.stable", "extended profiles"),
 ];
