@@ -101,6 +101,7 @@ pub fn router() -> Router<AppState> {
         ("/rooms/{room_id}/event/{event_id}", get(rooms::get_event)),
         ("/rooms/{room_id}/messages", get(rooms::messages)),
         ("/rooms/{room_id}/members", get(rooms::members)),
+        ("/rooms/{room_id}/initialSync", get(rooms::initial_sync)),
         ("/rooms/{room_id}/joined_members", get(rooms::joined_members)),
         ("/rooms/{room_id}/aliases", get(rooms::room_aliases)),
         ("/directory/room/{alias}", get(rooms::get_alias).put(rooms::put_alias).delete(rooms::delete_alias)),
@@ -112,6 +113,7 @@ pub fn router() -> Router<AppState> {
         ("/user_directory/search", post(directory::search_users)),
         ("/rooms/{room_id}/report/{event_id}", post(directory::report_event)),
         ("/rooms/{room_id}/report", post(directory::report_room)),
+        ("/users/{user_id}/report", post(directory::report_user)),
         ("/user/{user_id}/account_data/{data_type}", get(account_data::get_global).put(account_data::put_global)),
         (
             "/user/{user_id}/rooms/{room_id}/account_data/{data_type}",

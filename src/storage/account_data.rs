@@ -196,3 +196,20 @@ pub async fn global_for_users(
     .fetch_all(db)
     .await
 }
+
+/// Every piece of account data a user keeps for one room (deleted ones, stored as empty
+/// content, left out), as `(type, content)`.
+pub async fn room_all(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    room_id: &str,
+) -> sqlx::Result<Vec<(String, Json<Value>)>> {
+    sqlx::query_as(
+        "SELECT data_type, content FROM account_data
+         WHERE user_id = $1 AND room_id = $2 AND content <> '{}'::jsonb ORDER BY data_type",
+    )
+    .bind(user_id)
+    .bind(room_id)
+    .fetch_all(db)
+    .await
+}

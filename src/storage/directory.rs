@@ -157,3 +157,19 @@ pub async fn list_reports(
     .await?;
     Ok((rows, total))
 }
+
+pub async fn insert_user_report(
+    db: impl PgExecutor<'_>,
+    target_user: &str,
+    reporter: &str,
+    reason: &str,
+) -> sqlx::Result<()> {
+    sqlx::query("INSERT INTO user_reports (target_user, reporter, reason, received_ts) VALUES ($1, $2, $3, $4)")
+        .bind(target_user)
+        .bind(reporter)
+        .bind(reason)
+        .bind(now_ms())
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -208,7 +208,7 @@ pub async fn unused_fallback_types(
 pub type Claimed = (String, String, String, String, Value);
 
 /// Claims one one-time key per `(user, device, algorithm)` in one statement: each key goes to
-/// exactly one claimer (rows are locked, concurrent claimers skip them).
+/// exactly one claimer (rows are locked, concurrent claimers skip them), oldest upload first.
 pub async fn claim_one_time_keys(
     conn: &mut PgConnection,
     wanted: &[(String, String, String)],
@@ -223,7 +223,7 @@ pub async fn claim_one_time_keys(
              CROSS JOIN LATERAL (
                  SELECT user_id, device_id, algorithm, key_id FROM one_time_keys
                  WHERE user_id = r.u AND device_id = r.d AND algorithm = r.a
-                 ORDER BY key_id LIMIT 1 FOR UPDATE SKIP LOCKED
+                 ORDER BY upload_seq, key_id LIMIT 1 FOR UPDATE SKIP LOCKED
              ) k
          ) p
          WHERE o.user_id = p.user_id AND o.device_id = p.device_id AND o.algorithm = p.algorithm AND o.key_id = p.key_id

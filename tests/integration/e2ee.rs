@@ -508,3 +508,33 @@ async fn key_backup_versions_and_replacement_rules() {
     assert_err(&s.get("/_matrix/client/v3/room_keys/version/abc", t).await, 404, "M_NOT_FOUND");
     s.stop().await;
 }
+
+/// One-time keys are handed out in upload order (spec v1.13), not in key ID order.
+#[tokio::test]
+async fn one_time_keys_are_claimed_in_upload_order() {
+    let s = TestServer::start().await;
+    let alice = s.register("ko_alice", false).await;
+    let bob = s.register("ko_bob", false).await;
+    let ka = key(7);
+    let (st, v) = upload(
+        &s,
+        &alice,
+        json!({ "device_keys": device_keys(&alice, &ka), "one_time_keys": { "signed_curve25519:ZZZZ": otk(&alice, &ka, 1) } }),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    for id in ["MMMM", "AAAA"] {
+        let (st, v) = upload(
+            &s,
+            &alice,
+            json!({ "one_time_keys": { format!("signed_curve25519:{id}"): otk(&alice, &ka, id.as_bytes()[0]) } }),
+        )
+        .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    for expected in ["ZZZZ", "MMMM", "AAAA"] {
+        let c = claim(&s, &bob, &alice).await;
+        assert!(c.get(format!("signed_curve25519:{expected}")).is_some(), "expected {expected}, got {c}");
+    }
+    s.stop().await;
+}

@@ -366,3 +366,33 @@ async fn joined_to_any(state: &AppState, user: &str, room_ids: &[String]) -> Api
     }
     Ok(false)
 }
+
+#[derive(Deserialize)]
+pub struct UserReportBody {
+    reason: String,
+}
+
+/// `POST /users/{userId}/report` (spec v1.14): a report about a user, kept for the server's
+/// moderators. A local user who does not exist is 404; a remote user cannot be checked
+/// without federation and is accepted.
+pub async fn report_user(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(user_id): Path<String>,
+    Json(body): Json<UserReportBody>,
+) -> ApiResult<axum::Json<Value>> {
+    if ruma::UserId::parse(&user_id).is_err() {
+        return Err(Error::invalid_param("Invalid user ID"));
+    }
+    if body.reason.len() > 1000 {
+        return Err(Error::invalid_param("reason is too long"));
+    }
+    if crate::users::is_local(&user_id, &state.config.server_name)
+        && !storage::users::exists(&state.db, &user_id).await?
+    {
+        return Err(Error::not_found("The user was not found"));
+    }
+    storage::directory::insert_user_report(&state.db, &user_id, &auth.user_id, &body.reason).await?;
+    tracing::info!(reported = %user_id, reporter = %auth.user_id, "user reported");
+    Ok(axum::Json(json!({})))
+}

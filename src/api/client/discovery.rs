@@ -13,15 +13,40 @@ use crate::http::extract::Auth;
 use crate::state::AppState;
 
 /// The spec versions whose client-server API Parvis serves. Kept honest: a version is advertised
-/// only once its features exist (v1.11: authenticated media), since clients switch behaviour on
-/// these numbers. The README lists what is implemented.
-pub const SPEC_VERSIONS: &[&str] =
-    &["r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11"];
+/// only once its features exist (v1.11: authenticated media; v1.13: room reports, one-time keys
+/// claimed in upload order; v1.14: user reports, `/rooms/{id}/initialSync`), since clients switch
+/// behaviour on these numbers. Not yet: v1.15 (OAuth 2.0 API, issue 16). Long-standing modules
+/// still missing (`/search`, `/rooms/{id}/hierarchy`) are listed in the README.
+pub const SPEC_VERSIONS: &[&str] = &[
+    "r0.0.1", "r0.1.0", "r0.2.0", "r0.3.0", "r0.4.0", "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4",
+    "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14",
+];
+
+/// Unstable and pre-stabilisation feature flags clients test for, each backed by an
+/// implementation (what Element Web, matrix-js-sdk and matrix-rust-sdk check):
+pub const UNSTABLE_FEATURES: &[(&str, &str)] = &[
+    // Element Web hides cross-signing and Secure Backup set-up without it.
+    ("org.matrix.e2e_cross_signing", "/keys/device_signing/upload, /keys/signatures/upload"),
+    // `GET /rooms/{id}/aliases`.
+    ("org.matrix.msc2432", "room alias listing"),
+    // Private read receipts (`m.read.private`), stable since v1.4.
+    ("org.matrix.msc2285.stable", "private read receipts"),
+    // `room_types` filter of `/publicRooms`.
+    ("org.matrix.msc3827.stable", "room type filter in the room directory"),
+    // Threads, threaded receipts and per-thread notification counts (js-sdk checks these flags).
+    ("org.matrix.msc3440.stable", "threads"),
+    ("org.matrix.msc3771", "threaded read receipts"),
+    ("org.matrix.msc3773", "thread notification counts"),
+    // Custom profile fields on the stable endpoints (spec v1.16).
+    ("uk.tcpip.msc4133.stable", "extended profiles"),
+];
 
 pub async fn versions() -> axum::Json<Value> {
+    let unstable: serde_json::Map<String, Value> =
+        UNSTABLE_FEATURES.iter().map(|(k, _)| (k.to_string(), Value::Bool(true))).collect();
     axum::Json(json!({
         "versions": SPEC_VERSIONS,
-        "unstable_features": {}
+        "unstable_features": unstable
     }))
 }
 

@@ -8,6 +8,7 @@ use super::rooms::{RoomEventFilter, Walk, require_readable, token, walk};
 use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, Path, Query};
 use crate::rooms::client::format;
+use crate::rooms::token::RoomToken;
 use crate::rooms::visibility::{Ignored, Viewer};
 use crate::rooms::{Room, relations::bundle};
 use crate::state::AppState;
@@ -20,9 +21,16 @@ async fn viewer(state: &AppState, room: &Room, user: &str) -> ApiResult<Viewer> 
     Ok(viewer)
 }
 
-/// Relation pagination tokens are `r<stream>`.
-fn parse_rel_token(t: &str) -> ApiResult<i64> {
-    t.strip_prefix('r').and_then(|s| s.parse().ok()).ok_or_else(|| Error::invalid_param("Invalid pagination token"))
+/// A relations (or threads) pagination token as the exclusive stream cursor of a walk: their own
+/// `r<stream>` tokens (the last stream ordering returned, in the walk's direction), or any
+/// timeline token (`rooms::token`), read as the position between events it names. `from` walks
+/// away from the cursor (backwards: orderings below it), `to` keeps what lies before it.
+fn rel_cursor(t: &str, backwards: bool, is_from: bool) -> ApiResult<i64> {
+    if let Some(r) = t.strip_prefix('r') {
+        return r.parse().map_err(|_| Error::invalid_param("Invalid pagination token"));
+    }
+    let first_after = RoomToken::parse(t)?.stream_boundary();
+    Ok(if backwards == is_from { first_after } else { first_after.saturating_sub(1) })
 }
 
 #[derive(Deserialize)]
@@ -62,11 +70,11 @@ async fn relations_inner(
     };
     let limit = q.limit.unwrap_or(50).clamp(1, 1000);
     let from = match &q.from {
-        Some(t) => parse_rel_token(t)?,
+        Some(t) => rel_cursor(t, backwards, true)?,
         None if backwards => i64::MAX,
         None => i64::MIN,
     };
-    let to = q.to.as_deref().map(parse_rel_token).transpose()?;
+    let to = q.to.as_deref().map(|t| rel_cursor(t, backwards, false)).transpose()?;
     // Relations the user may not see are skipped: read further pages (bounded) to fill the chunk.
     let mut rows = Vec::new();
     let mut cursor = from;
@@ -172,7 +180,7 @@ pub async fn threads(
     };
     let limit = q.limit.unwrap_or(20).clamp(1, 100);
     let mut before = match &q.from {
-        Some(t) => parse_rel_token(t)?,
+        Some(t) => rel_cursor(t, true, true)?,
         None => i64::MAX,
     };
     // Roots the user may not see are skipped: read further pages (bounded) to fill the chunk.

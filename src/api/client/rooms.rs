@@ -8,6 +8,7 @@ use crate::error::{ApiResult, Error};
 use crate::http::extract::{Auth, ClientIp, Json, Path, Query};
 use crate::rooms::client::{format, require_joined};
 use crate::rooms::create::{CreateRoomRequest, create_room as create, member_content};
+use crate::rooms::token::RoomToken;
 use crate::rooms::visibility::{self, Hv, Ignored, Viewer};
 use crate::rooms::{self, NewEvent, Room};
 use crate::state::AppState;
@@ -601,19 +602,7 @@ pub struct MessagesQuery {
 
 pub use crate::sync::filter::RoomEventFilter;
 
-/// Pagination tokens are `t<depth>_<stream>`: a position *between* events in topological order,
-/// just before the event at `(depth, stream)`. Backwards from it come the events before that
-/// position, forwards the events from it on; so a backward page's `end` (the position before its
-/// oldest event) used forwards returns that page again, oldest first.
-pub fn parse_token(t: &str) -> ApiResult<(i64, i64)> {
-    let bad = || Error::invalid_param("Invalid pagination token");
-    let (d, s) = t.strip_prefix('t').and_then(|r| r.split_once('_')).ok_or_else(bad)?;
-    Ok((d.parse().map_err(|_| bad())?, s.parse().map_err(|_| bad())?))
-}
-
-pub fn token(depth: i64, stream: i64) -> String {
-    format!("t{depth}_{stream}")
-}
+pub use crate::rooms::token::topological as token;
 
 /// The room may be read at all: the user has (or had) a membership, or it is world-readable.
 pub async fn require_readable(state: &AppState, room: &Room, viewer: &Viewer) -> ApiResult<()> {
@@ -700,22 +689,16 @@ pub async fn messages(
     let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
     require_readable(&state, &room, &viewer).await?;
     let ignored = Ignored::load(&state, &auth.user_id).await?;
-    let start = match &q.from {
-        // A sync token (`next_batch`) names a stream position: the position just after the
-        // room's last event at or before it.
-        Some(t) if t.starts_with('s') => {
-            let pos = crate::sync::token::SyncToken::parse(t)?.events;
-            let upto = (i64::MIN, pos);
-            match storage::events::page(&state.db, room.nid, true, (i64::MAX, i64::MAX), upto, 1).await?.first() {
-                Some(e) => (e.depth, e.stream_ordering + 1),
-                None => (i64::MIN, i64::MIN),
-            }
-        }
-        Some(t) => parse_token(t)?,
+    // Every token form this server hands out (see `rooms::token`).
+    let start = match q.from.as_deref().map(RoomToken::parse).transpose()? {
+        Some(t) => t.position(&state, room.nid).await?,
         None if backwards => (i64::MAX, i64::MAX),
         None => (i64::MIN, i64::MIN),
     };
-    let to = q.to.as_deref().map(parse_token).transpose()?;
+    let to = match q.to.as_deref().map(RoomToken::parse).transpose()? {
+        Some(t) => Some(t.position(&state, room.nid).await?),
+        None => None,
+    };
     let Walk { events: chunk, cursor, exhausted } =
         walk(&state, &room, &viewer, &ignored, &filter, backwards, start, to, limit).await?;
     let device = (&*auth.user_id, &*auth.device_id);
@@ -735,6 +718,61 @@ pub async fn messages(
         let keys: Vec<(String, String)> = senders.into_iter().map(|s| ("m.room.member".to_owned(), s)).collect();
         let members = storage::rooms::current_state_for(&state.db, room.nid, &keys).await?;
         resp["state"] = json!(members.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>());
+    }
+    Ok(axum::Json(resp))
+}
+
+#[derive(Deserialize)]
+pub struct InitialSyncQuery {
+    limit: Option<i64>,
+}
+
+/// `GET /rooms/{roomId}/initialSync`: a snapshot of a room (its state, latest messages, the
+/// user's room account data), for peeking into world-readable rooms; Element also asks it
+/// for rooms it is in. Readable as `/state` and `/messages` are: a member sees the current
+/// state, a departed member the room as they left it, anyone a world-readable room.
+pub async fn initial_sync(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(room_id): Path<String>,
+    Query(q): Query<InitialSyncQuery>,
+) -> ApiResult<axum::Json<Value>> {
+    let room = Room::load(&state, &room_id).await?;
+    let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
+    require_readable(&state, &room, &viewer).await?;
+    let state_rows = readable_state(&state, &room, &auth.user_id).await?;
+    let limit = q.limit.unwrap_or(10).clamp(0, 100);
+    let ignored = Ignored::load(&state, &auth.user_id).await?;
+    let filter = RoomEventFilter::default();
+    let Walk { events: mut chunk, cursor, .. } =
+        walk(&state, &room, &viewer, &ignored, &filter, true, (i64::MAX, i64::MAX), None, limit).await?;
+    chunk.reverse();
+    // `start` names the position before the oldest message, `end` the one after the newest:
+    // both can be given to `/messages` (backwards from `start`, forwards from `end`).
+    let start = token(cursor.0, cursor.1);
+    let end = match chunk.last() {
+        Some(e) => token(e.depth, e.stream_ordering.saturating_add(1)),
+        None => start.clone(),
+    };
+    let device = (&*auth.user_id, &*auth.device_id);
+    let mut messages: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(device))).collect();
+    rooms::relations::bundle(&state, &room, device, &viewer, &mut messages).await?;
+    let membership = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.map(|(m, _, _)| m);
+    let is_public = storage::rooms::by_id(&state.db, room.room_id.as_str()).await?.is_some_and(|r| r.is_public);
+    let account_data: Vec<Value> = storage::account_data::room_all(&state.db, &auth.user_id, room.room_id.as_str())
+        .await?
+        .into_iter()
+        .map(|(kind, content)| json!({ "type": kind, "content": content.0 }))
+        .collect();
+    let mut resp = json!({
+        "room_id": room.room_id,
+        "messages": { "start": start, "end": end, "chunk": messages },
+        "state": state_rows.iter().map(|r| format(&room, r, None)).collect::<Vec<_>>(),
+        "visibility": if is_public { "public" } else { "private" },
+        "account_data": account_data,
+    });
+    if let Some(m) = membership.filter(|m| ["invite", "join", "leave", "ban"].contains(&m.as_str())) {
+        resp["membership"] = json!(m);
     }
     Ok(axum::Json(resp))
 }
@@ -765,14 +803,9 @@ pub async fn members(
                 Some(t) => {
                     // The state at a position: after the last event before it (a sync token:
                     // after the last event at or before its stream position).
-                    let (from, upto) = match parse_token(t) {
-                        Ok(pos) => (pos, i64::MAX),
-                        Err(_) => {
-                            let s = crate::sync::token::SyncToken::parse(t)
-                                .map_err(|_| Error::invalid_param("Invalid at token"))?
-                                .events;
-                            ((i64::MAX, i64::MAX), s)
-                        }
+                    let (from, upto) = match RoomToken::parse(t)? {
+                        RoomToken::Topological { depth, stream } => ((depth, stream), i64::MAX),
+                        RoomToken::Stream(pos) => ((i64::MAX, i64::MAX), pos),
                     };
                     let viewer = Viewer::load(&state, &room, &auth.user_id).await?;
                     // A departed member reads no further than their departure.
@@ -917,35 +950,4 @@ pub async fn room_aliases(
     let room = Room::load(&state, &room_id).await?;
     require_readable(&state, &room, &Viewer::load(&state, &room, &auth.user_id).await?).await?;
     Ok(axum::Json(json!({ "aliases": storage::rooms::aliases_of(&state.db, room.nid).await? })))
-}
-
-#[cfg(test)]
-mod proptests {
-    use proptest::prelude::*;
-
-    use super::{parse_token, token};
-
-    proptest! {
-        /// Any string: a position or 400 `M_INVALID_PARAM`, never a panic.
-        #[test]
-        fn pagination_token_never_panics(s in any::<String>()) {
-            if let Err(e) = parse_token(&s) {
-                prop_assert_eq!(e.errcode, "M_INVALID_PARAM");
-            }
-        }
-
-        /// Near-misses of the format (signs, missing parts, overflow) never panic either.
-        #[test]
-        fn pagination_token_near_misses(s in "t?[0-9_+-]{0,45}") {
-            if let Ok((d, st)) = parse_token(&s) {
-                prop_assert_eq!(parse_token(&token(d, st)).unwrap(), (d, st));
-            }
-        }
-
-        /// Every token this server hands out parses back to its position.
-        #[test]
-        fn pagination_token_round_trip(depth in any::<i64>(), stream in any::<i64>()) {
-            prop_assert_eq!(parse_token(&token(depth, stream)).unwrap(), (depth, stream));
-        }
-    }
 }
