@@ -459,9 +459,11 @@ async function newAgent(browser, label, user, baseURL) {
     const consoleLog = fs.createWriteStream(path.join(opts.out, `console-${label}.log`));
     page.on("console", (m) => consoleLog.write(`[${m.type()}] ${m.text()}\n`));
     page.on("pageerror", (e) => consoleLog.write(`[pageerror] ${e.message}\n`));
+    const httpLog = fs.createWriteStream(path.join(opts.out, `http-${label}.log`));
     page.on("response", async (res) => {
         const url = res.url();
         if (!url.startsWith(hsBase)) return;
+        httpLog.write(`${new Date().toISOString().slice(11, 23)} ${res.request().method()} ${url.slice(hsBase.length)} -> ${res.status()}\n`);
         if (res.status() === 200 && /\/room_keys\/keys(\?|\/|$)/.test(url) && res.request().method() === "GET") {
             backupDownloads[label] = (backupDownloads[label] || 0) + 1;
         }
