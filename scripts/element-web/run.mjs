@@ -366,6 +366,8 @@ const EXPECTED_ERRORS = [
     [/^GET \/_matrix\/client\/unstable\/org\.matrix\.msc2965\/auth_(issuer|metadata) -> 404 .*M_UNRECOGNIZED/, "no OIDC-native login (MSC2965)"],
     [/^GET \/_matrix\/client\/v3\/room_keys\/version -> 404 .*M_NOT_FOUND/, "no key backup yet"],
     [/^GET \/_matrix\/client\/unstable\/org\.matrix\.msc3814\.v1\/dehydrated_device -> 404 .*M_UNRECOGNIZED/, "no dehydrated devices (MSC3814)"],
+    [/^GET \/_matrix\/client\/unstable\/org\.matrix\.msc3814\.v1\/dehydrated_device -> 404 .*M_NOT_FOUND/, "dehydrated devices supported, none created yet"],
+    [/^GET \/_matrix\/client\/v3\/user\/[^/]+\/account_data\/m\.secret_storage\.default_key -> 404 .*M_NOT_FOUND/, "secret storage not set up yet"],
 ];
 
 function expectedError(entry) {
