@@ -38,6 +38,7 @@ pub struct Config {
     pub sync: SyncConfig,
     pub push: PushConfig,
     pub media: MediaConfig,
+    pub search: SearchConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
 }
@@ -132,6 +133,21 @@ impl Default for PushConfig {
             ruleset_cache_capacity: 100_000,
             ruleset_cache_ttl_secs: 300,
         }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SearchConfig {
+    /// The language of full-text search (`POST /search`): stemming and stop words, accents
+    /// ignored. One of `crate::search::LANGUAGES`; `simple` for no stemming. Changing it
+    /// re-indexes every message at the next start.
+    pub language: String,
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        Self { language: "french".into() }
     }
 }
 
@@ -323,6 +339,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             push: PushConfig::default(),
             media: MediaConfig::default(),
+            search: SearchConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -707,6 +724,9 @@ impl Config {
                 "rooms.default_version",
                 format!("supported versions: {:?}", crate::rooms::SUPPORTED_VERSIONS),
             ));
+        }
+        if !crate::search::LANGUAGES.contains(&self.search.language.as_str()) {
+            return Err(("search.language", format!("supported languages: {:?}", crate::search::LANGUAGES)));
         }
         if self.limits.max_request_body_bytes < 1024 {
             return Err(("limits.max_request_body_bytes", "must be at least 1024".into()));

@@ -11,6 +11,7 @@ pub mod keys;
 pub mod media;
 pub mod push;
 pub mod rooms;
+pub mod search;
 pub mod server;
 pub mod state;
 pub mod storage;

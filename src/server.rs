@@ -114,6 +114,8 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     tasks.push(tokio::spawn(crate::push::gateway::resume_loop(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
+    // Detached: a re-index (after `search.language` changed) is resumable and idempotent.
+    tokio::spawn(crate::search::reindex_if_needed(state.clone()));
     let mut typing_changes = state.typing.room_changes();
     let typing_state = state.clone();
     tokio::spawn(async move {

@@ -135,6 +135,7 @@ pub fn router() -> Router<AppState> {
         ("/pushrules/{scope}/{kind}/{rule_id}/enabled", get(pushrules::get_enabled).put(pushrules::put_enabled)),
         ("/pushrules/{scope}/{kind}/{rule_id}/actions", get(pushrules::get_actions).put(pushrules::put_actions)),
         ("/sync", get(client::sync::sync)),
+        ("/search", post(client::search::search)),
         ("/user/{user_id}/filter", post(client::filter::create)),
         ("/user/{user_id}/filter/{filter_id}", get(client::filter::get)),
         ("/presence/{user_id}/status", get(client::presence::get).put(client::presence::set)),

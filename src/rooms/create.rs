@@ -150,6 +150,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
             rel_type: None,
             relates_to: None,
             txn: None,
+            search: None,
         },
     )
     .await?;

@@ -474,6 +474,8 @@ pub async fn append(
     let relation = ev.content.get("m.relates_to");
     let rel_type = relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str);
     let relates_to = relation.and_then(|r| r.get("event_id")).and_then(Value::as_str);
+    let search_config = crate::search::text_config(&state.config.search.language);
+    let search = crate::search::searchable(&ev.kind, &ev.content).map(|(k, t)| (k, t, search_config.as_str()));
     let (event_nid, stream) = storage::events::insert(
         conn,
         &storage::events::NewEventRow {
@@ -491,6 +493,7 @@ pub async fn append(
             rel_type,
             relates_to,
             txn: txn.map(|t| (t.device, t.id)),
+            search,
         },
     )
     .await?;

@@ -42,16 +42,25 @@ pub struct NewEventRow<'a> {
     pub rel_type: Option<&'a str>,
     pub relates_to: Option<&'a str>,
     pub txn: Option<(&'a str, &'a str)>,
+    /// The searchable text (`crate::search`): (key, text, text search configuration).
+    pub search: Option<(&'a str, &'a str, &'a str)>,
 }
 
 /// Inserts an event with the next stream position. Returns (event_nid, stream_ordering).
 pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Result<(i64, i64)> {
+    // The full-text index row goes in with the event, in the same statement.
     sqlx::query_as(
-        "INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
-                             origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
-                             txn_device, txn_id)
-         VALUES ($1, $2, nextval('event_stream_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-         RETURNING event_nid, stream_ordering",
+        "WITH ev AS (
+             INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
+                                 origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
+                                 txn_device, txn_id)
+             VALUES ($1, $2, nextval('event_stream_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+             RETURNING event_nid, stream_ordering),
+         search AS (
+             INSERT INTO event_search (event_nid, room_nid, stream_ordering, key, sender, event_type, vector)
+             SELECT ev.event_nid, $2, ev.stream_ordering, $16, $6, $4, to_tsvector($18::regconfig, $17)
+             FROM ev WHERE $16::text IS NOT NULL)
+         SELECT event_nid, stream_ordering FROM ev",
     )
     .bind(e.event_id)
     .bind(e.room_nid)
@@ -68,6 +77,9 @@ pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Resul
     .bind(e.relates_to)
     .bind(e.txn.map(|t| t.0))
     .bind(e.txn.map(|t| t.1))
+    .bind(e.search.map(|s| s.0))
+    .bind(e.search.map(|s| s.1))
+    .bind(e.search.map_or("simple", |s| s.2))
     .fetch_one(conn)
     .await
 }
@@ -181,12 +193,17 @@ pub async fn insert_txn(
 }
 
 pub async fn mark_redacted(conn: &mut PgConnection, target: &str, room_nid: i64, by: &str) -> sqlx::Result<()> {
-    sqlx::query("UPDATE events SET redacted_by = $3 WHERE event_id = $1 AND room_nid = $2 AND redacted_by IS NULL")
-        .bind(target)
-        .bind(room_nid)
-        .bind(by)
-        .execute(conn)
-        .await?;
+    // A redacted event leaves the full-text index in the same statement.
+    sqlx::query(
+        "WITH r AS (UPDATE events SET redacted_by = $3 WHERE event_id = $1 AND room_nid = $2 AND redacted_by IS NULL
+                    RETURNING event_nid)
+         DELETE FROM event_search WHERE event_nid IN (SELECT event_nid FROM r)",
+    )
+    .bind(target)
+    .bind(room_nid)
+    .bind(by)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

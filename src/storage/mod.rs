@@ -21,6 +21,7 @@ pub mod pushers;
 pub mod receipts;
 pub mod registration;
 pub mod rooms;
+pub mod search;
 pub mod state;
 pub mod tokens;
 pub mod uia;

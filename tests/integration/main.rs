@@ -24,6 +24,7 @@ mod pushrules;
 mod rooms;
 mod rooms_more;
 mod sdk;
+mod search;
 mod spaces;
 mod sync;
 mod tokens;

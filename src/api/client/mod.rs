@@ -19,5 +19,6 @@ pub mod receipts;
 pub mod register;
 pub mod relations;
 pub mod rooms;
+pub mod search;
 pub mod spaces;
 pub mod sync;
