@@ -137,6 +137,12 @@ enum Scenario {
     /// of deliveries (send to sync) all stay under `--objective-ms` with no error; reports the
     /// largest step held.
     Mixed(MixedArgs),
+    /// Server-side search: `--senders` users send `--messages` generated French messages into
+    /// `--rooms` rooms (message `i` is the same text on every server: a seeded generator over a
+    /// French vocabulary with a Zipf-like word frequency), reporting send throughput; then one of
+    /// them runs `--queries` searches per kind (a common word, a rare word, two words, a common
+    /// word written without its accent), reporting latency and results.
+    Search(SearchArgs),
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
     /// Media repository: upload and download throughput (MB/s) of `--size-kb` files, then
@@ -151,6 +157,27 @@ enum Scenario {
         #[arg(long, default_value_t = 40)]
         images: usize,
     },
+}
+
+#[derive(clap::Args, Clone, Copy)]
+struct SearchArgs {
+    #[arg(long, default_value_t = 10_000)]
+    messages: u64,
+    #[arg(long, default_value_t = 20)]
+    rooms: usize,
+    #[arg(long, default_value_t = 20)]
+    senders: usize,
+    /// Searches measured per kind of query.
+    #[arg(long, default_value_t = 100)]
+    queries: u64,
+    #[arg(long, default_value_t = 4)]
+    query_concurrency: usize,
+    /// Only the send phase (a server without search).
+    #[arg(long)]
+    no_queries: bool,
+    /// Time limit of the send phase, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    duration: u64,
 }
 
 #[derive(clap::Args, Clone)]
@@ -1494,6 +1521,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::JoinStorm { joiners } => vec![join_storm(target, joiners).await?],
         Scenario::CreateRooms(l) => vec![create_rooms(target, l).await?],
         Scenario::Mixed(args) => mixed(target, args, false).await?,
+        Scenario::Search(args) => search(target, args).await?,
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
             let mut v = vec![
@@ -1516,7 +1544,17 @@ async fn main() -> anyhow::Result<()> {
                 objective_ms: 1_000.0,
                 all_steps: false,
             };
-            v.extend(mixed(target, office, true).await?);
+            v.extend(mixed(target.clone(), office, true).await?);
+            let small_search = SearchArgs {
+                messages: 60,
+                rooms: 2,
+                senders: 2,
+                queries: 4,
+                query_concurrency: 2,
+                no_queries: false,
+                duration: 20,
+            };
+            v.extend(search(target, small_search).await?);
             v
         }
     };
@@ -1635,6 +1673,272 @@ async fn media(target: Arc<Target>, load: Load, size_kb: usize, images: usize) -
         .await;
         r.extra.insert("thumbnails_per_s".into(), json!(round(r.throughput_per_s)));
         reports.push(r);
+    }
+    Ok(reports)
+}
+
+/// The vocabulary of generated messages, most frequent first (a municipal office's words).
+const VOCABULARY: &[&str] = &[
+    "le",
+    "la",
+    "les",
+    "de",
+    "des",
+    "du",
+    "et",
+    "à",
+    "pour",
+    "avec",
+    "dans",
+    "sur",
+    "une",
+    "un",
+    "est",
+    "réunion",
+    "mairie",
+    "conseil",
+    "service",
+    "dossier",
+    "demain",
+    "lundi",
+    "agents",
+    "budget",
+    "équipe",
+    "école",
+    "travaux",
+    "voirie",
+    "marché",
+    "rapport",
+    "délibération",
+    "élus",
+    "salle",
+    "horaires",
+    "accueil",
+    "citoyens",
+    "urbanisme",
+    "permis",
+    "déchets",
+    "collecte",
+    "transport",
+    "bibliothèque",
+    "piscine",
+    "crèche",
+    "cantine",
+    "subvention",
+    "association",
+    "festival",
+    "sécurité",
+    "police",
+    "pompiers",
+    "éclairage",
+    "parking",
+    "stationnement",
+    "vélo",
+    "tramway",
+    "bus",
+    "chantier",
+    "réseau",
+    "eau",
+    "assainissement",
+    "énergie",
+    "chauffage",
+    "bâtiment",
+    "gymnase",
+    "stade",
+    "cimetière",
+    "état",
+    "civil",
+    "mariage",
+    "naissance",
+    "élection",
+    "bureau",
+    "vote",
+    "recensement",
+    "formulaire",
+    "courrier",
+    "signature",
+    "arrêté",
+    "préfecture",
+    "métropole",
+    "commune",
+    "quartier",
+    "habitants",
+    "réclamation",
+    "incident",
+    "panne",
+    "alerte",
+    "astreinte",
+    "intervention",
+    "planning",
+    "congés",
+    "formation",
+    "recrutement",
+    "entretien",
+    "facture",
+    "paiement",
+    "commande",
+    "fournisseur",
+    "contrat",
+    "appel",
+    "offres",
+    "archives",
+    "numérique",
+    "logiciel",
+    "serveur",
+    "messagerie",
+    "visioconférence",
+    "imprimante",
+    "téléphone",
+    "badge",
+    "clés",
+    "véhicule",
+    "garage",
+    "espaces",
+    "verts",
+    "arbres",
+    "fleurissement",
+    "propreté",
+    "tags",
+    "graffitis",
+    "inondation",
+    "canicule",
+    "neige",
+    "salage",
+    "déneigement",
+    "tempête",
+    "vigilance",
+    "évacuation",
+    "hébergement",
+    "solidarité",
+    "seniors",
+    "jeunesse",
+    "sport",
+    "culture",
+    "patrimoine",
+    "musée",
+    "théâtre",
+    "concert",
+    "exposition",
+    "inauguration",
+    "cérémonie",
+    "commémoration",
+    "jumelage",
+    "tourisme",
+    "camping",
+    "plage",
+    "port",
+    "écluse",
+    "pont",
+    "tunnel",
+    "rocade",
+    "giratoire",
+    "signalisation",
+    "feux",
+    "radar",
+    "vidéoprotection",
+    "médiathèque",
+    "ludothèque",
+    "conservatoire",
+    "périscolaire",
+    "restauration",
+    "allergènes",
+    "menus",
+    "inscriptions",
+    "tarifs",
+    "quotient",
+    "familial",
+    "aides",
+    "logement",
+    "social",
+    "insertion",
+    "emploi",
+    "commerce",
+    "artisanat",
+    "agriculture",
+    "forêt",
+    "chasse",
+    "pêche",
+    "randonnée",
+];
+
+/// Message `i`: the same text on every server and every run.
+fn french_message(i: u64) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5e4c_0000 ^ i);
+    let n = rng.gen_range(4..=14);
+    let words: Vec<&str> = (0..n)
+        .map(|_| {
+            // Zipf-like: small indices (common words) far more often than the tail.
+            let u: f64 = rng.r#gen();
+            VOCABULARY[((u * u * u) * VOCABULARY.len() as f64) as usize % VOCABULARY.len()]
+        })
+        .collect();
+    let mut s = words.join(" ");
+    if let Some(first) = s.get(..1) {
+        s = first.to_uppercase() + &s[1..];
+    }
+    s
+}
+
+/// The `search` scenario (see `Scenario::Search`).
+async fn search(target: Arc<Target>, args: SearchArgs) -> anyhow::Result<Vec<Report>> {
+    let users = target.users("search", args.senders.max(1)).await?;
+    let mut rooms = Vec::new();
+    for _ in 0..args.rooms.max(1) {
+        rooms.push(target.create_room(&users[0].1).await?);
+    }
+    for (_, token) in users.iter().skip(1) {
+        for r in &rooms {
+            target.join(token, r).await?;
+        }
+    }
+    let (users, rooms) = (Arc::new(users), Arc::new(rooms));
+    let load = Load { concurrency: users.len(), requests: args.messages, duration: args.duration, users: users.len() };
+    let (t, u, r) = (target.clone(), users.clone(), rooms.clone());
+    let mut send_report = drive(&target.clone(), "search/send", load, move |i| {
+        let (t, u, r) = (t.clone(), u.clone(), r.clone());
+        async move {
+            let token = &u[i as usize % u.len()].1;
+            let room = &r[i as usize % r.len()];
+            t.send_text(token, room, &format!("s{}-{i}", t.run_id), &french_message(i)).await.is_ok()
+        }
+    })
+    .await;
+    send_report.set("messages", args.messages);
+    let mut reports = vec![send_report];
+    if args.no_queries {
+        return Ok(reports);
+    }
+    let searcher = users[0].1.clone();
+    for (kind, term) in
+        [("common", "réunion"), ("rare", "ludothèque"), ("two-words", "budget conseil"), ("no-accent", "reunion")]
+    {
+        let found = Arc::new(AtomicU64::new(0));
+        let counted = Arc::new(AtomicU64::new(0));
+        let (t, s, f, c) = (target.clone(), searcher.clone(), found.clone(), counted.clone());
+        let load = Load { concurrency: args.query_concurrency.max(1), requests: args.queries, duration: 600, users: 1 };
+        let mut report = drive(&target.clone(), &format!("search/{kind}"), load, move |_| {
+            let (t, s, f, c) = (t.clone(), s.clone(), f.clone(), c.clone());
+            async move {
+                let body = json!({ "search_categories": { "room_events": {
+                    "search_term": term, "order_by": "rank", "filter": { "limit": 10 } } } });
+                match t.call(reqwest::Method::POST, "/_matrix/client/v3/search", &s, body).await {
+                    Ok(v) => {
+                        let events = &v["search_categories"]["room_events"];
+                        f.fetch_add(events["results"].as_array().map_or(0, |r| r.len()) as u64, Ordering::Relaxed);
+                        c.fetch_add(events["count"].as_u64().unwrap_or(0), Ordering::Relaxed);
+                        true
+                    }
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+        let n = report.requests.max(1);
+        report.set("term", term);
+        report.set("results_per_query", found.load(Ordering::Relaxed) / n);
+        report.set("count_per_query", counted.load(Ordering::Relaxed) / n);
+        reports.push(report);
     }
     Ok(reports)
 }

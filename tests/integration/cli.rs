@@ -254,9 +254,18 @@ async fn load_tool_smoke_run() {
             "join-storm/5",
             "create-rooms",
             "mixed/4",
-            "mixed"
+            "mixed",
+            "search/send",
+            "search/common",
+            "search/rare",
+            "search/two-words",
+            "search/no-accent"
         ]
     );
+    // The search scenario finds what it sent (60 generated messages hold « réunion » often).
+    assert_eq!(reports[11]["messages"], 60, "{}", reports[11]);
+    assert!(reports[12]["results_per_query"].as_u64().unwrap() > 0, "{}", reports[12]);
+    assert_eq!(reports[12]["results_per_query"], reports[15]["results_per_query"], "accents do not matter");
     for r in &reports {
         assert_eq!(r["errors"], 0, "{r}");
         assert!(r["requests"].as_u64().unwrap() > 0, "{r}");
