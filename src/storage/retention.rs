@@ -120,7 +120,11 @@ pub async fn still_referenced(db: impl PgExecutor<'_>, refs: &[String]) -> sqlx:
 }
 
 /// Of `media_ids` (of this server), those that exist as local uploads (not cached remote media).
-pub async fn local_uploads(db: impl PgExecutor<'_>, server_name: &str, media_ids: &[String]) -> sqlx::Result<Vec<String>> {
+pub async fn local_uploads(
+    db: impl PgExecutor<'_>,
+    server_name: &str,
+    media_ids: &[String],
+) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "SELECT media_id FROM media WHERE server_name = $1 AND media_id = ANY($2) AND uploader IS NOT NULL",
     )

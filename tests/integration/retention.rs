@@ -2,7 +2,7 @@
 //! the media only they referenced, while state, the latest event, receipts, notifications and
 //! sync keep working. Time is controlled by running a purge pass "as of" a chosen timestamp
 //! (`rooms::retention::purge_pass`) rather than by waiting; only the read-time filter is tested
-//! with a real (1.5 s) expiry.
+//! with a real (3 s) expiry.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -45,7 +45,8 @@ async fn text(s: &TestServer, u: &User, room: &str, body: &str) -> String {
 }
 
 async fn put_state(s: &TestServer, u: &User, room: &str, kind: &str, content: Value) -> String {
-    let (st, v) = s.put(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(room)), Some(&u.token), content).await;
+    let (st, v) =
+        s.put(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/", enc(room)), Some(&u.token), content).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     v["event_id"].as_str().unwrap().to_owned()
 }
@@ -68,7 +69,8 @@ async fn download(s: &TestServer, u: &User, mxc: &str) -> StatusCode {
 
 /// The event IDs `/messages` returns, newest first (up to 100).
 async fn messages(s: &TestServer, u: &User, room: &str) -> Vec<String> {
-    let (st, v) = s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room)), Some(&u.token)).await;
+    let (st, v) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(room)), Some(&u.token)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     ids(&v["chunk"])
 }
@@ -154,13 +156,22 @@ async fn expired_messages_and_their_media_are_purged_safely() {
     let m4 =
         send(&s, &alice, &room, "m.room.message", json!({ "msgtype": "m.image", "body": "c.png", "url": image_c }))
             .await;
-    let reaction =
-        send(&s, &bob, &room, "m.reaction", json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": m1, "key": "👍" } }))
-            .await;
+    let reaction = send(
+        &s,
+        &bob,
+        &room,
+        "m.reaction",
+        json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": m1, "key": "👍" } }),
+    )
+    .await;
     let topic = put_state(&s, &alice, &room, "m.room.topic", json!({ "topic": "Séance du lundi" })).await;
     // Bob reads up to an event that will be purged; his client cached the room meanwhile.
     let (st, v) = s
-        .post(&format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&m2)), Some(&bob.token), json!({}))
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&m2)),
+            Some(&bob.token),
+            json!({}),
+        )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let before = sync(&s, &bob, None, None, 0).await;
@@ -175,9 +186,14 @@ async fn expired_messages_and_their_media_are_purged_safely() {
     let forwarded =
         send(&s, &alice, &other, "m.room.message", json!({ "msgtype": "m.image", "body": "c.png", "url": image_c }))
             .await;
-    let late_reaction =
-        send(&s, &bob, &room, "m.reaction", json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": m1, "key": "✅" } }))
-            .await;
+    let late_reaction = send(
+        &s,
+        &bob,
+        &room,
+        "m.reaction",
+        json!({ "m.relates_to": { "rel_type": "m.annotation", "event_id": m1, "key": "✅" } }),
+    )
+    .await;
     let last = text(&s, &bob, &room, "merci").await;
 
     // Nothing has expired yet.
@@ -205,12 +221,14 @@ async fn expired_messages_and_their_media_are_purged_safely() {
         assert!(chunk.contains(id), "{id} missing from /messages");
         assert_eq!(event_status(&s, &alice, &room, id).await, StatusCode::OK);
     }
-    let (st, v) = s.get(&format!("/_matrix/client/v3/rooms/{}/context/{}", enc(&room), enc(&fresh)), Some(&bob.token)).await;
+    let (st, v) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/context/{}", enc(&room), enc(&fresh)), Some(&bob.token)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let around: Vec<String> = ids(&v["events_before"]).into_iter().chain(ids(&v["events_after"])).collect();
     assert!(expired.iter().all(|e| !around.contains(e)), "{v}");
     for (kind, key) in [("m.room.name", ""), ("m.room.topic", ""), ("m.room.power_levels", ""), ("m.room.create", "")] {
-        let (st, v) = s.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/{key}", enc(&room)), Some(&bob.token)).await;
+        let (st, v) =
+            s.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/{key}", enc(&room)), Some(&bob.token)).await;
         assert_eq!(st, StatusCode::OK, "{kind}: {v}");
     }
     let (st, v) = s.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room)), Some(&bob.token)).await;
@@ -234,17 +252,20 @@ async fn expired_messages_and_their_media_are_purged_safely() {
     assert_eq!(download(&s, &alice, &thumb_a).await, StatusCode::NOT_FOUND);
     assert_eq!(download(&s, &alice, &image_b).await, StatusCode::NOT_FOUND);
     assert_eq!(download(&s, &alice, &image_c).await, StatusCode::OK);
-    let (st, _) = s.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&other), enc(&forwarded)), Some(&alice.token)).await;
+    let (st, _) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/event/{}", enc(&other), enc(&forwarded)), Some(&alice.token)).await;
     assert_eq!(st, StatusCode::OK);
 
     // Notifications of purged events are gone; receipts pointing at them do not break sync.
     let notified = notified(&s, &bob).await;
     assert!(expired.iter().all(|e| !notified.contains(e)), "{notified:?}");
     assert!(notified.contains(&fresh), "{notified:?}");
-    let pushes: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM event_push_actions e LEFT JOIN events v USING (event_nid) WHERE v.event_nid IS NULL")
-        .fetch_one(&s.state().db)
-        .await
-        .unwrap();
+    let pushes: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM event_push_actions e LEFT JOIN events v USING (event_nid) WHERE v.event_nid IS NULL",
+    )
+    .fetch_one(&s.state().db)
+    .await
+    .unwrap();
     assert_eq!(pushes, 0);
 
     // The room goes on: a new message reaches an incremental sync from before the purge.
@@ -394,11 +415,11 @@ async fn hidden_before_purge(cache_mb: u64) {
     let s = start(|c| c.sync.room_cache_mb = cache_mb).await;
     let alice = s.register("alice", false).await;
     let room = create(&s, &alice, json!({ "name": "Éphémère" })).await;
-    put_state(&s, &alice, &room, "m.room.retention", json!({ "max_lifetime": 1500 })).await;
+    put_state(&s, &alice, &room, "m.room.retention", json!({ "max_lifetime": 3000 })).await;
     let old = text(&s, &alice, &room, "bientôt expiré").await;
     // Cached before it expires.
     assert!(initial_sync(&s, &alice, &room).await.0.contains(&old));
-    tokio::time::sleep(Duration::from_millis(1700)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let new = text(&s, &alice, &room, "récent").await;
 
     let chunk = messages(&s, &alice, &room).await;
