@@ -39,6 +39,8 @@ pub struct Config {
     pub push: PushConfig,
     pub media: MediaConfig,
     pub search: SearchConfig,
+    /// Message retention policies (MSC1763 `m.room.retention`): off by default.
+    pub retention: RetentionConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
 }
@@ -55,6 +57,86 @@ pub struct TestingConfig {
     /// failure that no single event of the batch can be blamed for.
     pub fail_push_containing: Option<String>,
 }
+
+/// Message retention (MSC1763): expired messages are hidden from clients and purged by a periodic
+/// job (`rooms::retention`). Durations are in seconds, as every other duration of this file;
+/// `m.room.retention` events give theirs in milliseconds (as Synapse reads them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Apply retention policies at all. Off: nothing is hidden or purged, whatever rooms say.
+    pub enabled: bool,
+    /// The policy of rooms without a valid `m.room.retention` state event.
+    pub default_policy: RetentionPolicyConfig,
+    /// The shortest lifetime a room may ask for: shorter `max_lifetime`s are raised to it.
+    pub allowed_lifetime_min_secs: Option<u64>,
+    /// The longest lifetime a room may ask for: longer ones (and "forever") are lowered to it.
+    pub allowed_lifetime_max_secs: Option<u64>,
+    /// How often the purge job runs (one job handles every room; see README, "Retention").
+    pub purge_interval_secs: u64,
+    /// Events deleted per transaction.
+    pub batch_size: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            default_policy: RetentionPolicyConfig::default(),
+            allowed_lifetime_min_secs: None,
+            allowed_lifetime_max_secs: None,
+            purge_interval_secs: 3600,
+            batch_size: 1000,
+        }
+    }
+}
+
+/// A server-side retention policy. Unset `max_lifetime_secs` means "forever".
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionPolicyConfig {
+    /// Messages are kept at least this long (MSC1763: `max_lifetime` is raised to it).
+    pub min_lifetime_secs: Option<u64>,
+    /// Messages older than this are hidden from clients and purged.
+    pub max_lifetime_secs: Option<u64>,
+}
+
+impl RetentionConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.purge_interval_secs == 0 {
+            return Err(("retention.purge_interval_secs", "must be at least 1".into()));
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            return Err(("retention.batch_size", "must be between 1 and 10000".into()));
+        }
+        if let (Some(min), Some(max)) = (self.allowed_lifetime_min_secs, self.allowed_lifetime_max_secs)
+            && min > max
+        {
+            return Err(("retention.allowed_lifetime_min_secs", "must not exceed allowed_lifetime_max_secs".into()));
+        }
+        let p = &self.default_policy;
+        if let (Some(min), Some(max)) = (p.min_lifetime_secs, p.max_lifetime_secs)
+            && min > max
+        {
+            return Err(("retention.default_policy.min_lifetime_secs", "must not exceed max_lifetime_secs".into()));
+        }
+        // Lifetimes are compared with millisecond timestamps: keep them far from overflowing.
+        for (key, v) in [
+            ("retention.allowed_lifetime_min_secs", self.allowed_lifetime_min_secs),
+            ("retention.allowed_lifetime_max_secs", self.allowed_lifetime_max_secs),
+            ("retention.default_policy.min_lifetime_secs", p.min_lifetime_secs),
+            ("retention.default_policy.max_lifetime_secs", p.max_lifetime_secs),
+        ] {
+            if v.is_some_and(|v| v > MAX_LIFETIME_SECS) {
+                return Err((key, format!("must be at most {MAX_LIFETIME_SECS} (1000 years)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The longest lifetime the configuration accepts (1000 years).
+pub const MAX_LIFETIME_SECS: u64 = 1000 * 366 * 86_400;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -340,6 +422,7 @@ impl Default for Config {
             push: PushConfig::default(),
             media: MediaConfig::default(),
             search: SearchConfig::default(),
+            retention: RetentionConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -749,6 +832,7 @@ impl Config {
             }
         }
         self.media.validate()?;
+        self.retention.validate()?;
         Ok(())
     }
 
@@ -768,6 +852,10 @@ impl Config {
         c.media.s3.endpoint = Some(String::new());
         c.media.s3.access_key_id = Some(String::new());
         c.media.s3.secret_access_key = Some(String::new());
+        c.retention.allowed_lifetime_min_secs = Some(0);
+        c.retention.allowed_lifetime_max_secs = Some(0);
+        c.retention.default_policy.min_lifetime_secs = Some(0);
+        c.retention.default_policy.max_lifetime_secs = Some(0);
         c
     }
 

@@ -112,6 +112,9 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     }
     tasks.push(tokio::spawn(crate::media::housekeeping(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::push::gateway::resume_loop(state.clone(), stop_rx.clone())));
+    if state.config.retention.enabled {
+        tasks.push(tokio::spawn(crate::rooms::retention::purge_loop(state.clone(), stop_rx.clone())));
+    }
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.

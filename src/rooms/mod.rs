@@ -12,6 +12,7 @@ pub mod create;
 pub mod pdu;
 pub mod receipts;
 pub mod relations;
+pub mod retention;
 pub mod summary;
 pub mod token;
 pub mod typing;

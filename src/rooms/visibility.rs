@@ -139,19 +139,23 @@ pub struct Viewer {
     /// Their last join period `(join, end)`: events from the join to the end are visible without
     /// looking at them (`end` is `i64::MAX` while joined).
     pub join_period: Option<(i64, i64)>,
+    /// Retention (MSC1763): non-state events sent before this timestamp have expired and are
+    /// never shown (`i64::MIN`: none has).
+    pub expired_before: i64,
 }
 
 impl Viewer {
     /// A joined user needs only their current membership (one primary-key lookup); the others
     /// their membership history in the room (one more query).
     pub async fn load(state: &AppState, room: &Room, user: &str) -> ApiResult<Self> {
+        let expired_before = super::retention::read_cutoff(state, room).await?;
         if let Some((m, _, stream)) = storage::rooms::membership(&state.db, room.nid, user).await?
             && m == "join"
         {
-            return Ok(Self::joined(user, stream));
+            return Ok(Self { expired_before, ..Self::joined(user, stream) });
         }
         let history = storage::rooms::membership_history(&state.db, room.nid, user).await?;
-        Ok(Self::from_history(user, &history))
+        Ok(Self { expired_before, ..Self::from_history(user, &history) })
     }
 
     pub fn from_history(user: &str, history: &[(String, i64)]) -> Self {
@@ -161,6 +165,7 @@ impl Viewer {
             ever_member: !history.is_empty(),
             departed_at: history.last().filter(|(m, _)| m == "leave" || m == "ban").map(|(_, s)| *s),
             join_period: last_join_period(history),
+            expired_before: i64::MIN,
         }
     }
 
@@ -173,7 +178,19 @@ impl Viewer {
             ever_member: true,
             departed_at: None,
             join_period: Some((since, i64::MAX)),
+            expired_before: i64::MIN,
         }
+    }
+
+    /// The same viewer, with the room's retention cut-off (see [`Viewer::expired`]).
+    pub fn with_expiry(self, expired_before: i64) -> Self {
+        Self { expired_before, ..self }
+    }
+
+    /// The event expired under the room's retention policy (MSC1763: non-state events only):
+    /// it is never shown, whatever the rest of the rules say.
+    pub fn expired(&self, row: &EventRow) -> bool {
+        row.state_key.is_none() && row.origin_server_ts < self.expired_before
     }
 
     pub fn is_joined(&self) -> bool {
@@ -232,7 +249,7 @@ impl Viewer {
         let groups: HashSet<i64> = rows
             .iter()
             .map(Borrow::borrow)
-            .filter(|r| !self.surely_visible(r.stream_ordering))
+            .filter(|r| !self.surely_visible(r.stream_ordering) && !self.expired(r))
             .filter_map(|r| r.state_before)
             .collect();
         let facts = if groups.is_empty() {
@@ -246,6 +263,9 @@ impl Viewer {
             .iter()
             .map(Borrow::borrow)
             .map(|r| {
+                if self.expired(r) {
+                    return false;
+                }
                 if self.surely_visible(r.stream_ordering) {
                     return true;
                 }

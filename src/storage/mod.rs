@@ -20,6 +20,7 @@ pub mod push;
 pub mod pushers;
 pub mod receipts;
 pub mod registration;
+pub mod retention;
 pub mod rooms;
 pub mod search;
 pub mod state;

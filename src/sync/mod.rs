@@ -534,7 +534,10 @@ impl Builder<'_> {
             let hidden = who.hidden_in_cache(&e, e.complete_from);
             let mut rels: HashMap<&str, Vec<(&str, &Arc<CachedEvent>)>> = HashMap::new();
             for ev in &e.timeline {
-                if ev.row.redacted_by.is_some() || hidden.as_ref().is_some_and(|h| h.contains(&ev.stream())) {
+                if ev.row.redacted_by.is_some()
+                    || who.expired(&ev.row)
+                    || hidden.as_ref().is_some_and(|h| h.contains(&ev.stream()))
+                {
                     continue;
                 }
                 let r = &ev.client["content"]["m.relates_to"];
@@ -639,7 +642,8 @@ impl Builder<'_> {
 
         // Joined since their membership event: everything after it is visible without looking;
         // a timeline reaching back before it (a new room for the client) is checked per event.
-        let viewer = Viewer::joined(self.user, m.stream_ordering);
+        let expired_before = crate::rooms::retention::cached_cutoff(self.state, &entry.read());
+        let viewer = Viewer::joined(self.user, m.stream_ordering).with_expiry(expired_before);
         let timeline = if initial {
             self.timeline(&room, &entry, 0, upto, limit, &viewer).await?
         } else if events_changed || full {
@@ -812,7 +816,7 @@ impl Builder<'_> {
                 .timeline
                 .iter()
                 .filter(|ev| ev.stream() > from && ev.stream() <= upto && f.allows(ev))
-                .filter(|ev| !ignored.hides(&ev.row))
+                .filter(|ev| !ignored.hides(&ev.row) && !viewer.expired(&ev.row))
                 .filter(|ev| hidden.as_ref().is_none_or(|h| !h.contains(&ev.stream())))
                 .cloned()
                 .collect();

@@ -21,6 +21,7 @@ mod presence;
 mod push;
 mod pushers;
 mod pushrules;
+mod retention;
 mod rooms;
 mod rooms_more;
 mod sdk;
