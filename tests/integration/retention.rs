@@ -440,10 +440,30 @@ async fn hidden_before_purge(cache_mb: u64) {
         s.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name/", enc(&room)), Some(&alice.token)).await.0,
         StatusCode::OK
     );
+    // Search does not find it either (it goes through the same visibility), nor after the purge.
+    let search = |term: &'static str| {
+        let (s, token) = (&s, alice.token.clone());
+        async move {
+            let body = json!({ "search_categories": { "room_events": { "search_term": term } } });
+            let (st, v) = s.post("/_matrix/client/v3/search", Some(&token), body).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let results = v["search_categories"]["room_events"]["results"].as_array().unwrap();
+            ids(&Value::Array(results.iter().map(|r| r["result"].clone()).collect()))
+        }
+    };
+    assert!(!search("expiré").await.contains(&old));
+    assert!(search("récent").await.contains(&new));
     // Still in the database until a purge.
     assert_eq!(event_rows(&s, &[&old]).await, 1);
     assert_eq!(pass(&s, now_ms()).await.events, 1);
     assert_eq!(event_rows(&s, &[&old]).await, 0);
+    let left: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM event_search WHERE vector @@ plainto_tsquery('parvis_french', 'expiré')",
+    )
+    .fetch_one(&s.state().db)
+    .await
+    .unwrap();
+    assert_eq!(left, 0, "the index row went with the event");
     s.stop().await;
 }
 
