@@ -38,6 +38,7 @@ pub struct Config {
     pub sync: SyncConfig,
     pub push: PushConfig,
     pub media: MediaConfig,
+    pub records: RecordsConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
 }
@@ -323,6 +324,7 @@ impl Default for Config {
             sync: SyncConfig::default(),
             push: PushConfig::default(),
             media: MediaConfig::default(),
+            records: RecordsConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -595,6 +597,39 @@ impl MediaConfig {
     }
 }
 
+/// Records (issue 19): per-user exports (`parvis export-user`, the admin API's export jobs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsConfig {
+    /// Where archives made through the admin API are written. Unset: `<media.path>/exports`.
+    /// Several instances behind one address need it on shared storage (as the media directory).
+    pub export_dir: Option<PathBuf>,
+    /// Days an archive made through the admin API is kept before it is deleted.
+    pub export_expiry_days: u64,
+    /// Most media bytes put in one archive; uploads past it are listed as skipped.
+    pub max_media_bytes: u64,
+    /// Exports run at once by one instance; further jobs wait (status `pending`).
+    pub max_concurrent_exports: usize,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        Self {
+            export_dir: None,
+            export_expiry_days: 7,
+            max_media_bytes: 2 * 1024 * 1024 * 1024,
+            max_concurrent_exports: 2,
+        }
+    }
+}
+
+impl RecordsConfig {
+    /// The export directory, `<media.path>/exports` unless configured.
+    pub fn export_dir(&self, media: &MediaConfig) -> PathBuf {
+        self.export_dir.clone().unwrap_or_else(|| media.path.join("exports"))
+    }
+}
+
 /// Why a configuration could not be loaded. The message always names the key and its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -729,6 +764,12 @@ impl Config {
             }
         }
         self.media.validate()?;
+        if self.records.export_expiry_days == 0 {
+            return Err(("records.export_expiry_days", "must be at least 1".into()));
+        }
+        if self.records.max_concurrent_exports == 0 {
+            return Err(("records.max_concurrent_exports", "must be at least 1".into()));
+        }
         Ok(())
     }
 
@@ -748,6 +789,7 @@ impl Config {
         c.media.s3.endpoint = Some(String::new());
         c.media.s3.access_key_id = Some(String::new());
         c.media.s3.secret_access_key = Some(String::new());
+        c.records.export_dir = Some(PathBuf::new());
         c
     }
 

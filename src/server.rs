@@ -112,6 +112,7 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     }
     tasks.push(tokio::spawn(crate::media::housekeeping(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::push::gateway::resume_loop(state.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(crate::records::jobs::housekeeping(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     let mut typing_changes = state.typing.room_changes();

@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod export;
 pub mod html;
+pub mod jobs;
 
 pub use export::{ExportError, ExportOptions, Progress, Summary, export_user};
 
