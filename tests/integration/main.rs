@@ -21,6 +21,7 @@ mod presence;
 mod push;
 mod pushers;
 mod pushrules;
+mod records_export;
 mod rooms;
 mod rooms_more;
 mod sdk;
