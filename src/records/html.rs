@@ -68,15 +68,15 @@ pub struct RoomHeader<'a> {
 pub fn room_header(h: &RoomHeader<'_>) -> String {
     let mut s = page_start(&format!("{} — export de {}", h.label, h.user_id));
     let _ = write!(s, "<header>\n<h1><bdi>{}</bdi></h1>\n<dl>\n", escape(h.label));
-    let _ = write!(s, "<dt>Identifiant du salon</dt><dd><code>{}</code></dd>\n", escape(h.room_id));
+    let _ = writeln!(s, "<dt>Identifiant du salon</dt><dd><code>{}</code></dd>", escape(h.room_id));
     if let Some(a) = h.alias {
-        let _ = write!(s, "<dt>Adresse</dt><dd><code>{}</code></dd>\n", escape(a));
+        let _ = writeln!(s, "<dt>Adresse</dt><dd><code>{}</code></dd>", escape(a));
     }
     if let Some(t) = h.topic {
-        let _ = write!(s, "<dt>Sujet</dt><dd class=\"what\"><bdi>{}</bdi></dd>\n", escape(t));
+        let _ = writeln!(s, "<dt>Sujet</dt><dd class=\"what\"><bdi>{}</bdi></dd>", escape(t));
     }
-    let _ = write!(s, "<dt>Export pour</dt><dd><code>{}</code></dd>\n", escape(h.user_id));
-    let _ = write!(s, "<dt>Date de l'export</dt><dd>{}</dd>\n", paris_time(h.exported_at));
+    let _ = writeln!(s, "<dt>Export pour</dt><dd><code>{}</code></dd>", escape(h.user_id));
+    let _ = writeln!(s, "<dt>Date de l'export</dt><dd>{}</dd>", paris_time(h.exported_at));
     let membership = match (h.membership, h.departed_ts) {
         ("join", _) => "membre du salon".to_owned(),
         ("invite", _) => "invité (n'a pas rejoint le salon)".to_owned(),
@@ -87,9 +87,9 @@ pub fn room_header(h: &RoomHeader<'_>) -> String {
         }
         (m, None) => escape(m),
     };
-    let _ = write!(
+    let _ = writeln!(
         s,
-        "<dt>Appartenance</dt><dd>{membership}{}</dd>\n",
+        "<dt>Appartenance</dt><dd>{membership}{}</dd>",
         if h.forgotten { " ; salon « oublié » par l'utilisateur" } else { "" }
     );
     let _ = write!(s, "<dt>Fuseau horaire</dt><dd>{TIMEZONE_NOTE}</dd>\n</dl>\n");
