@@ -472,3 +472,91 @@ async fn cli_export_user() {
     assert_eq!(names, ["alice.zip"], "nothing else is left behind");
     s.stop().await;
 }
+
+/// A room longer than a page of events (500) and than a buffered chunk of output, left by the
+/// exported user: every event up to the departure, in order, nothing after.
+#[tokio::test]
+async fn long_room_is_read_in_pages() {
+    let s = TestServer::start().await;
+    let admin = s.register("archiviste", true).await;
+    let alice = s.register("alice", false).await;
+    let bob = s.register("bob", false).await;
+    let room = create(&s, &alice, json!({ "preset": "public_chat", "name": "Long" })).await;
+    act(&s, &bob, &room, "join").await;
+    let n = 620;
+    let bodies_sent: Vec<String> = (0..n).map(|i| format!("message {i:04} {}", "x".repeat(200))).collect();
+    for chunk in bodies_sent.chunks(20) {
+        let sends = chunk.iter().map(|b| send_text(&s, &bob, &room, b));
+        futures_util::future::join_all(sends).await;
+    }
+    act(&s, &alice, &room, "leave").await;
+    send_text(&s, &bob, &room, "after").await;
+
+    let (st, v) = s
+        .post(&format!("/_synapse/admin/v1/users/{}/export", enc(&alice.user_id)), Some(&admin.token), json!({}))
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let id = v["export_id"].as_str().unwrap();
+    let done = wait_done(&s, &admin, &alice.user_id, id).await;
+    let resp = s
+        .http
+        .get(format!("{}/_synapse/admin/v1/users/{}/export/{id}/download", s.base, enc(&alice.user_id)))
+        .bearer_auth(&admin.token)
+        .send()
+        .await
+        .unwrap();
+    let files = unzip(&resp.bytes().await.unwrap());
+    let manifest = json_of(&files, "manifest.json");
+    let dir = manifest["rooms"][0]["directory"].as_str().unwrap().to_owned();
+    let exported = json_of(&files, &format!("{dir}/messages.json"));
+    let events = exported["events"].as_array().unwrap();
+    assert_eq!(done["progress"]["events"], events.len(), "{done}");
+    assert!(events.len() > n, "{}", events.len());
+    // The room's order (as `/messages` gives it to Bob, who saw everything), up to Alice's
+    // departure included.
+    let (st, timeline) = s.get(&room_path(&room, "messages?dir=f&limit=1000"), Some(&bob.token)).await;
+    assert_eq!(st, 200);
+    let ids = |v: &[Value]| v.iter().map(|e| e["event_id"].as_str().unwrap().to_owned()).collect::<Vec<_>>();
+    let all = ids(timeline["chunk"].as_array().unwrap());
+    assert_eq!(ids(events), all[..all.len() - 1]);
+    let mut got = bodies(&exported);
+    assert_eq!(got.len(), n);
+    got.sort();
+    assert_eq!(got, bodies_sent);
+    let last = events.last().unwrap();
+    assert_eq!((last["type"].as_str(), last["sender"].as_str()), (Some("m.room.member"), Some(&*alice.user_id)));
+    let html = text(&files, &format!("{dir}/messages.html"));
+    assert_eq!(html.matches("<li ").count(), events.len());
+    assert!(html.contains("message 0000") && html.contains("message 0619") && !html.contains(">after<"));
+    assert!(html.trim_end().ends_with("</html>"));
+    s.stop().await;
+}
+
+/// A job that cannot write its archive fails, and says why.
+#[tokio::test]
+async fn failed_export_reports_its_error() {
+    let not_a_dir = tempfile::NamedTempFile::new().unwrap();
+    let export_dir = not_a_dir.path().join("exports");
+    let s = TestServer::start_with(|c| c.records.export_dir = Some(export_dir)).await;
+    let admin = s.register("archiviste", true).await;
+    let alice = s.register("alice", false).await;
+    let path = format!("/_synapse/admin/v1/users/{}/export", enc(&alice.user_id));
+    let (st, v) = s.post(&path, Some(&admin.token), json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    let status_path = format!("{path}/{}", v["export_id"].as_str().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let (_, v) = s.get(&status_path, Some(&admin.token)).await;
+        if v["status"] == "failed" {
+            break v;
+        }
+        assert!(Instant::now() < deadline && v["status"] != "done", "{v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(v["error"].as_str().unwrap().contains("cannot create the export directory"), "{v}");
+    assert_err(&s.get(&format!("{status_path}/download"), Some(&admin.token)).await, 404, "M_NOT_FOUND");
+    // A failed job does not block the next one.
+    let (st, v) = s.post(&path, Some(&admin.token), json!({})).await;
+    assert_eq!(st, 200, "{v}");
+    s.stop().await;
+}
