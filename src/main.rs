@@ -195,7 +195,7 @@ async fn export_user(
     max_media_bytes: Option<u64>,
 ) -> anyhow::Result<()> {
     use parvis::records::{ExportError, ExportOptions, Progress};
-    let exists = |p: &std::path::Path| p.try_exists().unwrap_or(true);
+    let exists = |p: &std::path::Path| p.try_exists().unwrap_or(false);
     if !force && exists(output) {
         bail!("{} exists already (use --force to replace it)", output.display());
     }
@@ -204,8 +204,19 @@ async fn export_user(
     let state = server::prepare(config).await?;
     let bar = parking_lot::Mutex::new(ProgressBar::new());
     let report = |p: &Progress| bar.lock().draw(p, false);
-    let result = parvis::records::export_user(&state, user_id, output, &opts, &report).await;
+    let result = tokio::select! {
+        r = parvis::records::export_user(&state, user_id, output, &opts, &report) => Some(r),
+        _ = server::shutdown_signal() => None,
+    };
     state.db.close().await;
+    let Some(result) = result else {
+        // The export was dropped, which stops its writer; remove what it left.
+        let partial = parvis::records::export::partial_path(output);
+        let _ = std::fs::remove_file(parvis::records::archive::spill_path(&partial));
+        let _ = std::fs::remove_file(&partial);
+        bar.lock().end_line();
+        bail!("export of {user_id} interrupted; nothing was written to {}", output.display());
+    };
     let summary = match result {
         Ok(s) => s,
         Err(e) => {
@@ -263,7 +274,7 @@ impl ProgressBar {
             if p.media_skipped > 0 { format!(" ({} skipped)", p.media_skipped) } else { String::new() },
         );
         if !self.tty {
-            if self.rooms_reported != p.rooms_done || force {
+            if self.rooms_reported != p.rooms_done {
                 self.rooms_reported = p.rooms_done;
                 eprintln!("export: {counts}");
             }

@@ -142,7 +142,7 @@ pub async fn export_user(
     report: &(dyn Fn(&Progress) + Send + Sync),
 ) -> Result<Summary, ExportError> {
     let user = check_local_user(state, user_id).await?;
-    if !opts.overwrite && tokio::fs::try_exists(output).await.unwrap_or(true) {
+    if !opts.overwrite && tokio::fs::try_exists(output).await.unwrap_or(false) {
         return Err(ExportError::OutputExists(output.to_owned()));
     }
     let partial = partial_path(output);
