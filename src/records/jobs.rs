@@ -113,14 +113,29 @@ pub async fn start(state: &AppState, user_id: &str, requested_by: &str) -> ApiRe
         )
         .with("export_id", json!(current)));
     }
-    let active = state.records.active.clone();
-    active.send_modify(|n| *n += 1);
+    let active = Active::new(&state.records.active);
     let (state, id, user) = (state.clone(), export_id.clone(), user_id.to_owned());
     tokio::spawn(async move {
+        let _active = active;
         run(&state, &id, &user).await;
-        active.send_modify(|n| *n -= 1);
     });
     Ok(export_id)
+}
+
+/// Counts a job of this instance as active until dropped (even by a panic).
+struct Active(watch::Sender<usize>);
+
+impl Active {
+    fn new(counter: &watch::Sender<usize>) -> Self {
+        counter.send_modify(|n| *n += 1);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 enum Stop {
