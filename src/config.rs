@@ -41,6 +41,7 @@ pub struct Config {
     pub search: SearchConfig,
     /// Message retention policies (MSC1763 `m.room.retention`): off by default.
     pub retention: RetentionConfig,
+    pub records: RecordsConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
 }
@@ -423,6 +424,7 @@ impl Default for Config {
             media: MediaConfig::default(),
             search: SearchConfig::default(),
             retention: RetentionConfig::default(),
+            records: RecordsConfig::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -695,6 +697,39 @@ impl MediaConfig {
     }
 }
 
+/// Records (issue 19): per-user exports (`parvis export-user`, the admin API's export jobs).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RecordsConfig {
+    /// Where archives made through the admin API are written. Unset: `<media.path>/exports`.
+    /// Several instances behind one address need it on shared storage (as the media directory).
+    pub export_dir: Option<PathBuf>,
+    /// Days an archive made through the admin API is kept before it is deleted.
+    pub export_expiry_days: u64,
+    /// Most media bytes put in one archive; uploads past it are listed as skipped.
+    pub max_media_bytes: u64,
+    /// Exports run at once by one instance; further jobs wait (status `pending`).
+    pub max_concurrent_exports: usize,
+}
+
+impl Default for RecordsConfig {
+    fn default() -> Self {
+        Self {
+            export_dir: None,
+            export_expiry_days: 7,
+            max_media_bytes: 2 * 1024 * 1024 * 1024,
+            max_concurrent_exports: 2,
+        }
+    }
+}
+
+impl RecordsConfig {
+    /// The export directory, `<media.path>/exports` unless configured.
+    pub fn export_dir(&self, media: &MediaConfig) -> PathBuf {
+        self.export_dir.clone().unwrap_or_else(|| media.path.join("exports"))
+    }
+}
+
 /// Why a configuration could not be loaded. The message always names the key and its source.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -833,6 +868,12 @@ impl Config {
         }
         self.media.validate()?;
         self.retention.validate()?;
+        if self.records.export_expiry_days == 0 {
+            return Err(("records.export_expiry_days", "must be at least 1".into()));
+        }
+        if self.records.max_concurrent_exports == 0 {
+            return Err(("records.max_concurrent_exports", "must be at least 1".into()));
+        }
         Ok(())
     }
 
@@ -856,6 +897,7 @@ impl Config {
         c.retention.allowed_lifetime_max_secs = Some(0);
         c.retention.default_policy.min_lifetime_secs = Some(0);
         c.retention.default_policy.max_lifetime_secs = Some(0);
+        c.records.export_dir = Some(PathBuf::new());
         c
     }
 

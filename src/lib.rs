@@ -10,6 +10,7 @@ pub mod http;
 pub mod keys;
 pub mod media;
 pub mod push;
+pub mod records;
 pub mod rooms;
 pub mod search;
 pub mod server;

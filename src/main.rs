@@ -53,6 +53,23 @@ enum Command {
     },
     /// Load and validate the configuration, print it (secrets masked), and exit.
     CheckConfig,
+    /// Export one local user's records to a zip archive: profile, the messages of every room
+    /// they are or were in (JSON and readable HTML, as history visibility lets them see them),
+    /// the media they uploaded. Shows progress on standard error.
+    ExportUser {
+        /// The user, e.g. `@agent:ville.fr`.
+        user_id: String,
+        /// The zip file to write.
+        #[arg(long, short)]
+        output: PathBuf,
+        /// Replace the output file if it exists.
+        #[arg(long)]
+        force: bool,
+        /// Most bytes of media in the archive (default: `records.max_media_bytes`); the uploads
+        /// past it are listed as skipped.
+        #[arg(long)]
+        max_media_bytes: Option<u64>,
+    },
     /// Generate a signing key in Synapse's file format.
     GenerateSigningKey {
         /// Write to this file instead of standard output (refuses to overwrite).
@@ -148,6 +165,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{token}");
             Ok(())
         }
+        Command::ExportUser { user_id, output, force, max_media_bytes } => {
+            export_user(config, &user_id, &output, force, max_media_bytes).await
+        }
         Command::GenerateSigningKey { .. } => unreachable!("handled above"),
     }
 }
@@ -165,6 +185,128 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     running.state.db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+async fn export_user(
+    config: Config,
+    user_id: &str,
+    output: &std::path::Path,
+    force: bool,
+    max_media_bytes: Option<u64>,
+) -> anyhow::Result<()> {
+    use parvis::records::{ExportError, ExportOptions, Progress};
+    let exists = |p: &std::path::Path| p.try_exists().unwrap_or(false);
+    if !force && exists(output) {
+        bail!("{} exists already (use --force to replace it)", output.display());
+    }
+    let opts =
+        ExportOptions { max_media_bytes: max_media_bytes.unwrap_or(config.records.max_media_bytes), overwrite: force };
+    let state = server::prepare(config).await?;
+    let bar = parking_lot::Mutex::new(ProgressBar::new());
+    let report = |p: &Progress| bar.lock().draw(p, false);
+    let result = tokio::select! {
+        r = parvis::records::export_user(&state, user_id, output, &opts, &report) => Some(r),
+        _ = server::shutdown_signal() => None,
+    };
+    state.db.close().await;
+    let Some(result) = result else {
+        // The export was dropped, which stops its writer; remove what it left.
+        let partial = parvis::records::export::partial_path(output);
+        let _ = std::fs::remove_file(parvis::records::archive::spill_path(&partial));
+        let _ = std::fs::remove_file(&partial);
+        bar.lock().end_line();
+        bail!("export of {user_id} interrupted; nothing was written to {}", output.display());
+    };
+    let summary = match result {
+        Ok(s) => s,
+        Err(e) => {
+            bar.lock().end_line();
+            return Err(match e {
+                ExportError::OutputExists(p) => {
+                    anyhow::anyhow!("{} exists already (use --force to replace it)", p.display())
+                }
+                e => anyhow::anyhow!("export of {user_id} failed: {e}"),
+            });
+        }
+    };
+    let mut bar = bar.lock();
+    bar.draw(&summary.progress, true);
+    bar.end_line();
+    let p = &summary.progress;
+    println!(
+        "exported {user_id} to {}: {} room(s), {} event(s), {} media file(s){}, {} bytes",
+        output.display(),
+        p.rooms_done,
+        p.events,
+        p.media_files,
+        if p.media_skipped > 0 {
+            format!(" ({} skipped, listed in manifest.json)", p.media_skipped)
+        } else {
+            String::new()
+        },
+        summary.size_bytes
+    );
+    Ok(())
+}
+
+/// A progress line on standard error: redrawn in place on a terminal (at most 10 times a
+/// second), else one line per finished room.
+struct ProgressBar {
+    tty: bool,
+    last: Option<std::time::Instant>,
+    rooms_reported: u64,
+    drawn: bool,
+}
+
+impl ProgressBar {
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        Self { tty: std::io::stderr().is_terminal(), last: None, rooms_reported: u64::MAX, drawn: false }
+    }
+
+    fn draw(&mut self, p: &parvis::records::Progress, force: bool) {
+        let counts = format!(
+            "rooms {}/{} | events {} | media {}{}",
+            p.rooms_done,
+            p.rooms_total,
+            p.events,
+            p.media_files,
+            if p.media_skipped > 0 { format!(" ({} skipped)", p.media_skipped) } else { String::new() },
+        );
+        if !self.tty {
+            if self.rooms_reported != p.rooms_done {
+                self.rooms_reported = p.rooms_done;
+                eprintln!("export: {counts}");
+            }
+            return;
+        }
+        let now = std::time::Instant::now();
+        if !force && self.last.is_some_and(|t| now.duration_since(t).as_millis() < 100) {
+            return;
+        }
+        self.last = Some(now);
+        let width = 24u64;
+        let filled = (p.rooms_done * width).checked_div(p.rooms_total).unwrap_or(width) as usize;
+        // Room names are user-controlled: no control characters (escape sequences) reach the terminal.
+        let room: String = p
+            .room
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .filter(|c| !c.is_control() && !matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'))
+            .take(32)
+            .collect();
+        eprint!("\r\x1b[2K[{}{}] {counts} {room}", "#".repeat(filled), "-".repeat(width as usize - filled));
+        let _ = std::io::stderr().flush();
+        self.drawn = true;
+    }
+
+    fn end_line(&mut self) {
+        if self.tty && self.drawn {
+            eprintln!();
+            self.drawn = false;
+        }
+    }
 }
 
 fn generate_signing_key(output: Option<&std::path::Path>) -> anyhow::Result<()> {

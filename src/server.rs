@@ -115,6 +115,7 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     if state.config.retention.enabled {
         tasks.push(tokio::spawn(crate::rooms::retention::purge_loop(state.clone(), stop_rx.clone())));
     }
+    tasks.push(tokio::spawn(crate::records::jobs::housekeeping(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.

@@ -60,6 +60,8 @@ pub struct Inner {
     pub push_gateway: crate::push::gateway::Gateway,
     /// The media repository: store, thumbnails, URL previews, antivirus hook.
     pub media: crate::media::Media,
+    /// Per-user export jobs run by this instance (records).
+    pub records: crate::records::jobs::Exports,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -119,6 +121,7 @@ impl AppState {
             push_views: Default::default(),
             push_gateway,
             media,
+            records: crate::records::jobs::Exports::new(&config.records),
             server_key,
             db,
             config,

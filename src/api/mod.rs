@@ -198,6 +198,9 @@ pub fn router() -> Router<AppState> {
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
         .route("/_synapse/admin/v1/event_reports", get(admin::reports::list))
+        .route("/_synapse/admin/v1/users/{user_id}/export", post(admin::exports::start))
+        .route("/_synapse/admin/v1/users/{user_id}/export/{export_id}", get(admin::exports::status))
+        .route("/_synapse/admin/v1/users/{user_id}/export/{export_id}/download", get(admin::exports::download))
         .route("/_synapse/admin/v1/registration_tokens/new", post(admin::registration_tokens::create))
         .route(
             "/_synapse/admin/v1/registration_tokens/{token}",

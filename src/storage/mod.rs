@@ -19,6 +19,7 @@ pub mod profiles;
 pub mod push;
 pub mod pushers;
 pub mod receipts;
+pub mod records;
 pub mod registration;
 pub mod retention;
 pub mod rooms;

@@ -237,6 +237,9 @@ async fn authorization_matrix() {
         case(Method::GET, format!("/_synapse/admin/v1/users/{a}/media"), None, FORBIDDEN, FORBIDDEN),
         case(Method::DELETE, format!("/_synapse/admin/v1/users/{a}/media"), None, FORBIDDEN, FORBIDDEN),
         case(Method::POST, "/_synapse/admin/v1/purge_media_cache?before_ts=0", Some(json!({})), FORBIDDEN, FORBIDDEN),
+        case(Method::POST, format!("/_synapse/admin/v1/users/{a}/export"), Some(json!({})), FORBIDDEN, FORBIDDEN),
+        case(Method::GET, format!("/_synapse/admin/v1/users/{a}/export/x"), None, FORBIDDEN, FORBIDDEN),
+        case(Method::GET, format!("/_synapse/admin/v1/users/{a}/export/x/download"), None, FORBIDDEN, FORBIDDEN),
         // The caller's own resources: only the token matters.
         case(Method::GET, format!("{v3}/account/whoami"), None, Allowed, Allowed),
         case(Method::GET, format!("{v3}/sync?timeout=0"), None, Allowed, Allowed),

@@ -22,6 +22,7 @@ mod push;
 mod pushers;
 mod pushrules;
 mod retention;
+mod records_export;
 mod rooms;
 mod rooms_more;
 mod sdk;

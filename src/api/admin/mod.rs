@@ -1,5 +1,6 @@
 //! The Synapse-compatible admin API, so existing provisioning scripts keep working.
 
+pub mod exports;
 pub mod media;
 pub mod register;
 pub mod registration_tokens;
