@@ -4,7 +4,11 @@
 #      e.g. the commit before search), same generated French messages;
 #   2. Parvis and Synapse side by side on the same generated messages (SMALL, default 3000:
 #      Synapse sends about 30 messages/s here), search latency per kind of query;
-#   3. Parvis alone over LARGE generated messages (default 1 000 000), search latency.
+#   3. Parvis alone over LARGE messages (default 1 000 000): BASE (default 20 000) generated
+#      messages sent through the API, copied in SQL (`parvis-bench search --replicate-to`) up to
+#      LARGE, then the same searches.
+#
+# PHASES (default "onoff small synapse large") picks the phases to run.
 #
 #   scripts/bench-search.sh BEFORE_DIR AFTER_DIR [OUT_DIR]
 #
@@ -20,6 +24,9 @@ PG=${PG_URL:-postgres://postgres@127.0.0.1:5432}
 SMALL=${SMALL:-3000}
 LARGE=${LARGE:-1000000}
 ONOFF=${ONOFF:-20000}
+BASE=${BASE:-20000}
+PHASES=${PHASES:-onoff small synapse large}
+phase() { [[ " $PHASES " == *" $1 "* ]]; }
 CACHE="${BENCH_CACHE:-$HOME/.cache/parvis-bench}"
 VENV="$CACHE/synapse-venv"
 PORT=18458
@@ -65,7 +72,7 @@ bench() { # url pid db args...
 }
 
 # 1. The index's cost on sends: the same messages into a build without search, then with it.
-for label in before after; do
+phase onoff && for label in before after; do
   dir=$BEFORE
   [ "$label" = after ] && dir=$AFTER
   log "index $label: $ONOFF messages"
@@ -77,12 +84,15 @@ for label in before after; do
 done
 
 # 2. Side by side with Synapse on SMALL messages.
-log "Parvis: $SMALL messages, searches"
-start_parvis "$AFTER" parvis_search_small
-bench "http://127.0.0.1:$PORT" "$PID" parvis_search_small --messages "$SMALL" --senders 20 --rooms 20 \
-  --queries 100 >"$OUT/parvis-small.jsonl"
-stop "$PID"
-psql_admin "DROP DATABASE IF EXISTS parvis_search_small WITH (FORCE)"
+if phase small; then
+  log "Parvis: $SMALL messages, searches"
+  start_parvis "$AFTER" parvis_search_small
+  bench "http://127.0.0.1:$PORT" "$PID" parvis_search_small --messages "$SMALL" --senders 20 --rooms 20 \
+    --queries 100 >"$OUT/parvis-small.jsonl"
+  stop "$PID"
+  psql_admin "DROP DATABASE IF EXISTS parvis_search_small WITH (FORCE)"
+fi
+synapse_phase() {
 
 if ! "$VENV/bin/python" -c "import synapse" 2>/dev/null; then
   log "installing Synapse into $VENV"
@@ -97,6 +107,7 @@ psql_admin "DROP DATABASE IF EXISTS synapse_search WITH (FORCE)"
 psql_admin "CREATE DATABASE synapse_search ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"
 (cd "$S" && "$VENV/bin/python" -m synapse.app.homeserver --server-name localhost \
   --config-path homeserver.yaml --generate-config --report-stats=no >/dev/null)
+echo >>"$S/homeserver.yaml" # the generated file does not end with a newline
 cat >"$S/log.yaml" <<EOF
 version: 1
 formatters: {precise: {format: '%(asctime)s - %(name)s - %(levelname)s - %(message)s'}}
@@ -139,21 +150,25 @@ log "Synapse: $SMALL messages, searches"
 (cd "$S" && "$VENV/bin/python" -m synapse.app.homeserver --config-path homeserver.yaml >"$OUT/synapse.out" 2>&1) &
 SPID=$!
 PIDS+=("$SPID")
-wait_ready "http://127.0.0.1:$SYNAPSE_PORT" "$SPID"
+wait_ready "http://127.0.0.1:$SYNAPSE_PORT" "$SPID" || { log "Synapse did not start"; return 1; }
 bench "http://127.0.0.1:$SYNAPSE_PORT" "$SPID" synapse_search --messages "$SMALL" --senders 20 --rooms 20 \
   --queries 100 >"$OUT/synapse-small.jsonl" || log "Synapse reported errors"
 stop "$SPID"
 psql_admin "DROP DATABASE IF EXISTS synapse_search WITH (FORCE)"
+}
+if phase synapse; then synapse_phase; fi
 
 # 3. Parvis over LARGE messages.
-log "Parvis: $LARGE messages, searches"
-start_parvis "$AFTER" parvis_search_large
-bench "http://127.0.0.1:$PORT" "$PID" parvis_search_large --messages "$LARGE" --senders 32 --rooms 100 \
-  --queries 200 --duration 7200 >"$OUT/parvis-large.jsonl"
-psql "$PG/parvis_search_large" -qAtc "SELECT count(*) || ' indexed events, index ' ||
-  pg_size_pretty(pg_total_relation_size('event_search')) FROM event_search" >"$OUT/parvis-large-index.txt"
-stop "$PID"
-psql_admin "DROP DATABASE IF EXISTS parvis_search_large WITH (FORCE)"
+if phase large; then
+  log "Parvis: $BASE messages sent, copied up to $LARGE, searches"
+  start_parvis "$AFTER" parvis_search_large
+  bench "http://127.0.0.1:$PORT" "$PID" parvis_search_large --messages "$BASE" --senders 20 --rooms 20 \
+    --replicate-to "$LARGE" --queries 200 >"$OUT/parvis-large.jsonl"
+  psql "$PG/parvis_search_large" -qAtc "SELECT count(*) || ' indexed events, index ' ||
+    pg_size_pretty(pg_total_relation_size('event_search')) FROM event_search" >"$OUT/parvis-large-index.txt"
+  stop "$PID"
+  psql_admin "DROP DATABASE IF EXISTS parvis_search_large WITH (FORCE)"
+fi
 
 python3 - "$OUT" <<'EOF'
 import json, os, sys

@@ -178,6 +178,11 @@ struct SearchArgs {
     /// Time limit of the send phase, in seconds.
     #[arg(long, default_value_t = 3600)]
     duration: u64,
+    /// Parvis only (needs `--pg-url`): after the send phase, copy the sent messages in SQL
+    /// (events and their index rows, new IDs and stream positions) until this many messages
+    /// exist, to measure search over a large history without sending it all through the API.
+    #[arg(long)]
+    replicate_to: Option<u64>,
 }
 
 #[derive(clap::Args, Clone)]
@@ -1553,6 +1558,7 @@ async fn main() -> anyhow::Result<()> {
                 query_concurrency: 2,
                 no_queries: false,
                 duration: 20,
+                replicate_to: None,
             };
             v.extend(search(target, small_search).await?);
             v
@@ -1905,6 +1911,13 @@ async fn search(target: Arc<Target>, args: SearchArgs) -> anyhow::Result<Vec<Rep
     })
     .await;
     send_report.set("messages", args.messages);
+    if let Some(total) = args.replicate_to {
+        let pool = target.pool.as_ref().context("--replicate-to needs --pg-url")?;
+        let t = Instant::now();
+        let n = replicate_messages(pool, total).await?;
+        send_report.set("replicated_to", n);
+        send_report.set("replication_s", round(t.elapsed().as_secs_f64()));
+    }
     let mut reports = vec![send_report];
     if args.no_queries {
         return Ok(reports);
@@ -1941,4 +1954,52 @@ async fn search(target: Arc<Target>, args: SearchArgs) -> anyhow::Result<Vec<Rep
         reports.push(report);
     }
     Ok(reports)
+}
+
+/// Copies the messages sent through the API (events and full-text index rows) in rounds until
+/// `total` messages exist (Parvis's schema). Returns the number of messages.
+async fn replicate_messages(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<i64> {
+    let originals: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE event_type = 'm.room.message' AND event_id NOT LIKE '$copy%'",
+    )
+    .fetch_one(pool)
+    .await?;
+    if originals == 0 {
+        bail!("no message to replicate");
+    }
+    let mut count: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE event_type = 'm.room.message'").fetch_one(pool).await?;
+    let mut round = 0i64;
+    while (count as u64) < total {
+        round += 1;
+        let take = (total as i64 - count).min(originals);
+        let config: Option<String> = sqlx::query_scalar("SELECT value FROM server_meta WHERE key = 'search_language'")
+            .fetch_optional(pool)
+            .await?;
+        let config = format!("parvis_{}", config.as_deref().unwrap_or("french"));
+        sqlx::query(
+            "WITH ins AS (
+                 INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
+                                     origin_server_ts, json, state_before, state_after)
+                 SELECT '$copy' || $1 || '_' || e.event_nid, e.room_nid, nextval('event_stream_seq'), e.depth,
+                        e.event_type, NULL, e.sender, e.origin_server_ts, e.json, e.state_before, e.state_after
+                 FROM events e WHERE e.event_type = 'm.room.message' AND e.event_id NOT LIKE '$copy%'
+                 ORDER BY e.event_nid LIMIT $2
+                 RETURNING event_nid, room_nid, stream_ordering, sender, event_type, json)
+             INSERT INTO event_search (event_nid, room_nid, stream_ordering, key, sender, event_type, vector)
+             SELECT event_nid, room_nid, stream_ordering, 'content.body', sender, event_type,
+                    to_tsvector($3::regconfig, coalesce((json::jsonb -> 'content') ->> 'body', ''))
+             FROM ins",
+        )
+        .bind(round)
+        .bind(take)
+        .bind(&config)
+        .execute(pool)
+        .await?;
+        count += take;
+        eprintln!("replicated {count} / {total} messages");
+    }
+    sqlx::query("ANALYZE events").execute(pool).await?;
+    sqlx::query("ANALYZE event_search").execute(pool).await?;
+    Ok(count)
 }

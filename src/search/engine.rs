@@ -268,12 +268,25 @@ pub async fn search(
     let highlights = highlights(state, &config, &c.words, &result_nids).await?;
 
     let viewer_dev = (user, device);
+    // Client format, then bundled aggregations once per room (not once per result).
+    let mut formatted: Vec<Value> =
+        results.iter().map(|(row, _)| format(&loaded[&row.room_nid].room, row, Some(viewer_dev))).collect();
+    let mut by_room: HashMap<i64, Vec<usize>> = HashMap::new();
+    for (i, (row, _)) in results.iter().enumerate() {
+        by_room.entry(row.room_nid).or_default().push(i);
+    }
+    for (room_nid, idx) in &by_room {
+        let sr = &loaded[room_nid];
+        let mut evs: Vec<Value> = idx.iter().map(|&i| std::mem::take(&mut formatted[i])).collect();
+        bundle(state, &sr.room, viewer_dev, &sr.viewer, &mut evs).await?;
+        for (&i, ev) in idx.iter().zip(evs) {
+            formatted[i] = ev;
+        }
+    }
     let mut out_results = Vec::with_capacity(results.len());
-    for (row, rank) in &results {
+    for ((row, rank), ev) in results.iter().zip(formatted) {
         let sr = &loaded[&row.room_nid];
-        let mut ev = vec![format(&sr.room, row, Some(viewer_dev))];
-        bundle(state, &sr.room, viewer_dev, &sr.viewer, &mut ev).await?;
-        let mut entry = json!({ "rank": rank, "result": ev.pop() });
+        let mut entry = json!({ "rank": rank, "result": ev });
         if let Some((before, after, profile)) = c.context {
             entry["context"] = context(state, sr, row, before, after, profile, &ignored, viewer_dev).await?;
         }
