@@ -196,8 +196,12 @@ pub async fn search(
     // per event what a departed member may still find), narrowed by the filter.
     let memberships = storage::rooms::user_memberships(&state.db, user).await?;
     let mut rooms: HashMap<i64, String> = HashMap::new();
+    let mut joined_since: HashMap<i64, i64> = HashMap::new();
     for m in memberships {
         if matches!(m.membership.as_str(), "join" | "leave" | "ban") && c.filter.allows_room(&m.room_id) {
+            if m.membership == "join" {
+                joined_since.insert(m.room_nid, m.stream_ordering);
+            }
             rooms.insert(m.room_nid, m.room_id);
         }
     }
@@ -216,14 +220,37 @@ pub async fn search(
     let mut loaded: HashMap<i64, SearchRoom> = HashMap::new();
     let mut results: Vec<(storage::events::EventRow, f64)> = Vec::new();
     let mut more = false;
-    let page_size = (c.limit * 2).max(50);
+    // The first page asks for one more match than the chunk holds; further pages (when
+    // visibility or the filter dropped some) for four times as many, up to 200.
+    let mut page_size = c.limit + 1;
     if !room_nids.is_empty() {
         'pages: for _ in 0..MAX_PAGES {
             let hits = storage::search::page(&state.db, &query, offset, page_size).await?;
             let exhausted = (hits.len() as i64) < page_size;
+            page_size = (page_size * 4).min(200);
             let nids: Vec<i64> = hits.iter().map(|h| h.event_nid).collect();
             let mut rows: HashMap<i64, storage::events::EventRow> =
                 storage::events::by_nids(&state.db, &nids).await?.into_iter().map(|r| (r.event_nid, r)).collect();
+            // The rooms of these candidates not loaded yet, in one query; a joined user's viewer
+            // needs no query (their membership came with the room list).
+            let missing: Vec<i64> = rows
+                .values()
+                .map(|r| r.room_nid)
+                .filter(|n| !loaded.contains_key(n))
+                .collect::<HashSet<_>>()
+                .into_iter()
+                .collect();
+            for row in storage::rooms::by_nids(&state.db, &missing).await? {
+                let room = Room::from_row(&row)?;
+                let viewer = match joined_since.get(&row.room_nid) {
+                    Some(&since) => Viewer {
+                        expired_before: crate::rooms::retention::read_cutoff(state, &room).await?,
+                        ..Viewer::joined(user, since)
+                    },
+                    None => Viewer::load(state, &room, user).await?,
+                };
+                loaded.insert(row.room_nid, SearchRoom { room, viewer });
+            }
             // Visibility per room, for this page's candidates at once.
             let mut visible: HashSet<i64> = HashSet::new();
             let mut per_room: HashMap<i64, Vec<&storage::events::EventRow>> = HashMap::new();
@@ -231,12 +258,7 @@ pub async fn search(
                 per_room.entry(r.room_nid).or_default().push(r);
             }
             for (room_nid, candidates) in per_room {
-                if let std::collections::hash_map::Entry::Vacant(slot) = loaded.entry(room_nid) {
-                    let room = Room::load(state, &rooms[&room_nid]).await?;
-                    let viewer = Viewer::load(state, &room, user).await?;
-                    slot.insert(SearchRoom { room, viewer });
-                }
-                let sr = &loaded[&room_nid];
+                let Some(sr) = loaded.get(&room_nid) else { continue };
                 for (row, ok) in candidates.iter().zip(sr.viewer.visible(state, &candidates).await?) {
                     if ok {
                         visible.insert(row.event_nid);

@@ -288,6 +288,17 @@ pub async fn by_nid(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<Opti
     .await
 }
 
+/// Several rooms by nid (one query).
+pub async fn by_nids(db: impl PgExecutor<'_>, room_nids: &[i64]) -> sqlx::Result<Vec<RoomRow>> {
+    sqlx::query_as(
+        "SELECT room_nid, room_id, room_version, creator, is_public, current_state_group FROM rooms
+         WHERE room_nid = ANY($1)",
+    )
+    .bind(room_nids)
+    .fetch_all(db)
+    .await
+}
+
 /// A user's membership in one room, as sync tracks it.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct UserMembership {
