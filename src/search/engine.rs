@@ -207,9 +207,13 @@ pub async fn search(
     }
     let room_nids: Vec<i64> = rooms.keys().copied().collect();
     let config = text_config(&state.config.search.language);
+    let (any, all) = storage::search::prepare(&state.db, &config, &c.words).await?;
+    // Only stop words: nothing can match.
+    let room_nids = if any.is_empty() { Vec::new() } else { room_nids };
     let query = storage::search::Query {
         config: &config,
-        words: &c.words,
+        any: &any,
+        all: &all,
         rooms: &room_nids,
         keys: &c.keys,
         senders: c.filter.senders.as_deref(),
@@ -287,7 +291,7 @@ pub async fn search(
 
     let count = if room_nids.is_empty() { 0 } else { storage::search::count(&state.db, &query, COUNT_CAP).await? };
     let result_nids: Vec<i64> = results.iter().map(|(r, _)| r.event_nid).collect();
-    let highlights = highlights(state, &config, &c.words, &result_nids).await?;
+    let highlights = highlights(state, &config, &any, &c.words, &result_nids).await?;
 
     let viewer_dev = (user, device);
     // Client format, then bundled aggregations once per room (not once per result).
@@ -347,10 +351,16 @@ pub async fn search(
 
 /// The words that matched, as written in the results (`ts_headline` marks them), for clients
 /// to highlight: « Réunions » for a search of « reunion ».
-async fn highlights(state: &AppState, config: &str, words: &[String], nids: &[i64]) -> ApiResult<Vec<String>> {
+async fn highlights(
+    state: &AppState,
+    config: &str,
+    any: &str,
+    words: &[String],
+    nids: &[i64],
+) -> ApiResult<Vec<String>> {
     let mut out: Vec<String> = Vec::new();
     if !nids.is_empty() {
-        for text in storage::search::marked_texts(&state.db, config, words, nids, OPEN, CLOSE).await? {
+        for text in storage::search::marked_texts(&state.db, config, any, nids, OPEN, CLOSE).await? {
             for piece in text.split(OPEN).skip(1) {
                 if let Some((word, _)) = piece.split_once(CLOSE)
                     && !word.is_empty()

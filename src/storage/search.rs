@@ -41,12 +41,28 @@ pub async fn reindex_batch(db: &PgPool, config: &str, after: i64, limit: i64) ->
     })
 }
 
+/// The search term as two text search queries, computed once per request: any of its words,
+/// and all of them (as `tsquery` text; empty when every word is a stop word). Bound as
+/// parameters afterwards, so the planner can use the GIN index.
+pub async fn prepare(db: impl PgExecutor<'_>, config: &str, words: &[String]) -> sqlx::Result<(String, String)> {
+    sqlx::query_as(
+        "SELECT coalesce(parvis_tsquery_or(q)::text, ''), coalesce(parvis_tsquery_and(q)::text, '')
+         FROM (SELECT plainto_tsquery($1::regconfig, w) AS q FROM UNNEST($2::text[]) w) x",
+    )
+    .bind(config)
+    .bind(words)
+    .fetch_one(db)
+    .await
+}
+
 /// What a search looks for.
 pub struct Query<'a> {
     /// The text search configuration (`parvis_<language>`).
     pub config: &'a str,
-    /// The words of the search term: an event matches if it holds any of them.
-    pub words: &'a [String],
+    /// Events holding any of the words match (`tsquery` text from [`prepare`]).
+    pub any: &'a str,
+    /// Events holding all of them rank first.
+    pub all: &'a str,
     pub rooms: &'a [i64],
     pub keys: &'a [&'a str],
     pub senders: Option<&'a [String]>,
@@ -64,11 +80,10 @@ pub struct Hit {
 }
 
 const MATCH: &str = "
-    WITH w AS (SELECT plainto_tsquery($1::regconfig, w) AS q FROM UNNEST($2::text[]) w),
-         q AS (SELECT parvis_tsquery_or(q) AS any_q, parvis_tsquery_and(q) AS all_q FROM w)
-    SELECT s.event_nid, ts_rank_cd(s.vector, q.any_q) AS rank, s.vector @@ q.all_q AS all_words, s.stream_ordering
-    FROM event_search s, q
-    WHERE s.vector @@ q.any_q AND s.room_nid = ANY($3) AND s.key = ANY($4)
+    SELECT s.event_nid, ts_rank_cd(s.vector, $1::tsquery) AS rank, s.vector @@ $2::tsquery AS all_words,
+           s.stream_ordering
+    FROM event_search s
+    WHERE s.vector @@ $1::tsquery AND s.room_nid = ANY($3) AND s.key = ANY($4)
       AND ($5::text[] IS NULL OR s.sender = ANY($5)) AND ($6::text[] IS NULL OR NOT (s.sender = ANY($6)))";
 
 /// A page of matches (`offset`, `limit`) in result order.
@@ -77,8 +92,8 @@ pub async fn page(db: impl PgExecutor<'_>, q: &Query<'_>, offset: i64, limit: i6
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT event_nid, rank, all_words FROM ({MATCH}) m ORDER BY {order} OFFSET $7 LIMIT $8"
     )))
-    .bind(q.config)
-    .bind(q.words)
+    .bind(q.any)
+    .bind(q.all)
     .bind(q.rooms)
     .bind(q.keys)
     .bind(q.senders)
@@ -91,16 +106,21 @@ pub async fn page(db: impl PgExecutor<'_>, q: &Query<'_>, offset: i64, limit: i6
 
 /// How many events match, counting at most `cap`.
 pub async fn count(db: impl PgExecutor<'_>, q: &Query<'_>, cap: i64) -> sqlx::Result<i64> {
-    sqlx::query_scalar(sqlx::AssertSqlSafe(format!("SELECT COUNT(*) FROM (SELECT 1 FROM ({MATCH}) m LIMIT $7) c")))
-        .bind(q.config)
-        .bind(q.words)
-        .bind(q.rooms)
-        .bind(q.keys)
-        .bind(q.senders)
-        .bind(q.not_senders)
-        .bind(cap)
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (
+             SELECT 1 FROM event_search s
+             WHERE s.vector @@ $1::tsquery AND s.room_nid = ANY($2) AND s.key = ANY($3)
+               AND ($4::text[] IS NULL OR s.sender = ANY($4)) AND ($5::text[] IS NULL OR NOT (s.sender = ANY($5)))
+             LIMIT $6) c",
+    )
+    .bind(q.any)
+    .bind(q.rooms)
+    .bind(q.keys)
+    .bind(q.senders)
+    .bind(q.not_senders)
+    .bind(cap)
+    .fetch_one(db)
+    .await
 }
 
 /// The searched text of `event_nids` with the words that matched marked by `open`/`close`
@@ -108,22 +128,20 @@ pub async fn count(db: impl PgExecutor<'_>, q: &Query<'_>, cap: i64) -> sqlx::Re
 pub async fn marked_texts(
     db: impl PgExecutor<'_>,
     config: &str,
-    words: &[String],
+    any: &str,
     event_nids: &[i64],
     open: &str,
     close: &str,
 ) -> sqlx::Result<Vec<String>> {
     let options = format!("StartSel={open}, StopSel={close}, HighlightAll=true");
     sqlx::query_scalar(
-        "WITH w AS (SELECT plainto_tsquery($1::regconfig, w) AS q FROM UNNEST($2::text[]) w),
-              q AS (SELECT parvis_tsquery_or(q) AS any_q FROM w)
-         SELECT ts_headline($1::regconfig, coalesce((e.json::jsonb -> 'content') ->> split_part(s.key, '.', 2), ''),
-                            q.any_q, $4)
-         FROM event_search s JOIN events e ON e.event_nid = s.event_nid, q
+        "SELECT ts_headline($1::regconfig, coalesce((e.json::jsonb -> 'content') ->> split_part(s.key, '.', 2), ''),
+                            $2::tsquery, $4)
+         FROM event_search s JOIN events e ON e.event_nid = s.event_nid
          WHERE s.event_nid = ANY($3)",
     )
     .bind(config)
-    .bind(words)
+    .bind(any)
     .bind(event_nids)
     .bind(options)
     .fetch_all(db)
