@@ -22,8 +22,8 @@ const MAX_LIMIT: i64 = 50;
 const MAX_TERM_BYTES: usize = 500;
 const MAX_WORDS: usize = 20;
 const MAX_CONTEXT: i64 = 20;
-/// Matches counted for `count` (an approximate count, as the spec allows).
-const COUNT_CAP: i64 = 10_000;
+/// Matches counted for `count` (an approximate count, as the spec allows): the ranked ones.
+const COUNT_CAP: i64 = storage::search::RANKED_MATCHES;
 /// Index pages read per request while filling the chunk with visible events.
 const MAX_PAGES: usize = 10;
 /// Marks around matched words in `ts_headline` output (private-use characters).

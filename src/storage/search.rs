@@ -79,18 +79,24 @@ pub struct Hit {
     pub all_words: bool,
 }
 
+/// Matches ranked (and paginated) per search: the most recent ones. Ranking scores every match,
+/// so without a bound a word found in a hundred thousand messages costs a second per search;
+/// with it, a search over any history costs about the same. `count` has the same cap.
+pub const RANKED_MATCHES: i64 = 10_000;
+
 const MATCH: &str = "
-    SELECT s.event_nid, ts_rank_cd(s.vector, $1::tsquery) AS rank, s.vector @@ $2::tsquery AS all_words,
-           s.stream_ordering
-    FROM event_search s
-    WHERE s.vector @@ $1::tsquery AND s.room_nid = ANY($3) AND s.key = ANY($4)
-      AND ($5::text[] IS NULL OR s.sender = ANY($5)) AND ($6::text[] IS NULL OR NOT (s.sender = ANY($6)))";
+    SELECT event_nid, ts_rank_cd(vector, $1::tsquery) AS rank, vector @@ $2::tsquery AS all_words, stream_ordering
+    FROM (SELECT s.event_nid, s.vector, s.stream_ordering FROM event_search s
+          WHERE s.vector @@ $1::tsquery AND s.room_nid = ANY($3) AND s.key = ANY($4)
+            AND ($5::text[] IS NULL OR s.sender = ANY($5)) AND ($6::text[] IS NULL OR NOT (s.sender = ANY($6)))
+          ORDER BY s.stream_ordering DESC LIMIT RANKED_MATCHES) recent";
 
 /// A page of matches (`offset`, `limit`) in result order.
 pub async fn page(db: impl PgExecutor<'_>, q: &Query<'_>, offset: i64, limit: i64) -> sqlx::Result<Vec<Hit>> {
     let order = if q.by_rank { "all_words DESC, rank DESC, stream_ordering DESC" } else { "stream_ordering DESC" };
+    let matches = MATCH.replace("RANKED_MATCHES", &RANKED_MATCHES.to_string());
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "SELECT event_nid, rank, all_words FROM ({MATCH}) m ORDER BY {order} OFFSET $7 LIMIT $8"
+        "SELECT event_nid, rank, all_words FROM ({matches}) m ORDER BY {order} OFFSET $7 LIMIT $8"
     )))
     .bind(q.any)
     .bind(q.all)
