@@ -105,7 +105,9 @@ impl Summary {
             return Ok(true);
         }
         match user {
-            Some(u) if self.join_rule == "restricted" => joined_to_any(state, u, self.allowed_room_ids()).await,
+            Some(u) if self.join_rule == "restricted" => {
+                Ok(storage::rooms::joined_any(&state.db, u, &self.allowed_room_ids()).await?)
+            }
             _ => Ok(false),
         }
     }
@@ -120,9 +122,4 @@ impl Summary {
     pub fn is_space(&self) -> bool {
         self.room_type.as_deref() == Some("m.space")
     }
-}
-
-/// Whether `user` is joined to one of `room_ids` (the rooms a restricted join rule allows).
-async fn joined_to_any(state: &AppState, user: &str, room_ids: Vec<String>) -> ApiResult<bool> {
-    Ok(storage::rooms::joined_any(&state.db, user, &room_ids).await?)
 }

@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use crate::api::client::rooms::{Walk, token, walk};
+use crate::api::client::rooms::{Walk, readable_state, token, walk};
 use crate::error::{ApiResult, Error};
 use crate::rooms::client::format;
 use crate::rooms::visibility::{Ignored, Viewer};
@@ -328,7 +328,12 @@ pub async fn search(
         let result_rooms: HashSet<i64> = results.iter().map(|(r, _)| r.room_nid).collect();
         for nid in result_rooms {
             let sr = &loaded[&nid];
-            let rows = readable_state(state, sr, user).await?;
+            // The state the user may read (none for a room they were only ever banned from).
+            let rows = match readable_state(state, &sr.room, user).await {
+                Ok(rows) => rows,
+                Err(e) if e.errcode == "M_FORBIDDEN" => Vec::new(),
+                Err(e) => return Err(e),
+            };
             st.insert(
                 sr.room.room_id.to_string(),
                 Value::Array(rows.iter().map(|r| format(&sr.room, r, None)).collect()),
@@ -392,19 +397,6 @@ fn group(results: &[(storage::events::EventRow, f64)], key: impl Fn(&storage::ev
         }
     }
     Value::Object(groups)
-}
-
-async fn readable_state(state: &AppState, sr: &SearchRoom, user: &str) -> ApiResult<Vec<storage::events::EventRow>> {
-    Ok(match storage::rooms::membership(&state.db, sr.room.nid, user).await? {
-        Some((m, _, _)) if m == "join" => storage::rooms::current_state(&state.db, sr.room.nid).await?,
-        _ => match sr.viewer.departed_from_join() {
-            Some(departure) => match storage::events::state_after_at(&state.db, sr.room.nid, departure).await? {
-                Some(group) => storage::rooms::state_events_of_group(&state.db, group).await?,
-                None => Vec::new(),
-            },
-            None => Vec::new(),
-        },
-    })
 }
 
 #[allow(clippy::too_many_arguments)]

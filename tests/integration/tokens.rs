@@ -7,19 +7,10 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 use crate::sync::{send_text, sync};
+use crate::visibility::bodies;
 
 fn room_path(room: &str, rest: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/{rest}", enc(room))
-}
-
-/// Message bodies of a list of client events, in order.
-fn bodies(events: &Value) -> Vec<String> {
-    events
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {events}"))
-        .iter()
-        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
-        .collect()
 }
 
 fn s(v: &[&str]) -> Vec<String> {

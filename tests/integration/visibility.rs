@@ -43,7 +43,7 @@ async fn act(s: &TestServer, u: &User, room: &str, action: &str, body: Value) {
 }
 
 /// Message bodies of a list of client events.
-fn bodies(events: &Value) -> Vec<String> {
+pub(crate) fn bodies(events: &Value) -> Vec<String> {
     events
         .as_array()
         .unwrap_or_else(|| panic!("not an array: {events}"))

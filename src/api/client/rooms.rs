@@ -530,7 +530,9 @@ async fn readable_state_group(state: &AppState, room: &Room, user: &str) -> ApiR
     Err(Error::forbidden("You are not a member of this room"))
 }
 
-async fn readable_state(state: &AppState, room: &Room, user: &str) -> ApiResult<Vec<storage::events::EventRow>> {
+/// The state `user` may read: current for a member or a world-readable room, as of their
+/// departure for a departed member; 403 otherwise.
+pub async fn readable_state(state: &AppState, room: &Room, user: &str) -> ApiResult<Vec<storage::events::EventRow>> {
     Ok(match readable_state_group(state, room, user).await? {
         None => storage::rooms::current_state(&state.db, room.nid).await?,
         Some(group) => storage::rooms::state_events_of_group(&state.db, group).await?,
