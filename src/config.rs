@@ -42,6 +42,8 @@ pub struct Config {
     /// Message retention policies (MSC1763 `m.room.retention`): off by default.
     pub retention: RetentionConfig,
     pub records: RecordsConfig,
+    /// Single sign-on through OpenID Connect providers (`m.login.sso`).
+    pub sso: crate::sso::config::SsoConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
 }
@@ -425,6 +427,7 @@ impl Default for Config {
             search: SearchConfig::default(),
             retention: RetentionConfig::default(),
             records: RecordsConfig::default(),
+            sso: Default::default(),
             testing: TestingConfig::default(),
         }
     }
@@ -874,6 +877,7 @@ impl Config {
         if self.records.max_concurrent_exports == 0 {
             return Err(("records.max_concurrent_exports", "must be at least 1".into()));
         }
+        self.sso.validate(self.public_baseurl.as_deref())?;
         Ok(())
     }
 

@@ -14,6 +14,7 @@ pub mod records;
 pub mod rooms;
 pub mod search;
 pub mod server;
+pub mod sso;
 pub mod state;
 pub mod storage;
 pub mod sync;

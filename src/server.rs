@@ -120,6 +120,10 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.
     tokio::spawn(crate::search::reindex_if_needed(state.clone()));
+    if state.sso.enabled() {
+        let s = state.clone();
+        tokio::spawn(async move { s.sso.warm_up().await });
+    }
     let mut typing_changes = state.typing.room_changes();
     let typing_state = state.clone();
     tokio::spawn(async move {
@@ -160,6 +164,9 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyho
         }
         if let Err(e) = storage::registration::delete_expired_nonces(&state.db, now_ms() - 60_000).await {
             tracing::warn!(error = %e, "nonce clean-up failed");
+        }
+        if let Err(e) = storage::sso::delete_expired(&state.db).await {
+            tracing::warn!(error = %e, "SSO clean-up failed");
         }
         // To-device queues are bounded per device; transaction IDs are kept a day for retries.
         let max = state.config.limits.max_pending_to_device as i64;

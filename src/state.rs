@@ -62,6 +62,8 @@ pub struct Inner {
     pub media: crate::media::Media,
     /// Per-user export jobs run by this instance (records).
     pub records: crate::records::jobs::Exports,
+    /// Single sign-on providers (`m.login.sso`).
+    pub sso: crate::sso::Sso,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -96,6 +98,7 @@ impl AppState {
         let push_rules = crate::push::eval::RulesCache::new(&config.push);
         let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
         let media = crate::media::Media::new(&config.media)?;
+        let sso = crate::sso::Sso::new(&config.sso, config.public_baseurl.as_deref())?;
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -122,6 +125,7 @@ impl AppState {
             push_gateway,
             media,
             records: crate::records::jobs::Exports::new(&config.records),
+            sso,
             server_key,
             db,
             config,

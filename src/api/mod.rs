@@ -65,6 +65,9 @@ pub fn router() -> Router<AppState> {
         ("/register", post(register::register)),
         ("/register/available", get(register::available)),
         ("/login", get(login::flows).post(login::login)),
+        ("/login/sso/redirect", get(client::sso::redirect)),
+        ("/login/sso/redirect/{idp_id}", get(client::sso::redirect_idp)),
+        ("/auth/m.login.sso/fallback/web", get(client::sso::uia_fallback)),
         ("/refresh", post(login::refresh)),
         ("/logout", post(login::logout)),
         ("/logout/all", post(login::logout_all)),
@@ -195,6 +198,12 @@ pub fn router() -> Router<AppState> {
             "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/{device_id}/events",
             post(client::dehydrated::events_post).get(client::dehydrated::events_get),
         )
+        .route(crate::sso::CALLBACK_PATH, get(client::sso::callback))
+        .route(crate::sso::BACKCHANNEL_LOGOUT_PATH, post(client::sso::backchannel_logout))
+        .route(crate::sso::LOGGED_OUT_PATH, get(client::sso::logged_out))
+        .route("/_parvis/client/v1/logout/sso", post(client::sso::logout_sso))
+        .route("/_synapse/admin/v2/users/{user_id}", get(admin::users::get).put(admin::users::put))
+        .route("/_synapse/admin/v1/auth_providers/{provider}/users/{external_id}", get(admin::users::by_external_id))
         .route("/_synapse/admin/v1/register", get(admin::register::nonce).post(admin::register::register))
         .route("/_synapse/admin/v1/registration_tokens", get(admin::registration_tokens::list))
         .route("/_synapse/admin/v1/event_reports", get(admin::reports::list))

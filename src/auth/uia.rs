@@ -24,6 +24,31 @@ use crate::storage::{self, now_ms};
 pub const DUMMY: &str = "m.login.dummy";
 pub const PASSWORD: &str = "m.login.password";
 pub const REGISTRATION_TOKEN: &str = "m.login.registration_token";
+/// Completed only through the fallback page (`/auth/m.login.sso/fallback/web`): a provider login
+/// as the session's user (see `api::client::sso`).
+pub const SSO: &str = crate::sso::UIA_STAGE;
+
+/// The flows that can re-authenticate `user_id` before a sensitive operation: their password if
+/// they have one, SSO if they are linked to a configured provider (users created by SSO have no
+/// password).
+pub async fn user_flows(state: &AppState, user_id: &str) -> ApiResult<Vec<Vec<&'static str>>> {
+    let mut flows = Vec::new();
+    let user = storage::users::get(&state.db, user_id).await?;
+    if user.as_ref().is_some_and(|u| u.password_hash.is_some()) {
+        flows.push(vec![PASSWORD]);
+    }
+    if state.sso.enabled() {
+        let linked = storage::sso::external_ids(&state.db, user_id).await?;
+        if linked.iter().any(|e| state.sso.provider(&e.auth_provider).is_some()) {
+            flows.push(vec![SSO]);
+        }
+    }
+    if flows.is_empty() {
+        // Nothing can succeed; still answer with the usual challenge.
+        flows.push(vec![PASSWORD]);
+    }
+    Ok(flows)
+}
 
 /// What a completed UIA session established.
 #[derive(Debug, Default)]
@@ -178,10 +203,21 @@ async fn run(
         }
     };
 
+    let flow_done = |completed: &[String]| flows.iter().any(|f| f.iter().all(|s| completed.iter().any(|c| c == s)));
+    // A stage completed out of band (the SSO fallback page) finishes the flow when the client
+    // comes back with the session (with no stage, or naming the fallback stage).
+    if matches!(stage, None | Some(SSO)) && flow_done(&session.completed.0) {
+        storage::uia::delete(&state.db, &session.session_id).await?;
+        return Ok(UiaOutcome { registration_token: session.registration_token });
+    }
     let Some(stage) = stage else {
         // No stage attempted: (re)state the challenge.
         return Err(challenge(flows, &session.session_id, &session.completed.0, None));
     };
+    if stage == SSO && flows.iter().any(|f| f.contains(&SSO)) {
+        // Only the fallback page completes it.
+        return Err(challenge(flows, &session.session_id, &session.completed.0, None));
+    }
     if !flows.iter().any(|f| f.contains(&stage)) {
         return Err(Error::new(
             StatusCode::BAD_REQUEST,
@@ -233,7 +269,7 @@ async fn run(
         }
     }
     let completed = storage::uia::complete_stage(&state.db, &session.session_id, stage, token_used.as_deref()).await?;
-    if flows.iter().any(|f| f.iter().all(|s| completed.iter().any(|c| c == s))) {
+    if flow_done(&completed) {
         let registration_token = token_used.or(session.registration_token);
         storage::uia::delete(&state.db, &session.session_id).await?;
         return Ok(UiaOutcome { registration_token });

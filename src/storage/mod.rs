@@ -24,6 +24,7 @@ pub mod registration;
 pub mod retention;
 pub mod rooms;
 pub mod search;
+pub mod sso;
 pub mod state;
 pub mod tokens;
 pub mod uia;

@@ -74,3 +74,8 @@ pub async fn deactivate(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<
     sqlx::query("UPDATE users SET deactivated = TRUE WHERE user_id = $1").bind(user_id).execute(db).await?;
     Ok(())
 }
+
+pub async fn set_admin(db: impl PgExecutor<'_>, user_id: &str, admin: bool) -> sqlx::Result<()> {
+    sqlx::query("UPDATE users SET is_admin = $2 WHERE user_id = $1").bind(user_id).bind(admin).execute(db).await?;
+    Ok(())
+}

@@ -5,6 +5,7 @@ pub mod media;
 pub mod register;
 pub mod registration_tokens;
 pub mod reports;
+pub mod users;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

@@ -20,10 +20,6 @@ pub async fn whoami(auth: Auth) -> axum::Json<Value> {
     }))
 }
 
-fn password_flow() -> Vec<Vec<&'static str>> {
-    vec![vec![uia::PASSWORD]]
-}
-
 #[derive(Deserialize)]
 pub struct PasswordBody {
     new_password: String,
@@ -45,7 +41,8 @@ pub async fn change_password(
     let body: PasswordBody = uia::parse_body(&raw)?;
     users::check_password_policy(&state, &body.new_password)?;
     let binding = uia::RequestBinding::new(&line, &raw);
-    uia::check_bound(&state, "change_password", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
+    let flows = uia::user_flows(&state, &auth.user_id).await?;
+    uia::check_bound(&state, "change_password", &auth.user_id, &flows, body.auth.as_ref(), binding).await?;
     let hash = state.passwords.hash(&body.new_password).await?;
     storage::users::set_password_hash(&state.db, &auth.user_id, Some(&hash)).await?;
     if body.logout_devices {
@@ -70,7 +67,8 @@ pub async fn deactivate(
 ) -> ApiResult<axum::Json<Value>> {
     let body: DeactivateBody = uia::parse_body(&raw)?;
     let binding = uia::RequestBinding::new(&line, &raw);
-    uia::check_bound(&state, "deactivate", &auth.user_id, &password_flow(), body.auth.as_ref(), binding).await?;
+    let flows = uia::user_flows(&state, &auth.user_id).await?;
+    uia::check_bound(&state, "deactivate", &auth.user_id, &flows, body.auth.as_ref(), binding).await?;
     users::deactivate::deactivate(&state, &auth.user_id, body.erase).await?;
     Ok(axum::Json(json!({ "id_server_unbind_result": "no-support" })))
 }
@@ -81,8 +79,11 @@ pub async fn deactivate(
 // the list is always empty, adding or binding one is refused, and removing one is a no-op.
 
 /// `GET /account/3pid`.
-pub async fn threepids(_auth: Auth) -> axum::Json<Value> {
-    axum::Json(json!({ "threepids": [] }))
+/// `GET /account/3pid`: the e-mail address the identity provider asserts (kept in sync at each
+/// SSO login) or the administrator recorded; Parvis validates no identifier itself.
+pub async fn threepids(State(state): State<AppState>, auth: Auth) -> ApiResult<axum::Json<Value>> {
+    let list = storage::sso::threepids(&state.db, &auth.user_id).await?;
+    Ok(axum::Json(json!({ "threepids": list })))
 }
 
 /// `POST /account/3pid/add`, `/account/3pid/bind` and the deprecated `POST /account/3pid`: no

@@ -108,7 +108,8 @@ async fn delete_with_uia(
     uia_auth: Option<&Value>,
     binding: uia::RequestBinding,
 ) -> ApiResult<axum::Json<Value>> {
-    uia::check_bound(state, "delete_devices", &auth.user_id, &[vec![uia::PASSWORD]], uia_auth, binding).await?;
+    let flows = uia::user_flows(state, &auth.user_id).await?;
+    uia::check_bound(state, "delete_devices", &auth.user_id, &flows, uia_auth, binding).await?;
     // Deleting a device that does not exist is not an error (the outcome is the same).
     auth::delete_devices(state, &auth.user_id, &devices).await?;
     Ok(axum::Json(json!({})))

@@ -49,11 +49,12 @@ pub async fn device_signing_upload(
     let upload = e2ee::prepare_signing_upload(&state, &auth.user_id, &body).await?;
     if upload.needs_auth {
         let binding = uia::RequestBinding::new(&line, &body);
+        let flows = uia::user_flows(&state, &auth.user_id).await?;
         uia::check_bound(
             &state,
             "device_signing_upload",
             &auth.user_id,
-            &[vec![uia::PASSWORD]],
+            &flows,
             body.get("auth"),
             binding,
         )

@@ -10,8 +10,29 @@ use crate::http::extract::{Auth, ClientIp, Json};
 use crate::state::AppState;
 use crate::{storage, users};
 
-pub async fn flows() -> axum::Json<Value> {
-    axum::Json(json!({ "flows": [ { "type": "m.login.password" } ] }))
+/// `GET /login`: password login, and with SSO providers configured, `m.login.sso` (each
+/// provider a button) and `m.login.token` (how an SSO login finishes).
+pub async fn flows(State(state): State<AppState>) -> axum::Json<Value> {
+    let mut flows = vec![json!({ "type": "m.login.password" })];
+    if state.sso.enabled() {
+        let idps: Vec<Value> = state
+            .sso
+            .providers()
+            .map(|p| {
+                let mut idp = json!({ "id": p.id, "name": p.name });
+                if let Some(b) = &p.brand {
+                    idp["brand"] = json!(b);
+                }
+                if let Some(i) = &p.icon {
+                    idp["icon"] = json!(i);
+                }
+                idp
+            })
+            .collect();
+        flows.push(json!({ "type": "m.login.sso", "identity_providers": idps }));
+        flows.push(json!({ "type": "m.login.token" }));
+    }
+    axum::Json(json!({ "flows": flows }))
 }
 
 #[derive(Deserialize)]
@@ -22,6 +43,8 @@ pub struct LoginBody {
     /// Deprecated top-level user name, still sent by some clients.
     user: Option<String>,
     password: Option<String>,
+    /// `m.login.token`: the single-use token of an SSO login.
+    token: Option<String>,
     device_id: Option<String>,
     initial_device_display_name: Option<String>,
     #[serde(default)]
@@ -42,6 +65,9 @@ pub async fn login(
 ) -> ApiResult<axum::Json<Value>> {
     let ip = ip.to_string();
     state.rate_limits.check(&state.rate_limits.login_per_ip, &ip)?;
+    if body.kind == "m.login.token" {
+        return token_login(&state, &ip, &body).await;
+    }
     if body.kind != "m.login.password" {
         return Err(Error::unknown(format!("Unknown login type {}", body.kind)));
     }
@@ -78,6 +104,42 @@ pub async fn login(
         body.refresh_token,
     )
     .await?;
+    Ok(axum::Json(login_response(&state, &user_id, &device_id, tokens)))
+}
+
+/// `m.login.token`: consumes the token (single use, expired or not) and opens a device session
+/// that remembers its provider session (for RP-initiated and back-channel logout).
+async fn token_login(state: &AppState, ip: &str, body: &LoginBody) -> ApiResult<axum::Json<Value>> {
+    let token = body.token.as_deref().ok_or_else(|| Error::bad_json("token is required"))?;
+    if token.is_empty() || token.len() > 256 {
+        return Err(Error::forbidden("Invalid login token"));
+    }
+    let mut conn = state.db.acquire().await?;
+    let found = storage::sso::take_login_token(&mut conn, &hash_token(token)).await?;
+    drop(conn);
+    let Some(found) = found.filter(|t| t.expires_ts >= storage::now_ms()) else {
+        tracing::info!("invalid or expired login token");
+        return Err(Error::forbidden("Invalid login token"));
+    };
+    let user = storage::users::get(&state.db, &found.user_id).await?;
+    if user.as_ref().is_none_or(|u| u.deactivated) {
+        return Err(Error::user_deactivated());
+    }
+    let (device_id, tokens) = auth::start_device_session(
+        state,
+        &found.user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name.as_deref(),
+        Some(ip),
+        body.refresh_token,
+    )
+    .await?;
+    let mut conn = state.db.acquire().await?;
+    storage::sso::insert_device_session(&mut conn, &found.user_id, &device_id, &found).await?;
+    Ok(axum::Json(login_response(state, &found.user_id, &device_id, tokens)))
+}
+
+fn login_response(state: &AppState, user_id: &str, device_id: &str, tokens: auth::IssuedTokens) -> Value {
     let mut resp = json!({
         "user_id": user_id,
         "access_token": tokens.access_token,
@@ -91,7 +153,7 @@ pub async fn login(
     if let Some(base) = state.config.client_base_url() {
         resp["well_known"] = json!({ "m.homeserver": { "base_url": base } });
     }
-    Ok(axum::Json(resp))
+    resp
 }
 
 #[derive(Deserialize)]

@@ -21,4 +21,5 @@ pub mod relations;
 pub mod rooms;
 pub mod search;
 pub mod spaces;
+pub mod sso;
 pub mod sync;
