@@ -28,6 +28,7 @@ mod rooms_more;
 mod sdk;
 mod search;
 mod spaces;
+mod sso;
 mod sync;
 mod tokens;
 mod visibility;
