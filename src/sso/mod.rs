@@ -802,3 +802,110 @@ fn verify_jws(jwt: &str, keys: &[CoreJsonWebKey]) -> bool {
         .filter(|k| kid.is_none_or(|kid| k.key_id().is_some_and(|id| id.as_str() == kid)))
         .any(|k| k.verify_signature(&alg, message.as_bytes(), &signature).is_ok())
 }
+
+#[cfg(test)]
+mod tests {
+    //! What a real provider never sends, so the LemonLDAP::NG tests cannot show it: tokens for
+    //! another audience or issuer, expired, signed with another key, unsigned.
+    use openidconnect::core::{
+        CoreIdTokenClaims, CoreJsonWebKeySet, CoreProviderMetadata, CoreResponseType, CoreRsaPrivateSigningKey,
+        CoreSubjectIdentifierType,
+    };
+    use openidconnect::{
+        Audience, AuthUrl, JsonWebKeyId, JsonWebKeySetUrl, LogoutProviderMetadata, PrivateSigningKey, ResponseTypes,
+        StandardClaims, TokenUrl,
+    };
+
+    use super::*;
+
+    const KEY: &str = include_str!("testdata/provider-key.pem");
+    const OTHER_KEY: &str = include_str!("testdata/other-key.pem");
+    const ISSUER: &str = "https://idp.ville.example/";
+
+    fn key(pem: &str) -> CoreRsaPrivateSigningKey {
+        CoreRsaPrivateSigningKey::from_pem(pem, Some(JsonWebKeyId::new("k1".into()))).unwrap()
+    }
+
+    fn client() -> OidcClient {
+        let base = CoreProviderMetadata::new(
+            IssuerUrl::new(ISSUER.into()).unwrap(),
+            AuthUrl::new(format!("{ISSUER}authorize")).unwrap(),
+            JsonWebKeySetUrl::new(format!("{ISSUER}jwks")).unwrap(),
+            vec![ResponseTypes::new(vec![CoreResponseType::Code])],
+            vec![CoreSubjectIdentifierType::Public],
+            vec![CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256],
+            Default::default(),
+        );
+        let meta = Metadata::new(
+            base.issuer().clone(),
+            base.authorization_endpoint().clone(),
+            base.jwks_uri().clone(),
+            base.response_types_supported().clone(),
+            base.subject_types_supported().clone(),
+            base.id_token_signing_alg_values_supported().clone(),
+            LogoutProviderMetadata { end_session_endpoint: None, additional_metadata: Default::default() },
+        )
+        .set_jwks(CoreJsonWebKeySet::new(vec![key(KEY).as_verification_key()]))
+        .set_token_endpoint(Some(TokenUrl::new(format!("{ISSUER}token")).unwrap()));
+        CoreClient::from_provider_metadata(meta, ClientId::new("matrix".into()), Some(ClientSecret::new("s".into())))
+            .set_redirect_uri(RedirectUrl::new("https://parvis.example/_synapse/client/oidc/callback".into()).unwrap())
+    }
+
+    fn id_token(signer: &str, iss: &str, aud: &str, nonce: &str, lifetime_secs: i64) -> CoreIdToken {
+        let now = chrono::Utc::now();
+        let claims = CoreIdTokenClaims::new(
+            IssuerUrl::new(iss.into()).unwrap(),
+            vec![Audience::new(aud.into())],
+            now + chrono::Duration::seconds(lifetime_secs),
+            now - chrono::Duration::seconds(5),
+            StandardClaims::new(SubjectIdentifier::new("dwho".into())),
+            EmptyAdditionalClaims {},
+        )
+        .set_nonce(Some(Nonce::new(nonce.into())));
+        CoreIdToken::new(claims, &key(signer), CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, None, None).unwrap()
+    }
+
+    #[test]
+    fn id_token_checks() {
+        let c = client();
+        let n = Nonce::new("n1".into());
+        assert_eq!(Sso::verify_id_token(&c, &id_token(KEY, ISSUER, "matrix", "n1", 300), &n).unwrap(), "dwho");
+        for (what, t) in [
+            ("another audience", id_token(KEY, ISSUER, "other-client", "n1", 300)),
+            ("another issuer", id_token(KEY, "https://evil.example/", "matrix", "n1", 300)),
+            ("another nonce", id_token(KEY, ISSUER, "matrix", "n2", 300)),
+            ("expired", id_token(KEY, ISSUER, "matrix", "n1", -60)),
+            ("another key", id_token(OTHER_KEY, ISSUER, "matrix", "n1", 300)),
+        ] {
+            assert!(Sso::verify_id_token(&c, &t, &n).is_err(), "{what} must be refused");
+        }
+        // Unsigned (`alg: none`) with otherwise perfect claims.
+        let good = id_token(KEY, ISSUER, "matrix", "n1", 300).to_string();
+        let payload = good.split('.').nth(1).unwrap();
+        let header = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#);
+        if let Ok(unsigned) = serde_json::from_value::<CoreIdToken>(Value::String(format!("{header}.{payload}."))) {
+            assert!(Sso::verify_id_token(&c, &unsigned, &n).is_err(), "alg none must be refused");
+        }
+    }
+
+    #[test]
+    fn logout_token_signatures() {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let sign = |pem: &str, alg: &str| {
+            let h = b64.encode(format!(r#"{{"alg":"{alg}","kid":"k1"}}"#));
+            let p = b64.encode(r#"{"iss":"x"}"#);
+            let input = format!("{h}.{p}");
+            let sig = key(pem).sign(&CoreJwsSigningAlgorithm::RsaSsaPkcs1V15Sha256, input.as_bytes()).unwrap();
+            format!("{input}.{}", b64.encode(sig))
+        };
+        let keys = vec![key(KEY).as_verification_key()];
+        assert!(verify_jws(&sign(KEY, "RS256"), &keys));
+        assert!(!verify_jws(&sign(OTHER_KEY, "RS256"), &keys), "another key");
+        assert!(!verify_jws(&sign(KEY, "HS256"), &keys), "symmetric algorithms are refused");
+        assert!(!verify_jws(&sign(KEY, "none"), &keys), "alg none is refused");
+        let good = sign(KEY, "RS256");
+        assert!(!verify_jws(&format!("{good}.extra"), &keys));
+        assert!(!verify_jws("a.b", &keys));
+        assert!(jwt_payload("a.%%%.c").is_none());
+    }
+}
