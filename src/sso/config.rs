@@ -175,7 +175,10 @@ impl SsoConfig {
     pub(crate) fn validate(&self, public_baseurl: Option<&str>) -> Result<(), (&'static str, String)> {
         const KEY: &str = "sso.providers";
         if !self.providers.is_empty() && public_baseurl.is_none() {
-            return Err(("public_baseurl", "must be set when SSO providers are configured (it makes the callback URL)".into()));
+            return Err((
+                "public_baseurl",
+                "must be set when SSO providers are configured (it makes the callback URL)".into(),
+            ));
         }
         if !(10..=3600).contains(&self.login_token_lifetime_secs) {
             return Err(("sso.login_token_lifetime_secs", "must be between 10 and 3600".into()));
@@ -253,13 +256,48 @@ impl SsoConfig {
             for k in p.additional_authorization_parameters.keys() {
                 if matches!(
                     k.as_str(),
-                    "state" | "nonce" | "code_challenge" | "code_challenge_method" | "redirect_uri" | "client_id"
-                        | "response_type" | "scope"
+                    "state"
+                        | "nonce"
+                        | "code_challenge"
+                        | "code_challenge_method"
+                        | "redirect_uri"
+                        | "client_id"
+                        | "response_type"
+                        | "scope"
                 ) {
                     return Err(err(format!("additional_authorization_parameters may not set `{k}`")));
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn load(extra: &str) -> Result<Config, String> {
+        let text =
+            format!("server_name = \"ville.example\"\npublic_baseurl = \"https://matrix.ville.example/\"\n{extra}");
+        Config::from_toml_and_env(&text, "test", Vec::new()).map_err(|e| e.to_string())
+    }
+
+    const PROVIDER: &str = "[[sso.providers]]\nid = \"llng\"\nname = \"Agents\"\nissuer = \"https://auth.example/\"\nclient_id = \"matrix\"\nclient_secret = \"s\"\n";
+
+    #[test]
+    fn providers_are_checked_at_start_up() {
+        let c = load(PROVIDER).unwrap();
+        assert_eq!(c.sso.providers[0].scopes, ["openid", "profile", "email"]);
+        assert!(c.sso.providers[0].pkce);
+        let twice = format!("{PROVIDER}{PROVIDER}");
+        assert!(load(&twice).unwrap_err().contains("used twice"));
+        assert!(load(&PROVIDER.replace("client_secret = \"s\"\n", "")).unwrap_err().contains("client_secret"));
+        assert!(load(&format!("{PROVIDER}localpart_template = \"{{{{ user.\"\n")).unwrap_err().contains("template"));
+        assert!(load(&format!("{PROVIDER}scopes = [\"profile\"]\n")).unwrap_err().contains("openid"));
+        assert!(load(&PROVIDER.replace("id = \"llng\"", "id = \"a b\"")).unwrap_err().contains("id must be"));
+        assert!(load(&format!("{PROVIDER}unknown_key = 1\n")).unwrap_err().contains("unknown_key"));
+        let no_base = Config::from_toml_and_env(&format!("server_name = \"v.example\"\n{PROVIDER}"), "t", Vec::new());
+        assert!(no_base.unwrap_err().to_string().contains("public_baseurl"));
     }
 }

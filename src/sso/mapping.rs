@@ -175,9 +175,8 @@ mod tests {
             None,
         ))
         .unwrap();
-        let u = m
-            .map(&json!({"email": "Jean.Dupont@Ville.fr", "given_name": "Jean", "family_name": "Dupont"}))
-            .unwrap();
+        let u =
+            m.map(&json!({"email": "Jean.Dupont@Ville.fr", "given_name": "Jean", "family_name": "Dupont"})).unwrap();
         assert_eq!(u.localpart, "jean.dupont");
         assert_eq!(u.display_name.as_deref(), Some("Jean Dupont"));
         assert_eq!(u.email.as_deref(), Some("jean.dupont@ville.fr"));
@@ -195,7 +194,12 @@ mod tests {
 
     #[test]
     fn runaway_templates_stop() {
-        let m = Mapper::new(&provider("{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}", None, None)).unwrap();
+        let m = Mapper::new(&provider(
+            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+            None,
+            None,
+        ))
+        .unwrap();
         assert!(m.map(&json!({})).is_err());
         let m = Mapper::new(&provider("{{ 'x' * 5000 }}", None, None)).unwrap();
         assert!(m.map(&json!({})).is_err(), "over-long output is refused");
@@ -206,7 +210,11 @@ mod tests {
     fn requirements_and_domains() {
         let reqs = vec![
             AttributeRequirement { attribute: "groups".into(), value: Some("agents".into()), one_of: None },
-            AttributeRequirement { attribute: "acr".into(), value: None, one_of: Some(vec!["eidas1".into(), "eidas2".into()]) },
+            AttributeRequirement {
+                attribute: "acr".into(),
+                value: None,
+                one_of: Some(vec!["eidas1".into(), "eidas2".into()]),
+            },
         ];
         assert!(requirements_met(&reqs, &json!({"groups": ["x", "agents"], "acr": "eidas1"})));
         assert!(!requirements_met(&reqs, &json!({"groups": "x", "acr": "eidas1"})));

@@ -28,14 +28,14 @@ use std::time::{Duration, Instant};
 use axum::http::StatusCode;
 use base64::Engine;
 use openidconnect::core::{
-    CoreAuthenticationFlow, CoreClient, CoreGenderClaim, CoreIdToken, CoreJsonWebKey, CoreJweContentEncryptionAlgorithm,
-    CoreJwsSigningAlgorithm,
+    CoreAuthenticationFlow, CoreClient, CoreGenderClaim, CoreIdToken, CoreJsonWebKey,
+    CoreJweContentEncryptionAlgorithm, CoreJwsSigningAlgorithm,
 };
 use openidconnect::{
-    AccessToken, AuthType, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EmptyAdditionalClaims, EndpointMaybeSet,
-    EndpointNotSet, EndpointSet, IssuerUrl, JsonWebKey, Nonce, OAuth2TokenResponse, PkceCodeChallenge, PkceCodeVerifier,
-    ProviderMetadataWithLogout, RedirectUrl, Scope, SubjectIdentifier, TokenResponse, UserInfoJsonWebToken,
-    UserInfoVerifier,
+    AccessToken, AuthType, AuthorizationCode, ClientId, ClientSecret, CsrfToken, EmptyAdditionalClaims,
+    EndpointMaybeSet, EndpointNotSet, EndpointSet, IssuerUrl, JsonWebKey, Nonce, OAuth2TokenResponse,
+    PkceCodeChallenge, PkceCodeVerifier, ProviderMetadataWithLogout, RedirectUrl, Scope, SubjectIdentifier,
+    TokenResponse, UserInfoJsonWebToken, UserInfoVerifier,
 };
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
@@ -258,13 +258,15 @@ impl Sso {
             return Ok(m.clone());
         }
         let issuer = IssuerUrl::new(p.cfg.issuer.clone()).map_err(|e| SsoError::provider(&p.cfg.id, e))?;
-        let m = Arc::new(Metadata::discover_async(issuer, &self.http).await.map_err(|e| SsoError::provider(&p.cfg.id, e))?);
+        let m =
+            Arc::new(Metadata::discover_async(issuer, &self.http).await.map_err(|e| SsoError::provider(&p.cfg.id, e))?);
         *p.metadata.write().await = Some((m.clone(), Instant::now()));
         Ok(m)
     }
 
     fn client(&self, p: &Provider, m: &Metadata) -> Result<OidcClient, SsoError> {
-        let redirect = self.callback.clone().ok_or_else(|| SsoError::provider(&p.cfg.id, "public_baseurl is not set"))?;
+        let redirect =
+            self.callback.clone().ok_or_else(|| SsoError::provider(&p.cfg.id, "public_baseurl is not set"))?;
         Ok(CoreClient::from_provider_metadata(
             m.clone(),
             ClientId::new(p.cfg.client_id.clone()),
@@ -371,7 +373,10 @@ impl Sso {
             ));
         }
         let p = self.provider(&session.provider).ok_or_else(|| {
-            SsoError::bad_request("Ce fournisseur d'identité n'est plus configuré.", "This identity provider is no longer configured.")
+            SsoError::bad_request(
+                "Ce fournisseur d'identité n'est plus configuré.",
+                "This identity provider is no longer configured.",
+            )
         })?;
         let id = p.cfg.id.as_str();
         if code.is_empty() || code.len() > 4096 {
@@ -379,12 +384,17 @@ impl Sso {
         }
         let m = self.metadata(p, false).await?;
         let client = self.client(p, &m)?;
-        let mut req = client.exchange_code(AuthorizationCode::new(code.to_owned())).map_err(|e| SsoError::provider(id, e))?;
+        let mut req =
+            client.exchange_code(AuthorizationCode::new(code.to_owned())).map_err(|e| SsoError::provider(id, e))?;
         if let Some(v) = session.pkce_verifier {
             req = req.set_pkce_verifier(PkceCodeVerifier::new(v));
         }
-        let token = req.request_async(&self.http).await.map_err(|e| SsoError::invalid_token(id, format!("token endpoint: {e}")))?;
-        let id_token = token.id_token().ok_or_else(|| SsoError::invalid_token(id, "no id_token in the token response"))?;
+        let token = req
+            .request_async(&self.http)
+            .await
+            .map_err(|e| SsoError::invalid_token(id, format!("token endpoint: {e}")))?;
+        let id_token =
+            token.id_token().ok_or_else(|| SsoError::invalid_token(id, "no id_token in the token response"))?;
         let nonce = Nonce::new(session.nonce);
         let subject = match Self::verify_id_token(&client, id_token, &nonce) {
             Ok(sub) => sub,
@@ -396,7 +406,8 @@ impl Sso {
             }
         };
         let raw_id_token = id_token.to_string();
-        let mut claims = jwt_payload(&raw_id_token).ok_or_else(|| SsoError::invalid_token(id, "undecodable id_token"))?;
+        let mut claims =
+            jwt_payload(&raw_id_token).ok_or_else(|| SsoError::invalid_token(id, "undecodable id_token"))?;
         if let Some(wanted) = &p.cfg.acr_values {
             let acr = claims.get("acr").and_then(Value::as_str).unwrap_or("");
             if !wanted.split_whitespace().any(|w| w == acr) {
@@ -537,7 +548,8 @@ impl Sso {
 
     /// Finds or creates the account of a verified identity, and keeps its profile in sync.
     pub async fn resolve_user(&self, state: &AppState, ident: &Identity) -> Result<String, SsoError> {
-        let p = self.provider(&ident.provider).ok_or_else(|| SsoError::provider(&ident.provider, "provider vanished"))?;
+        let p =
+            self.provider(&ident.provider).ok_or_else(|| SsoError::provider(&ident.provider, "provider vanished"))?;
         if !mapping::requirements_met(&p.cfg.attribute_requirements, &ident.claims) {
             tracing::info!(provider = %p.cfg.id, subject = %ident.subject, "SSO login refused: attribute requirements");
             return Err(SsoError::forbidden(
@@ -579,7 +591,9 @@ impl Sso {
             let current = storage::profiles::get(&state.db, &user_id).await?;
             let now = current.as_ref().and_then(|f| f.get("displayname")).and_then(Value::as_str);
             if now != Some(name.as_str())
-                && let Err(e) = crate::users::profile::set_field(state, &user_id, "displayname", Some(Value::String(name.clone()))).await
+                && let Err(e) =
+                    crate::users::profile::set_field(state, &user_id, "displayname", Some(Value::String(name.clone())))
+                        .await
             {
                 tracing::warn!(user_id, error = %e.message, "SSO display name not updated");
             }
@@ -678,7 +692,12 @@ impl Sso {
     }
 
     /// Issues the single-use `loginToken` for a verified identity's account.
-    pub async fn issue_login_token(&self, db: &sqlx::PgPool, user_id: &str, ident: &Identity) -> Result<String, SsoError> {
+    pub async fn issue_login_token(
+        &self,
+        db: &sqlx::PgPool,
+        user_id: &str,
+        ident: &Identity,
+    ) -> Result<String, SsoError> {
         let token = format!("pvl_{}", random_token());
         storage::sso::insert_login_token(
             db,
@@ -719,7 +738,11 @@ impl Sso {
 
     /// Verifies an OIDC back-channel logout token (OpenID Connect Back-Channel Logout 1.0, 2.6)
     /// and returns the devices of the provider session it ends.
-    pub async fn backchannel_logout(&self, db: &sqlx::PgPool, logout_token: &str) -> Result<Vec<(String, String)>, String> {
+    pub async fn backchannel_logout(
+        &self,
+        db: &sqlx::PgPool,
+        logout_token: &str,
+    ) -> Result<Vec<(String, String)>, String> {
         if logout_token.len() > 16 * 1024 {
             return Err("logout_token is too large".into());
         }
@@ -733,7 +756,9 @@ impl Sso {
         let p = self
             .providers
             .iter()
-            .find(|p| p.cfg.backchannel_logout_enabled && p.cfg.issuer == iss && audiences.contains(&p.cfg.client_id.as_str()))
+            .find(|p| {
+                p.cfg.backchannel_logout_enabled && p.cfg.issuer == iss && audiences.contains(&p.cfg.client_id.as_str())
+            })
             .ok_or("no provider with back-channel logout enabled matches iss and aud")?;
         let m = self.metadata(p, false).await.map_err(|e| e.en)?;
         if !verify_jws(logout_token, m.jwks().keys()) {

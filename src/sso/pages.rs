@@ -38,7 +38,9 @@ pub fn page(status: StatusCode, title: &str, body: &str) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'"),
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; frame-ancestors 'none'",
+        ),
     );
     h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
     resp
@@ -59,7 +61,10 @@ pub fn error(status: StatusCode, fr: &str, en: &str) -> Response {
 
 /// Asks the user to confirm before a login token goes to a client URL not in `client_whitelist`.
 pub fn confirm_redirect(user_id: &str, redirect: &str) -> Response {
-    let host = url::Url::parse(redirect).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_else(|| redirect.to_owned());
+    let host = url::Url::parse(redirect)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| redirect.to_owned());
     page(
         StatusCode::OK,
         "Continuer ? / Continue?",
@@ -86,7 +91,9 @@ pub fn pick_provider(links: &[(String, String)]) -> Response {
     page(
         StatusCode::OK,
         "Connexion / Sign in",
-        &format!("<h1>Connexion</h1><p>Choisissez votre compte.</p><p class=\"en\" lang=\"en\">Choose how to sign in.</p>{buttons}"),
+        &format!(
+            "<h1>Connexion</h1><p>Choisissez votre compte.</p><p class=\"en\" lang=\"en\">Choose how to sign in.</p>{buttons}"
+        ),
     )
 }
 

@@ -112,7 +112,12 @@ pub async fn take_login_token(db: &mut PgConnection, token_hash: &[u8]) -> sqlx:
 
 // ---------------------------------------------------------------- device sessions
 
-pub async fn insert_device_session(db: &mut PgConnection, user_id: &str, device_id: &str, t: &LoginToken) -> sqlx::Result<()> {
+pub async fn insert_device_session(
+    db: &mut PgConnection,
+    user_id: &str,
+    device_id: &str,
+    t: &LoginToken,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO sso_device_sessions (user_id, device_id, provider, subject, sid, id_token, created_ts)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
@@ -137,7 +142,11 @@ pub struct DeviceSession {
     pub id_token: Option<String>,
 }
 
-pub async fn device_session(db: impl PgExecutor<'_>, user_id: &str, device_id: &str) -> sqlx::Result<Option<DeviceSession>> {
+pub async fn device_session(
+    db: impl PgExecutor<'_>,
+    user_id: &str,
+    device_id: &str,
+) -> sqlx::Result<Option<DeviceSession>> {
     sqlx::query_as("SELECT provider, id_token FROM sso_device_sessions WHERE user_id = $1 AND device_id = $2")
         .bind(user_id)
         .bind(device_id)
@@ -168,7 +177,12 @@ pub async fn devices_for_logout(
 }
 
 /// Records a back-channel logout token's `jti`; false when it was already used.
-pub async fn record_logout_jti(db: impl PgExecutor<'_>, provider: &str, jti: &str, expires_ts: i64) -> sqlx::Result<bool> {
+pub async fn record_logout_jti(
+    db: impl PgExecutor<'_>,
+    provider: &str,
+    jti: &str,
+    expires_ts: i64,
+) -> sqlx::Result<bool> {
     Ok(sqlx::query(
         "INSERT INTO sso_logout_jtis (provider, jti, expires_ts) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
     )
@@ -183,7 +197,11 @@ pub async fn record_logout_jti(db: impl PgExecutor<'_>, provider: &str, jti: &st
 
 // ---------------------------------------------------------------- external IDs and e-mail
 
-pub async fn user_by_external_id(db: impl PgExecutor<'_>, provider: &str, external_id: &str) -> sqlx::Result<Option<String>> {
+pub async fn user_by_external_id(
+    db: impl PgExecutor<'_>,
+    provider: &str,
+    external_id: &str,
+) -> sqlx::Result<Option<String>> {
     sqlx::query_scalar("SELECT user_id FROM user_external_ids WHERE auth_provider = $1 AND external_id = $2")
         .bind(provider)
         .bind(external_id)
@@ -193,7 +211,12 @@ pub async fn user_by_external_id(db: impl PgExecutor<'_>, provider: &str, extern
 
 /// Links a provider identity to an account. False when the identity is already linked (to
 /// anyone).
-pub async fn link_external_id(db: impl PgExecutor<'_>, provider: &str, external_id: &str, user_id: &str) -> sqlx::Result<bool> {
+pub async fn link_external_id(
+    db: impl PgExecutor<'_>,
+    provider: &str,
+    external_id: &str,
+    user_id: &str,
+) -> sqlx::Result<bool> {
     Ok(sqlx::query(
         "INSERT INTO user_external_ids (auth_provider, external_id, user_id, created_ts) VALUES ($1, $2, $3, $4)
          ON CONFLICT DO NOTHING",
@@ -225,7 +248,11 @@ pub async fn external_ids(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Resul
 }
 
 /// Replaces a user's external IDs (admin API). Fails on an ID linked to someone else.
-pub async fn set_external_ids(db: &mut PgConnection, user_id: &str, ids: &[ExternalId]) -> sqlx::Result<Result<(), String>> {
+pub async fn set_external_ids(
+    db: &mut PgConnection,
+    user_id: &str,
+    ids: &[ExternalId],
+) -> sqlx::Result<Result<(), String>> {
     sqlx::query("DELETE FROM user_external_ids WHERE user_id = $1").bind(user_id).execute(&mut *db).await?;
     for id in ids {
         if !link_external_id(&mut *db, &id.auth_provider, &id.external_id, user_id).await? {
@@ -280,7 +307,10 @@ pub async fn set_email(db: &mut PgConnection, user_id: &str, address: &str) -> s
         Some(_) => return Ok(false),
         None => {}
     }
-    sqlx::query("DELETE FROM user_threepids WHERE user_id = $1 AND medium = 'email'").bind(user_id).execute(&mut *db).await?;
+    sqlx::query("DELETE FROM user_threepids WHERE user_id = $1 AND medium = 'email'")
+        .bind(user_id)
+        .execute(&mut *db)
+        .await?;
     let now = now_ms();
     let inserted = sqlx::query(
         "INSERT INTO user_threepids (medium, address, user_id, validated_ts, added_ts) VALUES ('email', $1, $2, $3, $3)

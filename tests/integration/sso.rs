@@ -73,7 +73,8 @@ impl Browser {
 
     async fn send(&mut self, rb: reqwest::RequestBuilder, url: &str) -> Page {
         let host = Self::host_of(url);
-        let cookies = self.jar.get(&host).map(|c| c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
+        let cookies =
+            self.jar.get(&host).map(|c| c.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("; "));
         let rb = match cookies {
             Some(c) if !c.is_empty() => rb.header(COOKIE, c),
             _ => rb,
@@ -84,16 +85,18 @@ impl Browser {
             let first = sc.split(';').next().unwrap();
             let (k, v) = first.split_once('=').unwrap();
             let jar = self.jar.entry(host.clone()).or_default();
-            if v.is_empty() || sc.contains("Max-Age=0") || sc.to_ascii_lowercase().contains("expires=thu, 01 jan 1970") {
+            if v.is_empty() || sc.contains("Max-Age=0") || sc.to_ascii_lowercase().contains("expires=thu, 01 jan 1970")
+            {
                 jar.remove(k.trim());
             } else {
                 jar.insert(k.trim().to_owned(), v.to_owned());
             }
         }
         let status = resp.status();
-        let location = resp.headers().get(LOCATION).map(|l| {
-            url::Url::parse(url).unwrap().join(l.to_str().unwrap()).unwrap().to_string()
-        });
+        let location = resp
+            .headers()
+            .get(LOCATION)
+            .map(|l| url::Url::parse(url).unwrap().join(l.to_str().unwrap()).unwrap().to_string());
         let body = resp.text().await.unwrap();
         Page { status, location, body, url: url.to_owned() }
     }
@@ -204,12 +207,18 @@ async fn sso_round(s: &TestServer, b: &mut Browser, idp: &str, user: &str, redir
     assert_eq!(q["code_challenge_method"], "S256");
     assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32);
     assert_eq!(q["redirect_uri"], format!("{}/_synapse/client/oidc/callback", s.base));
-    let callback = through_portal(b, &authorize, user, user, &format!("{}/_synapse/client/oidc/callback", s.base)).await;
+    let callback =
+        through_portal(b, &authorize, user, user, &format!("{}/_synapse/client/oidc/callback", s.base)).await;
     b.get(&callback).await
 }
 
 fn login_token_from(location: &str) -> String {
-    url::Url::parse(location).unwrap().query_pairs().find(|(k, _)| k == "loginToken").map(|(_, v)| v.into_owned()).expect("loginToken")
+    url::Url::parse(location)
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "loginToken")
+        .map(|(_, v)| v.into_owned())
+        .expect("loginToken")
 }
 
 async fn token_login(s: &TestServer, token: &str) -> (StatusCode, Value) {
@@ -270,7 +279,11 @@ async fn sso_login_profile_uia_and_logout_with_lemonldap() {
     // The display name follows the provider at each login; the URL not in the whitelist gets a
     // confirmation page; the live portal session logs in without the form.
     let (st, _) = s
-        .put("/_matrix/client/v3/profile/@dwho:localhost/displayname", Some(&dwho.token), json!({ "displayname": "Someone" }))
+        .put(
+            "/_matrix/client/v3/profile/@dwho:localhost/displayname",
+            Some(&dwho.token),
+            json!({ "displayname": "Someone" }),
+        )
         .await;
     assert_eq!(st, StatusCode::OK);
     let page = sso_round(&s, &mut b, "lemonldap", "dwho", "https://other.example/app").await;
@@ -299,7 +312,14 @@ async fn sso_login_profile_uia_and_logout_with_lemonldap() {
     let href = start.body.split("href=\"").nth(1).unwrap().split('"').next().unwrap().replace("&amp;", "&");
     let go = b.get(&format!("{}{href}", s.base)).await;
     assert_eq!(go.status, StatusCode::FOUND);
-    let cb = through_portal(&mut b, &go.location.unwrap(), "dwho", "dwho", &format!("{}/_synapse/client/oidc/callback", s.base)).await;
+    let cb = through_portal(
+        &mut b,
+        &go.location.unwrap(),
+        "dwho",
+        "dwho",
+        &format!("{}/_synapse/client/oidc/callback", s.base),
+    )
+    .await;
     let done = b.get(&cb).await;
     assert_eq!(done.status, StatusCode::OK, "{}", done.body);
     assert!(done.body.contains("authDone"), "the page tells the client: {}", done.body);
@@ -314,16 +334,28 @@ async fn sso_login_profile_uia_and_logout_with_lemonldap() {
     let (st, rose) = token_login(&s, &login_token_from(&page.location.unwrap())).await;
     assert_eq!((st, rose["user_id"].as_str()), (StatusCode::OK, Some("@rtyler:localhost")));
     // ...and answers dwho's session with her own provider login.
-    let (_, challenge) = s.delete(&format!("/_matrix/client/v3/devices/{}", dwho.device_id), Some(&dwho.token), json!({})).await;
+    let (_, challenge) =
+        s.delete(&format!("/_matrix/client/v3/devices/{}", dwho.device_id), Some(&dwho.token), json!({})).await;
     let session = challenge["session"].as_str().unwrap().to_owned();
     let go = b2
         .get(&format!("{}/_matrix/client/v3/auth/m.login.sso/fallback/web?session={session}&idp=lemonldap", s.base))
         .await;
-    let cb = through_portal(&mut b2, &go.location.unwrap(), "rtyler", "rtyler", &format!("{}/_synapse/client/oidc/callback", s.base)).await;
+    let cb = through_portal(
+        &mut b2,
+        &go.location.unwrap(),
+        "rtyler",
+        "rtyler",
+        &format!("{}/_synapse/client/oidc/callback", s.base),
+    )
+    .await;
     let refused = b2.get(&cb).await;
     assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.body);
     let (st, _) = s
-        .delete(&format!("/_matrix/client/v3/devices/{}", dwho.device_id), Some(&dwho.token), json!({ "auth": { "session": session } }))
+        .delete(
+            &format!("/_matrix/client/v3/devices/{}", dwho.device_id),
+            Some(&dwho.token),
+            json!({ "auth": { "session": session } }),
+        )
         .await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 

@@ -47,7 +47,11 @@ async fn describe(state: &AppState, user_id: &str) -> ApiResult<Option<Value>> {
     })))
 }
 
-pub async fn get(State(state): State<AppState>, _: AdminAuth, Path(user_id): Path<String>) -> ApiResult<axum::Json<Value>> {
+pub async fn get(
+    State(state): State<AppState>,
+    _: AdminAuth,
+    Path(user_id): Path<String>,
+) -> ApiResult<axum::Json<Value>> {
     local_user(&state, &user_id)?;
     describe(&state, &user_id).await?.map(axum::Json).ok_or_else(|| Error::not_found("User not found"))
 }
@@ -89,7 +93,12 @@ pub async fn put(
         if ids.len() > MAX_EXTERNAL_IDS {
             return Err(Error::invalid_param(format!("At most {MAX_EXTERNAL_IDS} external_ids")));
         }
-        if ids.iter().any(|e| e.auth_provider.is_empty() || e.external_id.is_empty() || e.external_id.len() > 255 || e.auth_provider.len() > 64) {
+        if ids.iter().any(|e| {
+            e.auth_provider.is_empty()
+                || e.external_id.is_empty()
+                || e.external_id.len() > 255
+                || e.auth_provider.len() > 64
+        }) {
             return Err(Error::invalid_param("external_ids entries need a non-empty auth_provider and external_id"));
         }
     }
@@ -160,7 +169,11 @@ pub async fn put(
         match email {
             Some(addr) => {
                 if !storage::sso::set_email(&mut tx, &user_id, addr).await? {
-                    return Err(Error::new(StatusCode::CONFLICT, "M_THREEPID_IN_USE", "This e-mail address belongs to another account"));
+                    return Err(Error::new(
+                        StatusCode::CONFLICT,
+                        "M_THREEPID_IN_USE",
+                        "This e-mail address belongs to another account",
+                    ));
                 }
             }
             None => storage::sso::clear_email(&mut *tx, &user_id).await?,

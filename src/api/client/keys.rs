@@ -50,15 +50,7 @@ pub async fn device_signing_upload(
     if upload.needs_auth {
         let binding = uia::RequestBinding::new(&line, &body);
         let flows = uia::user_flows(&state, &auth.user_id).await?;
-        uia::check_bound(
-            &state,
-            "device_signing_upload",
-            &auth.user_id,
-            &flows,
-            body.get("auth"),
-            binding,
-        )
-        .await?;
+        uia::check_bound(&state, "device_signing_upload", &auth.user_id, &flows, body.get("auth"), binding).await?;
     }
     e2ee::store_signing_upload(&state, &auth.user_id, upload).await?;
     Ok(axum::Json(json!({})))

@@ -269,15 +269,20 @@ async fn handle_fallback(state: &AppState, ip: &str, q: FallbackQuery) -> Result
             en: "Too many attempts. Please wait a moment.".into(),
         });
     }
-    let session = q.session.as_deref().filter(|s| !s.is_empty() && s.len() <= 255).ok_or_else(|| {
-        bad("Paramètre session absent.", "The session parameter is missing.")
-    })?;
+    let session = q
+        .session
+        .as_deref()
+        .filter(|s| !s.is_empty() && s.len() <= 255)
+        .ok_or_else(|| bad("Paramètre session absent.", "The session parameter is missing."))?;
     let min_ts = now_ms() - state.config.auth.uia_session_lifetime_secs as i64 * 1000;
-    let s = storage::uia::get(&state.db, session, min_ts)
-        .await?
-        .ok_or_else(|| bad("Session d'authentification inconnue ou expirée.", "Unknown or expired authentication session."))?;
+    let s = storage::uia::get(&state.db, session, min_ts).await?.ok_or_else(|| {
+        bad("Session d'authentification inconnue ou expirée.", "Unknown or expired authentication session.")
+    })?;
     let Some(user_id) = s.user_id else {
-        return Err(bad("Cette session ne s'authentifie pas par SSO.", "This session does not authenticate through SSO."));
+        return Err(bad(
+            "Cette session ne s'authentifie pas par SSO.",
+            "This session does not authenticate through SSO.",
+        ));
     };
     let linked: Vec<String> =
         storage::sso::external_ids(&state.db, &user_id).await?.into_iter().map(|e| e.auth_provider).collect();
@@ -302,7 +307,10 @@ async fn handle_fallback(state: &AppState, ip: &str, q: FallbackQuery) -> Result
                 .map(|p| {
                     let mut u = url::Url::parse("http://x/").expect("static URL");
                     u.query_pairs_mut().append_pair("session", session).append_pair("idp", &p.id);
-                    (p.name.clone(), format!("/_matrix/client/v3/auth/m.login.sso/fallback/web?{}", u.query().unwrap_or("")))
+                    (
+                        p.name.clone(),
+                        format!("/_matrix/client/v3/auth/m.login.sso/fallback/web?{}", u.query().unwrap_or("")),
+                    )
                 })
                 .collect::<Vec<_>>();
             Ok(pages::uia_start(&links))
