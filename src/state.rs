@@ -62,6 +62,8 @@ pub struct Inner {
     pub media: crate::media::Media,
     /// Per-user export jobs run by this instance (records).
     pub records: crate::records::jobs::Exports,
+    /// Calls and meetings: rate limiters, the delayed-event sender's wake-up.
+    pub rtc: crate::rtc::Rtc,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -122,6 +124,7 @@ impl AppState {
             push_gateway,
             media,
             records: crate::records::jobs::Exports::new(&config.records),
+            rtc: crate::rtc::Rtc::new(&config),
             server_key,
             db,
             config,
