@@ -171,6 +171,11 @@ async fn discovery_of_jitsi_and_rtc_foci() {
     s.stop().await;
 }
 
+/// Runs the CLI off the test's runtime thread (the server under test runs on it).
+async fn run(mut cmd: std::process::Command) -> std::process::Output {
+    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+}
+
 fn base32(bytes: &[u8]) -> String {
     // An independent encoder (bit string, then 5-bit groups), to check the server's.
     let bits: String = bytes.iter().map(|b| format!("{b:08b}")).collect();
@@ -198,12 +203,11 @@ async fn meeting_room_created_by_the_cli() {
     let (_, first) = s.get("/_matrix/client/v3/sync", Some(&alice.token)).await;
     let since = first["next_batch"].as_str().unwrap().to_owned();
 
-    let out = crate::cli::parvis()
-        .args(["meeting", "create", "--name", "Conseil municipal", "--topic", "Séance du lundi"])
+    let mut cmd = crate::cli::parvis();
+    cmd.args(["meeting", "create", "--name", "Conseil municipal", "--topic", "Séance du lundi"])
         .args(["--creator", &alice.user_id, "--invite", &bob.user_id, "--server-url", &s.base])
-        .env("PARVIS_ADMIN_TOKEN", &admin.token)
-        .output()
-        .unwrap();
+        .env("PARVIS_ADMIN_TOKEN", &admin.token);
+    let out = run(cmd).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let meeting: Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
     let room = meeting["room_id"].as_str().unwrap().to_owned();
@@ -264,10 +268,9 @@ async fn meeting_room_created_by_the_cli() {
     assert_eq!(base32(room.as_bytes()), conf);
 
     // A non-admin token is refused, and the CLI says so.
-    let out = crate::cli::parvis()
-        .args(["meeting", "create", "--name", "x", "--server-url", &s.base, "--access-token", &alice.token])
-        .output()
-        .unwrap();
+    let mut cmd = crate::cli::parvis();
+    cmd.args(["meeting", "create", "--name", "x", "--server-url", &s.base, "--access-token", &alice.token]);
+    let out = run(cmd).await;
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("M_FORBIDDEN"), "{}", String::from_utf8_lossy(&out.stderr));
     // The admin API directly: audio only, bad inputs.

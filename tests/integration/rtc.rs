@@ -158,6 +158,12 @@ async fn restart_postpones_cancel_prevents_send_sends_now() {
     let r = schedule(&s, &alice, &delay_state(&room, kind, "r", "1200"), json!({ "v": "restarted" })).await;
     let c = schedule(&s, &alice, &delay_state(&room, kind, "c", "600"), json!({ "v": "cancelled" })).await;
     let n = schedule(&s, &alice, &delay_state(&room, kind, "n", "60000"), json!({ "v": "now" })).await;
+    // Cancelled (the older body form, without an access token): never sent; cancelling again is
+    // fine, sending it conflicts.
+    let (st, v) = s.post(&format!("{DELAYED}/{}", enc(&c)), None, json!({ "action": "cancel" })).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(action(&s, &c, "cancel").await.0, StatusCode::OK);
+    assert_err(&action(&s, &c, "send").await, 409, "M_UNKNOWN");
 
     // Restarted every 600 ms (the MSC's path form, then the older body form): not sent meanwhile.
     for i in 0..4 {
@@ -170,11 +176,6 @@ async fn restart_postpones_cancel_prevents_send_sends_now() {
         assert_eq!(resp.0, StatusCode::OK, "{}", resp.1);
         assert!(state_content(&s, &bob, &room, kind, "r").await.is_none(), "sent although restarted");
     }
-    // Cancelled: never sent; cancelling again is fine, sending it conflicts.
-    let (st, v) = s.post(&format!("{DELAYED}/{}", enc(&c)), None, json!({ "action": "cancel" })).await;
-    assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(action(&s, &c, "cancel").await.0, StatusCode::OK);
-    assert_err(&action(&s, &c, "send").await, 409, "M_UNKNOWN");
     // Sent on demand, long before its time.
     assert_eq!(action(&s, &n, "send").await.0, StatusCode::OK);
     assert_eq!(state_content(&s, &bob, &room, kind, "n").await, Some(json!({ "v": "now" })));
