@@ -67,7 +67,7 @@ async fn action(s: &TestServer, id: &str, a: &str) -> (StatusCode, Value) {
 async fn setup(s: &TestServer) -> (User, User, String) {
     let alice = s.register("alice", false).await;
     let bob = s.register("bob", false).await;
-    let room = create(&s, &alice, json!({ "preset": "trusted_private_chat", "invite": [bob.user_id] })).await;
+    let room = create(s, &alice, json!({ "preset": "trusted_private_chat", "invite": [bob.user_id] })).await;
     let (st, v) = s.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob.token), json!({})).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     (alice, bob, room)
