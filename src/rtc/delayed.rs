@@ -86,7 +86,9 @@ pub async fn schedule(state: &AppState, s: Schedule<'_>) -> ApiResult<String> {
     if s.state_key.is_some_and(|k| k.len() > 255) {
         return Err(Error::invalid_param("state_key is too long"));
     }
-    if matches!(s.event_type, "m.room.redaction" | "m.room.create") {
+    // Redactions need the checks of `/redact`, canonical aliases those of `PUT /state` at the
+    // time of sending: not delayed.
+    if matches!(s.event_type, "m.room.redaction" | "m.room.create" | "m.room.canonical_alias") {
         return Err(Error::invalid_param(format!("{} cannot be delayed", s.event_type)));
     }
     if !s.content.is_object() {

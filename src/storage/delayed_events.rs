@@ -154,7 +154,9 @@ pub async fn finalise(
 }
 
 /// Cancels the scheduled state events for one state entry that belong to other users than
-/// `sender` (someone else changed that state: sending ours later would undo their change).
+/// `sender` (someone else changed that state: sending ours later would undo their change). Rows
+/// locked by the sender task are being sent right now and are skipped (waiting for them could
+/// deadlock two senders of the same entry).
 pub async fn cancel_state_of_others(
     db: impl PgExecutor<'_>,
     room_id: &str,
@@ -166,7 +168,10 @@ pub async fn cancel_state_of_others(
     let r = sqlx::query(
         "UPDATE delayed_events SET status = 'finalised', outcome = 'cancel', reason = 'overwritten',
                 finalised_ts = $5
-         WHERE room_id = $1 AND event_type = $2 AND state_key = $3 AND status = 'scheduled' AND user_id <> $4",
+         WHERE delay_id IN (
+             SELECT delay_id FROM delayed_events
+             WHERE room_id = $1 AND event_type = $2 AND state_key = $3 AND status = 'scheduled' AND user_id <> $4
+             FOR UPDATE SKIP LOCKED)",
     )
     .bind(room_id)
     .bind(event_type)
