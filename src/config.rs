@@ -46,6 +46,14 @@ pub struct Config {
     pub sso: crate::sso::config::SsoConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
+    /// OpenID tokens (`/user/{userId}/openid/request_token`, verified by Jitsi and widgets).
+    pub openid: OpenIdConfig,
+    /// Jitsi meetings: the domain Element uses and the widgets of meeting rooms.
+    pub jitsi: JitsiConfig,
+    /// MatrixRTC (Element Call): the LiveKit foci advertised to clients (MSC4143).
+    pub matrix_rtc: MatrixRtcConfig,
+    /// Delayed events (MSC4140).
+    pub delayed_events: DelayedEventsConfig,
 }
 
 /// Fault injection, for tests of the write path's failure handling. Both are off (`None`) unless
@@ -279,6 +287,9 @@ pub struct ListenConfig {
     pub metrics: Option<SocketAddr>,
     /// Reverse proxies whose `X-Forwarded-For` header is trusted for the client's address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Address of the federation listener; unset disables it. Until federation exists it serves
+    /// only `GET /_matrix/federation/v1/openid/userinfo` (Jitsi's verification service asks it).
+    pub federation: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -429,13 +440,22 @@ impl Default for Config {
             records: RecordsConfig::default(),
             sso: Default::default(),
             testing: TestingConfig::default(),
+            openid: OpenIdConfig::default(),
+            jitsi: JitsiConfig::default(),
+            matrix_rtc: MatrixRtcConfig::default(),
+            delayed_events: DelayedEventsConfig::default(),
         }
     }
 }
 
 impl Default for ListenConfig {
     fn default() -> Self {
-        Self { client: "127.0.0.1:8008".parse().expect("static address"), metrics: None, trusted_proxies: Vec::new() }
+        Self {
+            client: "127.0.0.1:8008".parse().expect("static address"),
+            metrics: None,
+            trusted_proxies: Vec::new(),
+            federation: None,
+        }
     }
 }
 
@@ -878,6 +898,49 @@ impl Config {
             return Err(("records.max_concurrent_exports", "must be at least 1".into()));
         }
         self.sso.validate(self.public_baseurl.as_deref())?;
+        self.validate_rtc()?;
+        Ok(())
+    }
+
+    /// Checks of the `[openid]`, `[jitsi]`, `[matrix_rtc]` and `[delayed_events]` sections.
+    fn validate_rtc(&self) -> Result<(), (&'static str, String)> {
+        if !(1..=86_400).contains(&self.openid.token_lifetime_secs) {
+            return Err(("openid.token_lifetime_secs", "must be between 1 and 86400".into()));
+        }
+        if let Some(d) = &self.jitsi.domain
+            && (d.is_empty() || d.contains('/') || d.contains(char::is_whitespace) || d.contains('@'))
+        {
+            return Err((
+                "jitsi.domain",
+                "must be a host name (optionally with a port), without scheme or path".into(),
+            ));
+        }
+        match url::Url::parse(&self.jitsi.element_url) {
+            Ok(u) if matches!(u.scheme(), "https" | "http") => {}
+            _ => return Err(("jitsi.element_url", "must be an http(s) URL".into())),
+        }
+        for u in &self.matrix_rtc.livekit_service_urls {
+            match url::Url::parse(u) {
+                Ok(p) if matches!(p.scheme(), "https" | "http") => {}
+                _ => return Err(("matrix_rtc.livekit_service_urls", format!("`{u}` is not an http(s) URL"))),
+            }
+        }
+        let d = &self.delayed_events;
+        if d.max_delay_ms == 0 || d.max_delay_ms > 365 * 86_400_000 {
+            return Err(("delayed_events.max_delay_ms", "must be between 1 and one year".into()));
+        }
+        if d.max_scheduled_per_user == 0 {
+            return Err(("delayed_events.max_scheduled_per_user", "must be at least 1".into()));
+        }
+        for (key, l) in [
+            ("openid.requests_per_user", self.openid.requests_per_user),
+            ("delayed_events.schedule_per_user", d.schedule_per_user),
+            ("delayed_events.manage_per_ip", d.manage_per_ip),
+        ] {
+            if !(l.per_second > 0.0 && l.per_second.is_finite()) || l.burst == 0 {
+                return Err((key, "per_second must be > 0 and burst >= 1".into()));
+            }
+        }
         Ok(())
     }
 
@@ -902,6 +965,8 @@ impl Config {
         c.retention.default_policy.min_lifetime_secs = Some(0);
         c.retention.default_policy.max_lifetime_secs = Some(0);
         c.records.export_dir = Some(PathBuf::new());
+        c.listen.federation = Some(c.listen.client);
+        c.jitsi.domain = Some(String::new());
         c
     }
 
@@ -964,6 +1029,88 @@ fn describe_path(path: &serde_path_to_error::Path, inner: &toml::de::Error) -> S
         }
     }
     if key.is_empty() { "(top level)".into() } else { key }
+}
+
+/// OpenID tokens: short-lived, single-purpose tokens a user hands to a third party (Jitsi's
+/// verification service, widgets) so that it can learn who they are and nothing else.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpenIdConfig {
+    /// Lifetime of an OpenID token (`expires_in`).
+    pub token_lifetime_secs: u64,
+    /// Tokens a user may request (a token bucket).
+    pub requests_per_user: RateLimit,
+}
+
+impl Default for OpenIdConfig {
+    fn default() -> Self {
+        Self { token_lifetime_secs: 3600, requests_per_user: RateLimit { per_second: 1.0, burst: 20 } }
+    }
+}
+
+/// Jitsi (issue 18). Unset `domain`: no `im.vector.riot.jitsi` in `.well-known`, and meeting rooms
+/// cannot be created.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JitsiConfig {
+    /// The Jitsi server, e.g. `visio.ville.fr` (Element's `preferredDomain`).
+    pub domain: Option<String>,
+    /// The Jitsi server verifies Matrix users (prosody-mod-auth-matrix-user-verification): meeting
+    /// widgets say `auth: openidtoken-jwt` and their conference ID is derived from the room ID.
+    pub openid_auth: bool,
+    /// The Element Web whose `jitsi.html` wrapper renders the widget (Element Web replaces it by
+    /// its own wrapper when it renders a Jitsi widget; other clients open this URL).
+    pub element_url: String,
+    /// The widget's name, shown in Element's room info.
+    pub widget_name: String,
+}
+
+impl Default for JitsiConfig {
+    fn default() -> Self {
+        Self {
+            domain: None,
+            openid_auth: false,
+            element_url: "https://app.element.io/".into(),
+            widget_name: "Jitsi".into(),
+        }
+    }
+}
+
+/// MatrixRTC foci (MSC4143): the LiveKit JWT services Element Call connects through.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatrixRtcConfig {
+    /// `livekit_service_url`s, e.g. `https://livekit-jwt.ville.fr`. Empty: no foci advertised, and
+    /// the MSC4143 transports endpoint answers 404 `M_UNRECOGNIZED`.
+    pub livekit_service_urls: Vec<String>,
+}
+
+/// Delayed events (MSC4140), which Element Call uses to leave calls when a client disappears.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DelayedEventsConfig {
+    /// Longest delay accepted, in milliseconds; longer ones get 400 `M_MAX_DELAY_EXCEEDED`.
+    pub max_delay_ms: u64,
+    /// Delayed events a user may have scheduled at once; past it 429 `M_LIMIT_EXCEEDED`.
+    pub max_scheduled_per_user: u32,
+    /// Scheduling requests per user (a token bucket).
+    pub schedule_per_user: RateLimit,
+    /// Management requests (cancel, restart, send) per client IP (a token bucket).
+    pub manage_per_ip: RateLimit,
+    /// Finalised delayed events (sent, cancelled, failed) are listed this long, then deleted.
+    pub finalised_retention_secs: u64,
+}
+
+impl Default for DelayedEventsConfig {
+    fn default() -> Self {
+        Self {
+            max_delay_ms: 24 * 3600 * 1000,
+            max_scheduled_per_user: 100,
+            schedule_per_user: RateLimit { per_second: 1.0, burst: 30 },
+            manage_per_ip: RateLimit { per_second: 10.0, burst: 100 },
+            finalised_retention_secs: 7 * 86_400,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod media;
 pub mod push;
 pub mod records;
 pub mod rooms;
+pub mod rtc;
 pub mod search;
 pub mod server;
 pub mod sso;

@@ -70,11 +70,49 @@ enum Command {
         #[arg(long)]
         max_media_bytes: Option<u64>,
     },
+    /// Meeting rooms: rooms with the Jitsi widget Element shows (`jitsi.domain` must be set).
+    Meeting {
+        #[command(subcommand)]
+        command: MeetingCommand,
+    },
     /// Generate a signing key in Synapse's file format.
     GenerateSigningKey {
         /// Write to this file instead of standard output (refuses to overwrite).
         #[arg(long, short)]
         output: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MeetingCommand {
+    /// Create a meeting room through the running server's admin API (so that its clients see the
+    /// room at once), and print the room, widget and conference IDs and the Jitsi link for guests
+    /// as JSON.
+    Create {
+        /// The room's name.
+        #[arg(long)]
+        name: String,
+        /// The local user who creates and administers the room (default: the admin whose token
+        /// is used).
+        #[arg(long)]
+        creator: Option<String>,
+        #[arg(long)]
+        topic: Option<String>,
+        /// A local user to invite (repeatable).
+        #[arg(long)]
+        invite: Vec<String>,
+        /// An audio-only conference.
+        #[arg(long)]
+        audio_only: bool,
+        /// A local alias for the room (its localpart).
+        #[arg(long)]
+        alias: Option<String>,
+        /// The server's client API (default: `http://` + `listen.client`).
+        #[arg(long)]
+        server_url: Option<String>,
+        /// A server admin's access token.
+        #[arg(long, env = "PARVIS_ADMIN_TOKEN", hide_env_values = true)]
+        access_token: String,
     },
 }
 
@@ -168,8 +206,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportUser { user_id, output, force, max_media_bytes } => {
             export_user(config, &user_id, &output, force, max_media_bytes).await
         }
+        Command::Meeting { command } => meeting(config, command).await,
         Command::GenerateSigningKey { .. } => unreachable!("handled above"),
     }
+}
+
+async fn meeting(config: Config, command: MeetingCommand) -> anyhow::Result<()> {
+    let MeetingCommand::Create { name, creator, topic, invite, audio_only, alias, server_url, access_token } = command;
+    server::install_crypto_provider();
+    let base = match server_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let mut addr = config.listen.client;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
+    };
+    let body = serde_json::json!({
+        "name": name, "creator": creator, "topic": topic, "invite": invite, "audio_only": audio_only,
+        "room_alias_name": alias,
+    });
+    let resp = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?
+        .post(format!("{base}/_parvis/admin/v1/meetings"))
+        .bearer_auth(access_token.trim())
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the server at {base}"))?;
+    let status = resp.status();
+    let answer: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{} {}: {}",
+            status.as_u16(),
+            answer["errcode"].as_str().unwrap_or("?"),
+            answer["error"].as_str().unwrap_or("")
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

@@ -63,6 +63,8 @@ pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
 pub struct RunningServer {
     pub client_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// The federation listener's address, when `listen.federation` is set.
+    pub federation_addr: Option<SocketAddr>,
     pub state: AppState,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<anyhow::Result<()>>>,
@@ -110,6 +112,14 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
         let app = Router::new().route("/metrics", get(move || async move { s.metrics.render(&s.db) }));
         tasks.push(serve(l, app, stop_rx.clone()));
     }
+    let mut federation_addr = None;
+    if let Some(addr) = state.config.listen.federation {
+        let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        federation_addr = Some(l.local_addr()?);
+        let app = crate::http::with_layers(crate::api::federation::router(), state.clone());
+        tasks.push(serve(l, app, stop_rx.clone()));
+    }
+    tasks.push(tokio::spawn(crate::rtc::delayed::run(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::media::housekeeping(state.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(crate::push::gateway::resume_loop(state.clone(), stop_rx.clone())));
     if state.config.retention.enabled {
@@ -131,8 +141,8 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
             crate::sync::typing_changed(&typing_state, room_nid);
         }
     });
-    tracing::info!(%client_addr, ?metrics_addr, "listening");
-    Ok(RunningServer { client_addr, metrics_addr, state, stop, tasks })
+    tracing::info!(%client_addr, ?metrics_addr, ?federation_addr, "listening");
+    Ok(RunningServer { client_addr, metrics_addr, federation_addr, state, stop, tasks })
 }
 
 fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) -> JoinHandle<anyhow::Result<()>> {
@@ -172,6 +182,13 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyho
         let max = state.config.limits.max_pending_to_device as i64;
         if let Err(e) = storage::e2ee::prune_to_device(&state.db, max, now_ms() - 86_400_000).await {
             tracing::warn!(error = %e, "to-device clean-up failed");
+        }
+        if let Err(e) = storage::openid::delete_expired(&state.db, now_ms()).await {
+            tracing::warn!(error = %e, "OpenID token clean-up failed");
+        }
+        let retention_ms = state.config.delayed_events.finalised_retention_secs.saturating_mul(1000) as i64;
+        if let Err(e) = storage::delayed_events::delete_finalised_before(&state.db, now_ms() - retention_ms).await {
+            tracing::warn!(error = %e, "delayed events clean-up failed");
         }
     }
 }

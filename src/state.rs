@@ -64,6 +64,8 @@ pub struct Inner {
     pub records: crate::records::jobs::Exports,
     /// Single sign-on providers (`m.login.sso`).
     pub sso: crate::sso::Sso,
+    /// Calls and meetings: rate limiters, the delayed-event sender's wake-up.
+    pub rtc: crate::rtc::Rtc,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -126,6 +128,7 @@ impl AppState {
             media,
             records: crate::records::jobs::Exports::new(&config.records),
             sso,
+            rtc: crate::rtc::Rtc::new(&config),
             server_key,
             db,
             config,

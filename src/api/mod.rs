@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod client;
+pub mod federation;
 
 use axum::Router;
 use axum::routing::{MethodRouter, get, post, put};
@@ -45,6 +46,22 @@ fn media_routes(r: Router<AppState>) -> Router<AppState> {
             .route(&format!("/_matrix/media/{v}/thumbnail/{{server_name}}/{{media_id}}"), get(m::legacy_thumbnail));
     }
     r
+}
+
+/// Calls and meetings (issue 18): MSC4140 delayed events, MSC4143 transports, the OpenID userinfo
+/// endpoint (also on the federation listener), the room admin API Jitsi's verification service
+/// reads, meeting rooms.
+fn rtc_routes(r: Router<AppState>) -> Router<AppState> {
+    use client::rtc;
+    const DELAYED: &str = "/_matrix/client/unstable/org.matrix.msc4140/delayed_events";
+    r.route(DELAYED, get(rtc::list_delayed))
+        .route(&format!("{DELAYED}/{{delay_id}}"), get(rtc::get_delayed).post(rtc::update_delayed))
+        .route(&format!("{DELAYED}/{{delay_id}}/{{action}}"), post(rtc::update_delayed_action))
+        .route("/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", get(rtc::rtc_transports))
+        .route("/_matrix/federation/v1/openid/userinfo", get(federation::openid_userinfo))
+        .route("/_synapse/admin/v1/rooms/{room_id}/members", get(admin::rooms::members))
+        .route("/_synapse/admin/v1/rooms/{room_id}/state", get(admin::rooms::state))
+        .route("/_parvis/admin/v1/meetings", post(admin::rooms::create_meeting))
 }
 
 pub fn router() -> Router<AppState> {
@@ -138,6 +155,7 @@ pub fn router() -> Router<AppState> {
         ("/pushrules/{scope}/{kind}/{rule_id}/enabled", get(pushrules::get_enabled).put(pushrules::put_enabled)),
         ("/pushrules/{scope}/{kind}/{rule_id}/actions", get(pushrules::get_actions).put(pushrules::put_actions)),
         ("/sync", get(client::sync::sync)),
+        ("/user/{user_id}/openid/request_token", post(client::rtc::request_openid_token)),
         ("/search", post(client::search::search)),
         ("/user/{user_id}/filter", post(client::filter::create)),
         ("/user/{user_id}/filter/{filter_id}", get(client::filter::get)),
@@ -175,6 +193,7 @@ pub fn router() -> Router<AppState> {
         r = client(r, path, handler);
     }
     r = media_routes(r);
+    r = rtc_routes(r);
     r.route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
         .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations_by_type))
         .route(

@@ -181,6 +181,22 @@ const MAX_BATCH: usize = 64;
 /// Sends one event into a room on behalf of a local user, idempotently per client transaction.
 /// A retried transaction is recognised when its `event_txns` row conflicts (see `append`).
 pub async fn send(state: &AppState, room: &Room, sender: &str, ev: NewEvent, txn: Txn<'_>) -> ApiResult<OwnedEventId> {
+    // A state event cancels other users' delayed events for the same state (MSC4140).
+    let state_entry = ev.state_key.clone().map(|k| (ev.kind.clone(), k));
+    let id = send_inner(state, room, sender, ev, txn).await?;
+    if let Some((kind, key)) = state_entry {
+        crate::rtc::delayed::state_overwritten(state, room, &kind, &key, sender).await;
+    }
+    Ok(id)
+}
+
+async fn send_inner(
+    state: &AppState,
+    room: &Room,
+    sender: &str,
+    ev: NewEvent,
+    txn: Txn<'_>,
+) -> ApiResult<OwnedEventId> {
     let queue = state.room_locks.get(room.nid);
     let (reply, answer) = tokio::sync::oneshot::channel();
     queue.pending.lock().push(Pending {

@@ -7,6 +7,7 @@
 pub mod account_data;
 pub mod backup;
 pub mod dehydrated;
+pub mod delayed_events;
 pub mod devices;
 pub mod directory;
 pub mod e2ee;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod filters;
 pub mod media;
 pub mod meta;
+pub mod openid;
 pub mod presence;
 pub mod profiles;
 pub mod push;

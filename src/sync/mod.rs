@@ -41,6 +41,9 @@ pub struct SyncRequest {
     pub since: Option<String>,
     pub filter: Option<String>,
     pub full_state: bool,
+    /// MSC4222: joined rooms carry `state_after` (the state at the end of the timeline) instead
+    /// of `state` (the state at its start).
+    pub use_state_after: bool,
     pub set_presence: Option<String>,
     pub timeout: Duration,
 }
@@ -156,6 +159,7 @@ pub async fn sync(state: &AppState, user: &str, device: &str, req: SyncRequest) 
             since,
             next,
             full_state: req.full_state,
+            use_state_after: req.use_state_after,
         };
         let (body, has_content) = b.build(memberships).await?;
         if has_content || since.is_none() || req.full_state || Instant::now() >= deadline {
@@ -215,6 +219,7 @@ struct Builder<'a> {
     since: Option<SyncToken>,
     next: SyncToken,
     full_state: bool,
+    use_state_after: bool,
 }
 
 /// A room's timeline for one response.
@@ -652,7 +657,9 @@ impl Builder<'_> {
             Timeline { events: Vec::new(), limited: false }
         };
         let start = timeline.events.first().map_or(upto + 1, |e| e.stream());
-        let state_events = if full {
+        let state_events = if self.use_state_after {
+            self.state_after(&room, &entry, full, since_events, upto, &timeline).await?
+        } else if full {
             let state = self.state_before(&room, &entry, start, timeline.events.first()).await?;
             self.lazy_filter(&room, &entry, state, &timeline, true)
         } else if timeline.limited {
@@ -677,9 +684,10 @@ impl Builder<'_> {
                 json!({ "events": events, "limited": timeline.limited, "prev_batch": prev_batch }),
             );
         }
+        let state_key = if self.use_state_after { "state_after" } else { "state" };
         if initial || !state_events.is_empty() {
             out.insert(
-                "state".into(),
+                state_key.into(),
                 json!({ "events": state_events.iter().map(|e| self.format(e)).collect::<Vec<_>>() }),
             );
         }
@@ -710,7 +718,7 @@ impl Builder<'_> {
             return Ok(None);
         }
         if initial {
-            for k in ["timeline", "state", "ephemeral", "account_data"] {
+            for k in ["timeline", state_key, "ephemeral", "account_data"] {
                 out.entry(k).or_insert_with(|| json!({ "events": [] }));
             }
         }
@@ -891,6 +899,48 @@ impl Builder<'_> {
         events.retain(|e| f.allows(e));
         events.sort_by_key(|e| e.stream());
         Ok(events)
+    }
+
+    /// MSC4222's `state_after`: the state at the end of the timeline (`upto`): all of it for a
+    /// room new to the client (or `full_state`), else every state change in `(since, upto]`,
+    /// including those of the timeline itself. From the cache whenever it covers the window.
+    async fn state_after(
+        &self,
+        room: &Room,
+        entry: &Arc<parking_lot::RwLock<RoomEntry>>,
+        full: bool,
+        since: i64,
+        upto: i64,
+        timeline: &Timeline,
+    ) -> ApiResult<Vec<Arc<CachedEvent>>> {
+        let events = if full {
+            let cached = entry.read().state_before(upto + 1);
+            let mut events: Vec<Arc<CachedEvent>> = match cached {
+                Some(s) => s.into_values().collect(),
+                None => {
+                    let rows = match timeline.events.last().and_then(|e| e.row.state_after) {
+                        Some(g) => storage::rooms::state_events_of_group(&self.state.db, g).await?,
+                        None => storage::rooms::current_state(&self.state.db, room.nid).await?,
+                    };
+                    rows.into_iter().map(|r| Arc::new(CachedEvent::new(room, r, None))).collect()
+                }
+            };
+            let f = &self.filter.room.state;
+            events.retain(|e| f.allows(e));
+            events.sort_by_key(|e| e.stream());
+            events
+        } else {
+            self.state_between(room, entry, since, upto + 1).await?
+        };
+        // Lazy loading decides which member events go out, except the timeline's own state
+        // events: they are state changes the client must apply.
+        let in_timeline: HashSet<&str> = timeline.events.iter().map(|e| e.row.event_id.as_str()).collect();
+        let (own, rest): (Vec<_>, Vec<_>) =
+            events.into_iter().partition(|e| in_timeline.contains(e.row.event_id.as_str()));
+        let mut out = self.lazy_filter(room, entry, rest, timeline, full);
+        out.extend(own);
+        out.sort_by_key(|e| e.stream());
+        Ok(out)
     }
 
     /// The latest state event per key in `(after, before)`: what a gappy timeline skipped.

@@ -140,7 +140,10 @@ pub fn rate(per_second: f64, burst: u32) -> RateLimit {
 pub struct TestServer {
     pub base: String,
     pub metrics: String,
+    /// The federation listener, when the test configured `listen.federation`.
+    pub federation: Option<String>,
     db_name: String,
+    config: Config,
     running: Option<RunningServer>,
     pub http: reqwest::Client,
     media_dir: std::path::PathBuf,
@@ -164,11 +167,13 @@ impl TestServer {
         let mut config = test_config(&db_url);
         adjust(&mut config);
         let media_dir = config.media.path.clone();
-        let state = server::prepare(config).await.expect("server prepares");
+        let state = server::prepare(config.clone()).await.expect("server prepares");
         let running = server::start(state).await.expect("server starts");
         Self {
             base: format!("http://{}", running.client_addr),
             metrics: format!("http://{}", running.metrics_addr.expect("metrics listener")),
+            federation: running.federation_addr.map(|a| format!("http://{a}")),
+            config,
 
             db_name,
             running: Some(running),
@@ -185,6 +190,21 @@ impl TestServer {
         if self.media_dir.starts_with(std::env::temp_dir()) {
             let _ = std::fs::remove_dir_all(&self.media_dir);
         }
+    }
+
+    /// Stops the server (gracefully) and starts a new one on the same database and configuration,
+    /// after `pause` (time passes while no server runs). Addresses change.
+    pub async fn restart(&mut self, pause: Duration) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+        tokio::time::sleep(pause).await;
+        let state = server::prepare(self.config.clone()).await.expect("server prepares");
+        let running = server::start(state).await.expect("server starts");
+        self.base = format!("http://{}", running.client_addr);
+        self.metrics = format!("http://{}", running.metrics_addr.expect("metrics listener"));
+        self.federation = running.federation_addr.map(|a| format!("http://{a}"));
+        self.running = Some(running);
     }
 
     pub fn state(&self) -> &parvis::state::AppState {

@@ -5,6 +5,7 @@ pub mod media;
 pub mod register;
 pub mod registration_tokens;
 pub mod reports;
+pub mod rooms;
 pub mod users;
 
 use axum::extract::FromRequestParts;
@@ -15,7 +16,7 @@ use crate::http::extract::Auth;
 use crate::state::AppState;
 
 /// An authenticated server administrator.
-pub struct AdminAuth(#[allow(dead_code)] pub Auth);
+pub struct AdminAuth(pub Auth);
 
 impl FromRequestParts<AppState> for AdminAuth {
     type Rejection = Error;

@@ -42,6 +42,10 @@ pub const UNSTABLE_FEATURES: &[(&str, &str)] = &[
     ("org.matrix.msc3814", "dehydrated devices"),
     // Custom profile fields on the stable endpoints (spec v1.16).
     ("uk.tcpip.msc4133.stable", "extended profiles"),
+    // Delayed events (`rtc::delayed`): Element Call's delayed "leave" needs it.
+    ("org.matrix.msc4140", "delayed events"),
+    // `use_state_after` on `/sync` (`state_after` instead of `state`).
+    ("org.matrix.msc4222", "state_after in sync"),
 ];
 
 pub async fn versions() -> axum::Json<Value> {
@@ -59,6 +63,14 @@ pub async fn well_known_client(State(state): State<AppState>) -> Response {
     };
     let mut body = serde_json::Map::new();
     body.insert("m.homeserver".into(), json!({ "base_url": base }));
+    if let Some(domain) = &state.config.jitsi.domain {
+        body.insert("im.vector.riot.jitsi".into(), json!({ "preferredDomain": domain }));
+    }
+    let foci = super::rtc::rtc_foci(&state);
+    if !foci.is_empty() {
+        body.insert("org.matrix.msc4143.rtc_foci".into(), Value::Array(foci));
+    }
+    // Explicit extra keys win over the generated ones.
     for (k, v) in &state.config.well_known.client_extra {
         body.insert(k.clone(), serde_json::to_value(v).unwrap_or(Value::Null));
     }

@@ -377,13 +377,53 @@ fn object(body: Value) -> ApiResult<Value> {
     if body.is_object() { Ok(body) } else { Err(Error::bad_json("Content must be a JSON object")) }
 }
 
+/// MSC4140: `?org.matrix.msc4140.delay=<ms>` on `/send` and `/state` schedules the event instead.
+#[derive(Deserialize, Default)]
+pub struct DelayQuery {
+    #[serde(rename = "org.matrix.msc4140.delay")]
+    delay: Option<String>,
+    #[serde(rename = "org.matrix.msc4140.parent_delay_id")]
+    parent_delay_id: Option<String>,
+}
+
+impl DelayQuery {
+    /// The requested delay, validated; `None` for an immediate send.
+    fn delay(&self, state: &AppState) -> ApiResult<Option<u64>> {
+        if self.parent_delay_id.is_some() {
+            return Err(Error::invalid_param("org.matrix.msc4140.parent_delay_id is not supported"));
+        }
+        self.delay.as_deref().map(|d| crate::rtc::delayed::parse_delay(state, d)).transpose()
+    }
+}
+
 pub async fn send_message(
     State(state): State<AppState>,
     auth: Auth,
     ClientIp(ip): ClientIp,
     Path((room_id, event_type, txn_id)): Path<(String, String, String)>,
+    Query(dq): Query<DelayQuery>,
     Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
+    if let Some(delay_ms) = dq.delay(&state)? {
+        let room = Room::load(&state, &room_id).await?;
+        let scope = rooms::txn_scope(&["rooms", &room_id, "send", &event_type]);
+        let delay_id = crate::rtc::delayed::schedule(
+            &state,
+            crate::rtc::delayed::Schedule {
+                user_id: &auth.user_id,
+                device_id: &auth.device_id,
+                is_admin: auth.is_admin,
+                room: &room,
+                event_type: &event_type,
+                state_key: None,
+                content: body,
+                delay_ms,
+                txn: Some((scope, &txn_id)),
+            },
+        )
+        .await?;
+        return Ok(axum::Json(json!({ "delay_id": delay_id })));
+    }
     let limits = &state.rate_limits;
     limits.check_user(&limits.messages_per_user, &auth.user_id, auth.is_admin)?;
     limits.check_user(&limits.messages_per_ip, &ip.to_string(), auth.is_admin)?;
@@ -447,10 +487,29 @@ pub async fn put_state(
     State(state): State<AppState>,
     auth: Auth,
     Path(StatePath { room_id, event_type: kind, state_key: key }): Path<StatePath>,
+    Query(dq): Query<DelayQuery>,
     Json(body): Json<Value>,
 ) -> ApiResult<axum::Json<Value>> {
     let state = &state;
     let room = Room::load(state, &room_id).await?;
+    if let Some(delay_ms) = dq.delay(state)? {
+        let delay_id = crate::rtc::delayed::schedule(
+            state,
+            crate::rtc::delayed::Schedule {
+                user_id: &auth.user_id,
+                device_id: &auth.device_id,
+                is_admin: auth.is_admin,
+                room: &room,
+                event_type: &kind,
+                state_key: Some(&key),
+                content: body,
+                delay_ms,
+                txn: None,
+            },
+        )
+        .await?;
+        return Ok(axum::Json(json!({ "delay_id": delay_id })));
+    }
     let content = object(body)?;
     if kind == "m.room.canonical_alias" {
         let mut aliases: Vec<&str> =

@@ -18,6 +18,9 @@ pub struct SyncQuery {
     full_state: Option<String>,
     set_presence: Option<String>,
     timeout: Option<String>,
+    use_state_after: Option<String>,
+    #[serde(rename = "org.matrix.msc4222.use_state_after")]
+    use_state_after_unstable: Option<String>,
 }
 
 pub async fn sync(
@@ -36,6 +39,21 @@ pub async fn sync(
             t.parse::<u64>().map_err(|_| Error::invalid_param("timeout must be a non-negative integer"))?,
         ),
     };
-    let req = SyncRequest { since: q.since, filter: q.filter, full_state, set_presence: q.set_presence, timeout };
+    let mut use_state_after = false;
+    for v in [q.use_state_after.as_deref(), q.use_state_after_unstable.as_deref()].into_iter().flatten() {
+        match v {
+            "true" => use_state_after = true,
+            "false" => {}
+            _ => return Err(Error::invalid_param("use_state_after must be true or false")),
+        }
+    }
+    let req = SyncRequest {
+        since: q.since,
+        filter: q.filter,
+        full_state,
+        use_state_after,
+        set_presence: q.set_presence,
+        timeout,
+    };
     Ok(axum::Json(run(&state, &auth.user_id, &auth.device_id, req).await?))
 }
