@@ -44,6 +44,8 @@ pub struct Config {
     pub records: RecordsConfig,
     /// Single sign-on through OpenID Connect providers (`m.login.sso`).
     pub sso: crate::sso::config::SsoConfig,
+    /// The built-in OAuth 2.0 authorization server (Matrix's OAuth 2.0 API, for Element X).
+    pub oauth: crate::oauth::config::OAuthConfig,
     /// Fault injection for the test suite only. Never set it in production: it makes writes fail.
     pub testing: TestingConfig,
     /// OpenID tokens (`/user/{userId}/openid/request_token`, verified by Jitsi and widgets).
@@ -439,6 +441,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             records: RecordsConfig::default(),
             sso: Default::default(),
+            oauth: Default::default(),
             testing: TestingConfig::default(),
             openid: OpenIdConfig::default(),
             jitsi: JitsiConfig::default(),
@@ -898,6 +901,7 @@ impl Config {
             return Err(("records.max_concurrent_exports", "must be at least 1".into()));
         }
         self.sso.validate(self.public_baseurl.as_deref())?;
+        self.oauth.validate()?;
         self.validate_rtc()?;
         Ok(())
     }

@@ -9,6 +9,7 @@ pub mod glob;
 pub mod http;
 pub mod keys;
 pub mod media;
+pub mod oauth;
 pub mod push;
 pub mod records;
 pub mod rooms;

@@ -178,6 +178,9 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyho
         if let Err(e) = storage::sso::delete_expired(&state.db).await {
             tracing::warn!(error = %e, "SSO clean-up failed");
         }
+        if let Err(e) = storage::oauth::delete_expired(&state.db).await {
+            tracing::warn!(error = %e, "OAuth clean-up failed");
+        }
         // To-device queues are bounded per device; transaction IDs are kept a day for retries.
         let max = state.config.limits.max_pending_to_device as i64;
         if let Err(e) = storage::e2ee::prune_to_device(&state.db, max, now_ms() - 86_400_000).await {

@@ -27,6 +27,23 @@ pub const REGISTRATION_TOKEN: &str = "m.login.registration_token";
 /// Completed only through the fallback page (`/auth/m.login.sso/fallback/web`): a provider login
 /// as the session's user (see `api::client::sso`).
 pub const SSO: &str = crate::sso::UIA_STAGE;
+/// Completed by approving the action on the account management page (spec v1.17: only for
+/// cross-signing resets, by sessions that logged in through the OAuth 2.0 API).
+pub const OAUTH: &str = "m.oauth";
+
+/// The `params` of the stages offered.
+fn stage_params(state: &AppState, flows: &[Vec<&'static str>]) -> Value {
+    let mut params = serde_json::Map::new();
+    if flows.iter().any(|f| f.contains(&OAUTH))
+        && let Some(base) = crate::oauth::base(state)
+    {
+        params.insert(
+            OAUTH.into(),
+            json!({ "url": format!("{base}{}?action=org.matrix.cross_signing_reset", crate::oauth::ACCOUNT_PATH) }),
+        );
+    }
+    Value::Object(params)
+}
 
 /// The flows that can re-authenticate `user_id` before a sensitive operation: their password if
 /// they have one, SSO if they are linked to a configured provider (users created by SSO have no
@@ -203,6 +220,16 @@ async fn run(
         }
     };
 
+    let params = stage_params(state, flows);
+    // `m.oauth`: done once the user approved on the account page (for a while).
+    if matches!(stage, None | Some(OAUTH))
+        && flows.iter().any(|f| f.as_slice() == [OAUTH])
+        && let Some(u) = user_id
+        && storage::oauth::cross_signing_reset_approved(&state.db, u).await?
+    {
+        storage::uia::delete(&state.db, &session.session_id).await?;
+        return Ok(UiaOutcome { registration_token: session.registration_token });
+    }
     let flow_done = |completed: &[String]| flows.iter().any(|f| f.iter().all(|s| completed.iter().any(|c| c == s)));
     // A stage completed out of band (the SSO fallback page) finishes the flow when the client
     // comes back with the session (with no stage, or naming the fallback stage).
@@ -212,11 +239,11 @@ async fn run(
     }
     let Some(stage) = stage else {
         // No stage attempted: (re)state the challenge.
-        return Err(challenge(flows, &session.session_id, &session.completed.0, None));
+        return Err(challenge(flows, &params, &session.session_id, &session.completed.0, None));
     };
-    if stage == SSO && flows.iter().any(|f| f.contains(&SSO)) {
+    if (stage == SSO && flows.iter().any(|f| f.contains(&SSO))) || (stage == OAUTH && flows.iter().any(|f| f.contains(&OAUTH))) {
         // Only the fallback page completes it.
-        return Err(challenge(flows, &session.session_id, &session.completed.0, None));
+        return Err(challenge(flows, &params, &session.session_id, &session.completed.0, None));
     }
     if !flows.iter().any(|f| f.contains(&stage)) {
         return Err(Error::new(
@@ -246,6 +273,7 @@ async fn run(
             if !ok {
                 return Err(challenge(
                     flows,
+                    &params,
                     &session.session_id,
                     &session.completed.0,
                     Some(("M_FORBIDDEN", "Invalid password")),
@@ -257,6 +285,7 @@ async fn run(
             if token.is_empty() || token.len() > 64 || !storage::registration::token_is_valid(&state.db, token).await? {
                 return Err(challenge(
                     flows,
+                    &params,
                     &session.session_id,
                     &session.completed.0,
                     Some(("M_UNAUTHORIZED", "Invalid registration token")),
@@ -274,12 +303,13 @@ async fn run(
         storage::uia::delete(&state.db, &session.session_id).await?;
         return Ok(UiaOutcome { registration_token });
     }
-    Err(challenge(flows, &session.session_id, &completed, None))
+    Err(challenge(flows, &params, &session.session_id, &completed, None))
 }
 
 /// The 401 body that tells a client what to do next.
 fn challenge(
     flows: &[Vec<&'static str>],
+    params: &Value,
     session: &str,
     completed: &[String],
     error: Option<(&'static str, &str)>,
@@ -287,7 +317,7 @@ fn challenge(
     let (errcode, message) = error.unwrap_or(("", ""));
     let mut e = Error::new(StatusCode::UNAUTHORIZED, errcode, message)
         .with("flows", Value::Array(flows.iter().map(|f| json!({ "stages": f })).collect()))
-        .with("params", json!({}))
+        .with("params", params.clone())
         .with("session", json!(session))
         .with("completed", json!(completed));
     if error.is_none() {

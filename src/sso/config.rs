@@ -122,6 +122,8 @@ pub struct SsoProviderConfig {
     pub backchannel_logout_enabled: bool,
     /// Where the provider sends the browser after RP-initiated logout (default: `public_baseurl`).
     pub post_logout_redirect_uri: Option<String>,
+    /// Where agents change their password at the provider: linked from the account page.
+    pub password_change_url: Option<String>,
 }
 
 impl Default for SsoProviderConfig {
@@ -152,6 +154,7 @@ impl Default for SsoProviderConfig {
             enable_registration: true,
             backchannel_logout_enabled: false,
             post_logout_redirect_uri: None,
+            password_change_url: None,
         }
     }
 }
@@ -252,6 +255,9 @@ impl SsoConfig {
             }
             if let Some(u) = &p.post_logout_redirect_uri {
                 url::Url::parse(u).map_err(|e| err(format!("post_logout_redirect_uri: {e}")))?;
+            }
+            if let Some(u) = &p.password_change_url {
+                url::Url::parse(u).map_err(|e| err(format!("password_change_url: {e}")))?;
             }
             for k in p.additional_authorization_parameters.keys() {
                 if matches!(

@@ -139,6 +139,8 @@ pub struct Sso {
     callback: Option<RedirectUrl>,
     config: SsoConfig,
     default_post_logout: Option<String>,
+    /// `<public_baseurl>/_parvis/`: Parvis's own pages.
+    internal_prefix: Option<String>,
 }
 
 /// Who the provider says logged in.
@@ -211,7 +213,8 @@ impl Sso {
             http: Http::new()?,
             callback,
             config: config.clone(),
-            default_post_logout: base.map(|b| format!("{b}{LOGGED_OUT_PATH}")),
+            default_post_logout: base.as_ref().map(|b| format!("{b}{LOGGED_OUT_PATH}")),
+            internal_prefix: base.map(|b| format!("{b}/_parvis/")),
         })
     }
 
@@ -227,8 +230,15 @@ impl Sso {
         self.providers.iter().find(|p| p.cfg.id == id)
     }
 
-    /// Whether a client URL may receive a login token without a confirmation page.
+    /// Whether a client URL may receive a login token without a confirmation page: the
+    /// configured prefixes, and Parvis's own pages (the OAuth login and the account pages,
+    /// which start SSO logins themselves).
     pub fn whitelisted(&self, redirect: &str) -> bool {
+        if let Some(base) = &self.internal_prefix
+            && redirect.starts_with(base.as_str())
+        {
+            return true;
+        }
         self.config.client_whitelist.iter().any(|prefix| redirect.starts_with(prefix.as_str()))
     }
 

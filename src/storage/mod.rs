@@ -15,6 +15,7 @@ pub mod events;
 pub mod filters;
 pub mod media;
 pub mod meta;
+pub mod oauth;
 pub mod openid;
 pub mod presence;
 pub mod profiles;

@@ -17,11 +17,11 @@ async fn versions_advertise_exactly_what_is_implemented() {
     let (st, v) = s.get("/_matrix/client/versions", None).await;
     assert_eq!(st, 200, "{v}");
     let versions: Vec<&str> = v["versions"].as_array().unwrap().iter().map(|x| x.as_str().unwrap()).collect();
-    for want in ["r0.6.1", "v1.1", "v1.4", "v1.11", "v1.12", "v1.13", "v1.14"] {
+    for want in ["r0.6.1", "v1.1", "v1.4", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15"] {
         assert!(versions.contains(&want), "{want} missing: {v}");
     }
-    // The OAuth 2.0 API (v1.15) is not implemented yet: advertising it would send Element X to it.
-    for not_yet in ["v1.15", "v1.16"] {
+    // v1.16 (and later) features are not all there yet.
+    for not_yet in ["v1.16", "v1.17"] {
         assert!(!versions.contains(&not_yet), "{not_yet} advertised: {v}");
     }
     let features = v["unstable_features"].as_object().unwrap();
@@ -38,6 +38,8 @@ async fn versions_advertise_exactly_what_is_implemented() {
             "org.matrix.msc3773",
             "org.matrix.msc3814",
             "org.matrix.msc3827.stable",
+            "org.matrix.msc4140",
+            "org.matrix.msc4222",
             "uk.tcpip.msc4133.stable",
         ],
         "{v}"
@@ -92,6 +94,13 @@ async fn versions_advertise_exactly_what_is_implemented() {
         )
         .await;
     assert_eq!(st, 200, "{r}");
+    // msc4140: delayed events are listed.
+    let (st, r) = s.get("/_matrix/client/unstable/org.matrix.msc4140/delayed_events", Some(&alice.token)).await;
+    assert_eq!(st, 200, "{r}");
+    // msc4222: /sync with use_state_after answers state_after.
+    let (st, r) = s.get("/_matrix/client/v3/sync?timeout=0&use_state_after=true", Some(&alice.token)).await;
+    assert_eq!(st, 200, "{r}");
+    assert!(r["rooms"]["join"][&room].get("state_after").is_some(), "{r}");
     s.stop().await;
 }
 

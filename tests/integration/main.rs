@@ -18,6 +18,7 @@ mod hardening_input;
 mod jitsi;
 mod js_sdk;
 mod media;
+mod oauth;
 mod presence;
 mod push;
 mod pushers;

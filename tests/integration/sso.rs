@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn issuer() -> Option<String> {
+pub(crate) fn issuer() -> Option<String> {
     match std::env::var("PARVIS_TEST_LLNG_ISSUER") {
         Ok(i) if !i.is_empty() => Some(i),
         _ => {
@@ -41,20 +41,20 @@ fn llng_home() -> std::path::PathBuf {
 const REDIRECT: &str = "https://element.ville.example/#/login";
 
 /// A browser: follows nothing by itself, keeps cookies per host.
-struct Browser {
+pub(crate) struct Browser {
     http: reqwest::Client,
     jar: HashMap<String, HashMap<String, String>>,
 }
 
-struct Page {
-    status: StatusCode,
-    location: Option<String>,
-    body: String,
-    url: String,
+pub(crate) struct Page {
+    pub status: StatusCode,
+    pub location: Option<String>,
+    pub body: String,
+    pub url: String,
 }
 
 impl Browser {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
@@ -101,12 +101,12 @@ impl Browser {
         Page { status, location, body, url: url.to_owned() }
     }
 
-    async fn get(&mut self, url: &str) -> Page {
+    pub(crate) async fn get(&mut self, url: &str) -> Page {
         let rb = self.http.get(url);
         self.send(rb, url).await
     }
 
-    async fn post_form(&mut self, url: &str, fields: &[(String, String)]) -> Page {
+    pub(crate) async fn post_form(&mut self, url: &str, fields: &[(String, String)]) -> Page {
         let rb = self
             .http
             .post(url)
@@ -124,7 +124,7 @@ fn html_unescape(s: &str) -> String {
     s.replace("&amp;", "&").replace("&quot;", "\"").replace("&#39;", "'").replace("&lt;", "<").replace("&gt;", ">")
 }
 
-fn attr(tag: &str, name: &str) -> Option<String> {
+pub(crate) fn attr(tag: &str, name: &str) -> Option<String> {
     let needle = format!("{name}=\"");
     let start = tag.find(&needle)? + needle.len();
     let end = tag[start..].find('"')? + start;
@@ -149,7 +149,7 @@ fn login_form_fields(html: &str) -> Option<Vec<(String, String)>> {
 
 /// From the provider's authorization URL to Parvis's callback URL: logs in at the portal when it
 /// shows its form (or goes straight through on a live SSO session).
-async fn through_portal(b: &mut Browser, authorize: &str, user: &str, password: &str, callback_prefix: &str) -> String {
+pub(crate) async fn through_portal(b: &mut Browser, authorize: &str, user: &str, password: &str, callback_prefix: &str) -> String {
     let mut page = b.get(authorize).await;
     let mut sent = false;
     for _ in 0..10 {
@@ -173,7 +173,7 @@ async fn through_portal(b: &mut Browser, authorize: &str, user: &str, password: 
     panic!("the portal never sent the browser back to {callback_prefix}");
 }
 
-fn provider(issuer: &str, id: &str, client_id: &str, secret: &str) -> parvis::sso::config::SsoProviderConfig {
+pub(crate) fn provider(issuer: &str, id: &str, client_id: &str, secret: &str) -> parvis::sso::config::SsoProviderConfig {
     parvis::sso::config::SsoProviderConfig {
         id: id.into(),
         name: "Compte agent".into(),

@@ -14,12 +14,12 @@ use crate::state::AppState;
 
 /// The spec versions whose client-server API Parvis serves. Kept honest: a version is advertised
 /// only once its features exist (v1.11: authenticated media; v1.13: room reports, one-time keys
-/// claimed in upload order; v1.14: user reports, `/rooms/{id}/initialSync`), since clients switch
-/// behaviour on these numbers. Not yet: v1.15 (OAuth 2.0 API, issue 16). Long-standing modules
+/// claimed in upload order; v1.14: user reports, `/rooms/{id}/initialSync`; v1.15: the OAuth 2.0
+/// API and `/auth_metadata`), since clients switch behaviour on these numbers. Not yet: v1.16. Long-standing modules
 /// still missing (`/search`, `/rooms/{id}/hierarchy`) are listed in the README.
 pub const SPEC_VERSIONS: &[&str] = &[
     "r0.0.1", "r0.1.0", "r0.2.0", "r0.3.0", "r0.4.0", "r0.5.0", "r0.6.0", "r0.6.1", "v1.1", "v1.2", "v1.3", "v1.4",
-    "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14",
+    "v1.5", "v1.6", "v1.7", "v1.8", "v1.9", "v1.10", "v1.11", "v1.12", "v1.13", "v1.14", "v1.15",
 ];
 
 /// Unstable and pre-stabilisation feature flags clients test for, each backed by an

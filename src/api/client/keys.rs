@@ -49,7 +49,14 @@ pub async fn device_signing_upload(
     let upload = e2ee::prepare_signing_upload(&state, &auth.user_id, &body).await?;
     if upload.needs_auth {
         let binding = uia::RequestBinding::new(&line, &body);
-        let flows = uia::user_flows(&state, &auth.user_id).await?;
+        // Sessions from the OAuth 2.0 API approve the reset on the account page (`m.oauth`).
+        let flows = if crate::oauth::base(&state).is_some()
+            && crate::storage::oauth::session(&state.db, &auth.user_id, &auth.device_id).await?.is_some()
+        {
+            vec![vec![uia::OAUTH]]
+        } else {
+            uia::user_flows(&state, &auth.user_id).await?
+        };
         uia::check_bound(&state, "device_signing_upload", &auth.user_id, &flows, body.get("auth"), binding).await?;
     }
     e2ee::store_signing_upload(&state, &auth.user_id, upload).await?;

@@ -29,7 +29,12 @@ pub async fn flows(State(state): State<AppState>) -> axum::Json<Value> {
                 idp
             })
             .collect();
-        flows.push(json!({ "type": "m.login.sso", "identity_providers": idps }));
+        let mut sso = json!({ "type": "m.login.sso", "identity_providers": idps });
+        // Spec v1.18 "OAuth 2.0 aware clients": with the OAuth 2.0 API on, SSO is preferred.
+        if crate::oauth::base(&state).is_some() {
+            sso["oauth_aware_preferred"] = json!(true);
+        }
+        flows.push(sso);
         flows.push(json!({ "type": "m.login.token" }));
     }
     axum::Json(json!({ "flows": flows }))

@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod account_data;
+pub mod account_web;
 pub mod dehydrated;
 pub mod devices;
 pub mod directory;
@@ -11,6 +12,7 @@ pub mod keys;
 pub mod login;
 pub mod media;
 pub mod notifications;
+pub mod oauth;
 pub mod presence;
 pub mod profile;
 pub mod pushers;

@@ -47,7 +47,7 @@ fn client_redirect(q: &RedirectQuery) -> ApiResult<&str> {
 }
 
 /// A redirect to the provider, with the browser-binding cookie.
-fn to_provider(state: &AppState, flow: StartedFlow) -> Response {
+pub(crate) fn to_provider(state: &AppState, flow: StartedFlow) -> Response {
     let secure = state.config.public_baseurl.as_deref().is_some_and(|b| b.starts_with("https:"));
     let cookie = format!(
         "{}={}; Path=/_synapse/client/oidc; Max-Age={}; HttpOnly; SameSite=Lax{}",

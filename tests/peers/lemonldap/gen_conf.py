@@ -13,7 +13,7 @@ Environment (defaults in brackets):
                              SSO cookie domain (must not be empty)
   LLNG_CLIENT_ID             [matrix]
   LLNG_CLIENT_SECRET         [matrix-secret]
-  LLNG_PARVIS_PORTS          [19091 ... 19096]  ports of the Parvis test servers: each gets
+  LLNG_PARVIS_PORTS          [19091 ... 19099]  ports of the Parvis test servers: each gets
                              its callback and post-logout page registered
   LLNG_EXTRA_REDIRECT_URIS   ['']  further redirect URIs, space separated
   LLNG_POST_LOGOUT_REDIRECT_URIS ['']  further post-logout URIs, space separated
@@ -78,7 +78,7 @@ def main():
     client_secret = env("LLNG_CLIENT_SECRET", "matrix-secret")
     # Parvis's integration tests (tests/integration/sso.rs) run their SSO servers on fixed
     # loopback ports, one per test, each with its callback registered here.
-    ports = env("LLNG_PARVIS_PORTS", "19091 19092 19093 19094 19095 19096").split()
+    ports = env("LLNG_PARVIS_PORTS", "19091 19092 19093 19094 19095 19096 19097 19098 19099").split()
     redirect_uris = ["http://127.0.0.1:%s/_synapse/client/oidc/callback" % p for p in ports]
     redirect_uris += env("LLNG_EXTRA_REDIRECT_URIS", "").split()
     post_logout = ["http://127.0.0.1:%s/_parvis/client/sso/logged_out" % p for p in ports]
