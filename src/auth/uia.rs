@@ -241,7 +241,9 @@ async fn run(
         // No stage attempted: (re)state the challenge.
         return Err(challenge(flows, &params, &session.session_id, &session.completed.0, None));
     };
-    if (stage == SSO && flows.iter().any(|f| f.contains(&SSO))) || (stage == OAUTH && flows.iter().any(|f| f.contains(&OAUTH))) {
+    if (stage == SSO && flows.iter().any(|f| f.contains(&SSO)))
+        || (stage == OAUTH && flows.iter().any(|f| f.contains(&OAUTH)))
+    {
         // Only the fallback page completes it.
         return Err(challenge(flows, &params, &session.session_id, &session.completed.0, None));
     }

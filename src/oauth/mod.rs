@@ -40,7 +40,8 @@ pub const ACCOUNT_PATH: &str = "/_parvis/account/";
 
 /// The API scope, stable and as MSC2967 had it (matrix-rust-sdk still sends the latter).
 pub const API_SCOPES: &[&str] = &["urn:matrix:client:api:*", "urn:matrix:org.matrix.msc2967.client:api:*"];
-pub const DEVICE_SCOPE_PREFIXES: &[&str] = &["urn:matrix:client:device:", "urn:matrix:org.matrix.msc2967.client:device:"];
+pub const DEVICE_SCOPE_PREFIXES: &[&str] =
+    &["urn:matrix:client:device:", "urn:matrix:org.matrix.msc2967.client:device:"];
 
 /// Account management actions (spec v1.18, and the names MSC4191 first gave some of them).
 pub const ACCOUNT_ACTIONS: &[&str] = &[
@@ -182,6 +183,7 @@ pub fn check_redirect_uri(application_type: &str, client_host: &str, uri: &str) 
 }
 
 /// A validated registration: what is stored and answered.
+#[derive(Debug)]
 pub struct ValidClient {
     pub application_type: String,
     pub redirect_uris: Vec<String>,
@@ -253,7 +255,9 @@ pub fn validate_client_metadata(body: &Value) -> Result<ValidClient, Registratio
         if !matches!(field, "client_name" | "logo_uri" | "tos_uri" | "policy_uri") {
             continue;
         }
-        if lang.is_some_and(|l| l.is_empty() || l.len() > 35 || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')) {
+        if lang
+            .is_some_and(|l| l.is_empty() || l.len() > 35 || !l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        {
             return Err(invalid_metadata(format!("{k}: invalid language tag")));
         }
         let Some(s) = v.as_str() else { return Err(invalid_metadata(format!("{k} must be a string"))) };
@@ -343,8 +347,8 @@ pub fn parse_scope(scope: &str) -> Result<String, AuthzError> {
             if device.is_some() {
                 return Err(authz_error("invalid_scope", "exactly one device scope is allowed"));
             }
-            let valid = (1..=255).contains(&id.len())
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+            let valid =
+                (1..=255).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
             if !valid {
                 return Err(authz_error("invalid_scope", "the device ID must be 1 to 255 unreserved characters"));
             }
@@ -364,7 +368,9 @@ impl AuthorizationRequest {
     pub fn parse(q: &BTreeMap<String, String>) -> Result<Self, AuthzError> {
         match q.get("response_type").map(String::as_str) {
             Some("code") => {}
-            Some(_) => return Err(authz_error("unsupported_response_type", "only the code response type is supported")),
+            Some(_) => {
+                return Err(authz_error("unsupported_response_type", "only the code response type is supported"));
+            }
             None => return Err(authz_error("invalid_request", "response_type is required")),
         }
         let response_mode = match q.get("response_mode").map(String::as_str) {
@@ -394,7 +400,13 @@ impl AuthorizationRequest {
         if prompt.as_deref() == Some("none") {
             return Err(authz_error("login_required", "the user must log in"));
         }
-        Ok(Self { response_mode: response_mode.into(), scope: scope.into(), device_id, code_challenge: challenge.into(), prompt })
+        Ok(Self {
+            response_mode: response_mode.into(),
+            scope: scope.into(),
+            device_id,
+            code_challenge: challenge.into(),
+            prompt,
+        })
     }
 }
 
@@ -491,9 +503,21 @@ async fn issue(
         now + state.config.oauth.refresh_token_lifetime_secs as i64 * 1000,
     )
     .await?;
-    storage::tokens::insert_access(&mut *tx, &hash_token(&access), user_id, device_id, Some(now + access_lifetime_ms(state)), Some(rid))
-        .await?;
-    Ok(Tokens { access_token: access, refresh_token: refresh, expires_in: access_lifetime_ms(state) / 1000, scope: scope.into() })
+    storage::tokens::insert_access(
+        &mut *tx,
+        &hash_token(&access),
+        user_id,
+        device_id,
+        Some(now + access_lifetime_ms(state)),
+        Some(rid),
+    )
+    .await?;
+    Ok(Tokens {
+        access_token: access,
+        refresh_token: refresh,
+        expires_in: access_lifetime_ms(state) / 1000,
+        scope: scope.into(),
+    })
 }
 
 /// `grant_type=authorization_code`: checks the code (single use, unexpired, same client and
@@ -617,7 +641,7 @@ pub async fn revoke(state: &AppState, token: &str) -> Result<(), TokenError> {
         None => storage::oauth::refresh_owner(&state.db, &hash).await?,
     };
     if let Some((user_id, device_id)) = owner {
-        crate::auth::delete_devices(state, &user_id, &[device_id.clone()]).await?;
+        crate::auth::delete_devices(state, &user_id, std::slice::from_ref(&device_id)).await?;
         tracing::info!(user_id, device_id, "OAuth token revoked: device logged out");
     }
     Ok(())
@@ -634,7 +658,12 @@ pub struct UpstreamSession {
 
 impl UpstreamSession {
     pub fn from_login_token(t: &storage::sso::LoginToken) -> Self {
-        Self { provider: t.provider.clone(), subject: t.subject.clone(), sid: t.sid.clone(), id_token: t.id_token.clone() }
+        Self {
+            provider: t.provider.clone(),
+            subject: t.subject.clone(),
+            sid: t.sid.clone(),
+            id_token: t.id_token.clone(),
+        }
     }
     fn into_login_token(self, user_id: &str) -> storage::sso::LoginToken {
         storage::sso::LoginToken {
@@ -664,10 +693,19 @@ mod tests {
 
     #[test]
     fn redirect_uri_rules_of_the_spec() {
-        for ok in ["https://example.com/callback", "https://app.example.com/callback", "https://example.com:5173/?query=value"] {
+        for ok in [
+            "https://example.com/callback",
+            "https://app.example.com/callback",
+            "https://example.com:5173/?query=value",
+        ] {
             assert!(check_redirect_uri("web", "example.com", ok).is_ok(), "{ok}");
         }
-        for bad in ["https://example.com/callback#fragment", "http://example.com/callback", "http://localhost/", "https://evil.com/"] {
+        for bad in [
+            "https://example.com/callback#fragment",
+            "http://example.com/callback",
+            "http://localhost/",
+            "https://evil.com/",
+        ] {
             assert!(check_redirect_uri("web", "example.com", bad).is_err(), "{bad}");
         }
         for ok in [
@@ -680,7 +718,12 @@ mod tests {
         ] {
             assert!(check_redirect_uri("native", "example.com", ok).is_ok(), "{ok}");
         }
-        for bad in ["example:/callback", "com.example.app://callback", "https://localhost/callback", "http://localhost:1234/callback"] {
+        for bad in [
+            "example:/callback",
+            "com.example.app://callback",
+            "https://localhost/callback",
+            "http://localhost:1234/callback",
+        ] {
             assert!(check_redirect_uri("native", "example.com", bad).is_err(), "{bad}");
         }
         let reg = vec!["http://127.0.0.1/callback".to_owned()];
@@ -693,7 +736,8 @@ mod tests {
     fn scopes_and_pkce() {
         assert_eq!(parse_scope("urn:matrix:client:api:* urn:matrix:client:device:ABCDEFGHIJ").unwrap(), "ABCDEFGHIJ");
         assert_eq!(
-            parse_scope("urn:matrix:org.matrix.msc2967.client:api:* urn:matrix:org.matrix.msc2967.client:device:x_y").unwrap(),
+            parse_scope("urn:matrix:org.matrix.msc2967.client:api:* urn:matrix:org.matrix.msc2967.client:device:x_y")
+                .unwrap(),
             "x_y"
         );
         assert!(parse_scope("urn:matrix:client:api:*").is_err());
@@ -701,8 +745,14 @@ mod tests {
         assert!(parse_scope("urn:matrix:client:api:* urn:matrix:client:device:a/b").is_err());
         assert!(parse_scope("urn:matrix:client:api:* urn:matrix:client:device:a admin").is_err());
         // RFC 7636 appendix B.
-        assert!(pkce_matches("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"));
-        assert!(!pkce_matches("dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXj", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"));
+        assert!(pkce_matches(
+            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk",
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        ));
+        assert!(!pkce_matches(
+            "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXj",
+            "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"
+        ));
         assert!(!pkce_matches("short", "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM"));
     }
 

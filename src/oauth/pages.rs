@@ -10,7 +10,13 @@ use crate::sso::pages::{escape, page};
 pub type Link = (String, String);
 
 /// The login page of an authorization request or of the account pages.
-pub fn login(client: Option<&str>, providers: &[Link], password_action: Option<(&str, &[(&str, &str)])>, error: Option<&str>, hint: Option<&str>) -> Response {
+pub fn login(
+    client: Option<&str>,
+    providers: &[Link],
+    password_action: Option<(&str, &[(&str, &str)])>,
+    error: Option<&str>,
+    hint: Option<&str>,
+) -> Response {
     let mut body = String::from("<h1>Connexion</h1>");
     if let Some(c) = client {
         body.push_str(&format!(
@@ -43,7 +49,14 @@ pub fn login(client: Option<&str>, providers: &[Link], password_action: Option<(
 }
 
 /// The consent page: which client, for which account and device.
-pub fn consent(client_name: &str, client_uri: &str, user_id: &str, device_id: &str, action: &str, hidden: &[(&str, &str)]) -> Response {
+pub fn consent(
+    client_name: &str,
+    client_uri: &str,
+    user_id: &str,
+    device_id: &str,
+    action: &str,
+    hidden: &[(&str, &str)],
+) -> Response {
     let hidden: String = hidden
         .iter()
         .map(|(k, v)| format!("<input type=\"hidden\" name=\"{}\" value=\"{}\">", escape(k), escape(v)))
@@ -71,7 +84,9 @@ pub fn consent(client_name: &str, client_uri: &str, user_id: &str, device_id: &s
 
 /// A page with a message and a link onwards (used by the account pages).
 pub fn message(title: &str, fr: &str, en: &str, link: Option<(&str, &str)>) -> Response {
-    let link = link.map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label))).unwrap_or_default();
+    let link = link
+        .map(|(href, label)| format!("<p><a href=\"{}\">{}</a></p>", escape(href), escape(label)))
+        .unwrap_or_default();
     page(
         StatusCode::OK,
         title,

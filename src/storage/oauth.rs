@@ -18,10 +18,12 @@ pub struct Client {
 }
 
 pub async fn client(db: impl PgExecutor<'_>, client_id: &str) -> sqlx::Result<Option<Client>> {
-    sqlx::query_as("SELECT client_id, application_type, redirect_uris, metadata FROM oauth_clients WHERE client_id = $1")
-        .bind(client_id)
-        .fetch_optional(db)
-        .await
+    sqlx::query_as(
+        "SELECT client_id, application_type, redirect_uris, metadata FROM oauth_clients WHERE client_id = $1",
+    )
+    .bind(client_id)
+    .fetch_optional(db)
+    .await
 }
 
 /// Registers a client, or returns the ID of an identical registration.
@@ -154,7 +156,8 @@ pub async fn authenticate_grant(
 
 /// Consumes the grant (consent given or refused): once only.
 pub async fn take_grant(db: impl PgExecutor<'_>, grant_id: &str) -> sqlx::Result<bool> {
-    Ok(sqlx::query("DELETE FROM oauth_grants WHERE grant_id = $1").bind(grant_id).execute(db).await?.rows_affected() == 1)
+    Ok(sqlx::query("DELETE FROM oauth_grants WHERE grant_id = $1").bind(grant_id).execute(db).await?.rows_affected()
+        == 1)
 }
 
 // ---------------------------------------------------------------- codes
@@ -229,7 +232,13 @@ pub async fn mark_code_used(tx: &mut PgConnection, code_hash: &[u8], device_id: 
 
 // ---------------------------------------------------------------- sessions and refresh tokens
 
-pub async fn insert_session(tx: &mut PgConnection, user_id: &str, device_id: &str, client_id: &str, scope: &str) -> sqlx::Result<()> {
+pub async fn insert_session(
+    tx: &mut PgConnection,
+    user_id: &str,
+    device_id: &str,
+    client_id: &str,
+    scope: &str,
+) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO oauth_sessions (user_id, device_id, client_id, scope, created_ts) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (user_id, device_id) DO UPDATE SET client_id = EXCLUDED.client_id, scope = EXCLUDED.scope,
@@ -291,10 +300,12 @@ pub struct Refresh {
 }
 
 pub async fn lock_refresh(tx: &mut PgConnection, hash: &[u8]) -> sqlx::Result<Option<Refresh>> {
-    sqlx::query_as("SELECT id, user_id, device_id, used_ts, expires_ts FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE")
-        .bind(hash)
-        .fetch_optional(tx)
-        .await
+    sqlx::query_as(
+        "SELECT id, user_id, device_id, used_ts, expires_ts FROM refresh_tokens WHERE token_hash = $1 FOR UPDATE",
+    )
+    .bind(hash)
+    .fetch_optional(tx)
+    .await
 }
 
 /// The refresh token issued when `id` was used: `(id, used)`.
@@ -307,7 +318,11 @@ pub async fn successor(tx: &mut PgConnection, id: i64) -> sqlx::Result<Option<(i
 
 /// Marks a refresh token used and revokes the access tokens it issued (returned, for the cache).
 pub async fn use_refresh(tx: &mut PgConnection, id: i64) -> sqlx::Result<Vec<Vec<u8>>> {
-    sqlx::query("UPDATE refresh_tokens SET used_ts = $2 WHERE id = $1").bind(id).bind(now_ms()).execute(&mut *tx).await?;
+    sqlx::query("UPDATE refresh_tokens SET used_ts = $2 WHERE id = $1")
+        .bind(id)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
     sqlx::query_scalar("DELETE FROM access_tokens WHERE refresh_token_id = $1 RETURNING token_hash")
         .bind(id)
         .fetch_all(tx)
@@ -335,7 +350,13 @@ pub async fn refresh_owner(db: impl PgExecutor<'_>, hash: &[u8]) -> sqlx::Result
 
 // ---------------------------------------------------------------- account pages
 
-pub async fn insert_web_session(db: impl PgExecutor<'_>, hash: &[u8], user_id: &str, csrf: &str, expires_ts: i64) -> sqlx::Result<()> {
+pub async fn insert_web_session(
+    db: impl PgExecutor<'_>,
+    hash: &[u8],
+    user_id: &str,
+    csrf: &str,
+    expires_ts: i64,
+) -> sqlx::Result<()> {
     sqlx::query("INSERT INTO account_web_sessions (token_hash, user_id, csrf, expires_ts) VALUES ($1, $2, $3, $4)")
         .bind(hash)
         .bind(user_id)
@@ -376,11 +397,13 @@ pub async fn approve_cross_signing_reset(db: impl PgExecutor<'_>, user_id: &str,
 }
 
 pub async fn cross_signing_reset_approved(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM cross_signing_reset_approvals WHERE user_id = $1 AND allowed_until > $2)")
-        .bind(user_id)
-        .bind(now_ms())
-        .fetch_one(db)
-        .await
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM cross_signing_reset_approvals WHERE user_id = $1 AND allowed_until > $2)",
+    )
+    .bind(user_id)
+    .bind(now_ms())
+    .fetch_one(db)
+    .await
 }
 
 /// Removes expired grants, codes and browser sessions.

@@ -68,7 +68,14 @@ fn query_of(location: &str) -> std::collections::HashMap<String, String> {
 }
 
 /// Authorize with the password form and consent: returns the redirect back to the client.
-async fn password_round(s: &TestServer, b: &mut Browser, client_id: &str, challenge: &str, device: &str, allow: bool) -> String {
+async fn password_round(
+    s: &TestServer,
+    b: &mut Browser,
+    client_id: &str,
+    challenge: &str,
+    device: &str,
+    allow: bool,
+) -> String {
     let page = b.get(&authorize_url(s, client_id, challenge, device, &[])).await;
     assert_eq!(page.status, StatusCode::OK, "{}", page.body);
     let grant = hidden(&page.body, "grant").expect("password form");
@@ -81,7 +88,11 @@ async fn password_round(s: &TestServer, b: &mut Browser, client_id: &str, challe
     assert_eq!(next.status, StatusCode::SEE_OTHER, "{}", next.body);
     let consent = b.get(&next.location.unwrap()).await;
     assert_eq!(consent.status, StatusCode::OK, "{}", consent.body);
-    assert!(consent.body.contains("Test app") && consent.body.contains(device), "names the client and device: {}", consent.body);
+    assert!(
+        consent.body.contains("Test app") && consent.body.contains(device),
+        "names the client and device: {}",
+        consent.body
+    );
     let fields = vec![
         ("grant".to_owned(), hidden(&consent.body, "grant").unwrap()),
         ("csrf".to_owned(), hidden(&consent.body, "csrf").unwrap()),
@@ -98,7 +109,13 @@ async fn exchange(s: &TestServer, client_id: &str, code: &str, verifier: &str) -
     form(
         s,
         "/_parvis/oauth2/token",
-        &[("grant_type", "authorization_code"), ("code", code), ("redirect_uri", SENT_REDIRECT), ("client_id", client_id), ("code_verifier", verifier)],
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("redirect_uri", SENT_REDIRECT),
+            ("client_id", client_id),
+            ("code_verifier", verifier),
+        ],
     )
     .await
 }
@@ -123,7 +140,9 @@ async fn oauth_password_flow_tokens_and_failures() {
     assert_eq!(meta["authorization_endpoint"], "http://127.0.0.1:19097/_parvis/oauth2/authorize");
     assert_eq!(meta["code_challenge_methods_supported"], json!(["S256"]));
     assert_eq!(meta["grant_types_supported"], json!(["authorization_code", "refresh_token"]));
-    assert!(meta["account_management_actions_supported"].as_array().unwrap().contains(&json!("org.matrix.device_delete")));
+    assert!(
+        meta["account_management_actions_supported"].as_array().unwrap().contains(&json!("org.matrix.device_delete"))
+    );
     assert!(meta.get("prompt_values_supported").is_none(), "no registration without an SSO provider creating accounts");
     let (_, versions) = s.get("/_matrix/client/versions", None).await;
     assert!(versions["versions"].as_array().unwrap().contains(&json!("v1.15")));
@@ -173,7 +192,11 @@ async fn oauth_password_flow_tokens_and_failures() {
     let (st, e) = exchange(&s, &client_id, &code, "a-wrong-verifier-a-wrong-verifier-a-wrong-verifier").await;
     assert_eq!((st, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "bad PKCE verifier");
     let (st, e) = exchange(&s, &client_id, &code, &verifier).await;
-    assert_eq!((st, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "a code tried with a wrong verifier is spent");
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant")),
+        "a code tried with a wrong verifier is spent"
+    );
 
     let (verifier, challenge) = pkce();
     let back = password_round(&s, &mut b, &client_id, &challenge, "OAUTHDEV01", true).await;
@@ -203,11 +226,22 @@ async fn oauth_password_flow_tokens_and_failures() {
     let refresh = |rt: String| {
         let cid = client_id.clone();
         let s = &s;
-        async move { form(s, "/_parvis/oauth2/token", &[("grant_type", "refresh_token"), ("refresh_token", &rt), ("client_id", &cid)]).await }
+        async move {
+            form(
+                s,
+                "/_parvis/oauth2/token",
+                &[("grant_type", "refresh_token"), ("refresh_token", &rt), ("client_id", &cid)],
+            )
+            .await
+        }
     };
     let (st, t1) = refresh(t0["refresh_token"].as_str().unwrap().into()).await;
     assert_eq!(st, StatusCode::OK, "{t1}");
-    assert_eq!(whoami(&s, t0["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED, "the old access token goes");
+    assert_eq!(
+        whoami(&s, t0["access_token"].as_str().unwrap()).await,
+        StatusCode::UNAUTHORIZED,
+        "the old access token goes"
+    );
     assert_eq!(whoami(&s, t1["access_token"].as_str().unwrap()).await, StatusCode::OK);
     // The response was "lost": the client retries with the old refresh token.
     let (st, t1b) = refresh(t0["refresh_token"].as_str().unwrap().into()).await;
@@ -216,21 +250,37 @@ async fn oauth_password_flow_tokens_and_failures() {
     let (st, t2) = refresh(t1b["refresh_token"].as_str().unwrap().into()).await;
     assert_eq!(st, StatusCode::OK, "{t2}");
     let (st, e) = refresh(t1["refresh_token"].as_str().unwrap().into()).await;
-    assert_eq!((st, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "a dropped token is unknown");
+    assert_eq!(
+        (st, e["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("invalid_grant")),
+        "a dropped token is unknown"
+    );
     let (st, e) = refresh(t0["refresh_token"].as_str().unwrap().into()).await;
     assert_eq!((st, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "replay after rotation");
-    assert_eq!(whoami(&s, t2["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED, "a leaked refresh token ends the session");
+    assert_eq!(
+        whoami(&s, t2["access_token"].as_str().unwrap()).await,
+        StatusCode::UNAUTHORIZED,
+        "a leaked refresh token ends the session"
+    );
 
     // An expired refresh token.
     let (verifier, challenge) = pkce();
     let back = password_round(&s, &mut b, &client_id, &challenge, "OAUTHDEV03", true).await;
     let (_, t) = exchange(&s, &client_id, &query_of(&back)["code"], &verifier).await;
-    sqlx::query("UPDATE refresh_tokens SET expires_ts = 0 WHERE device_id = 'OAUTHDEV03'").execute(&s.state().db).await.unwrap();
+    sqlx::query("UPDATE refresh_tokens SET expires_ts = 0 WHERE device_id = 'OAUTHDEV03'")
+        .execute(&s.state().db)
+        .await
+        .unwrap();
     let (st, e) = refresh(t["refresh_token"].as_str().unwrap().into()).await;
     assert_eq!((st, e["error"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_grant")), "{e}");
 
     // Revocation (RFC 7009) logs the device out; unknown tokens are fine.
-    let (st, _) = form(&s, "/_parvis/oauth2/revoke", &[("token", t["access_token"].as_str().unwrap()), ("client_id", &client_id)]).await;
+    let (st, _) = form(
+        &s,
+        "/_parvis/oauth2/revoke",
+        &[("token", t["access_token"].as_str().unwrap()), ("client_id", &client_id)],
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(whoami(&s, t["access_token"].as_str().unwrap()).await, StatusCode::UNAUTHORIZED);
     let (st, _) = form(&s, "/_parvis/oauth2/revoke", &[("token", "nothing")]).await;
@@ -246,12 +296,14 @@ async fn oauth_password_flow_tokens_and_failures() {
     assert_eq!(query_of(&back)["error"], "access_denied");
     let page = b.get(&authorize_url(&s, &client_id, &challenge, "OAUTHDEV05", &[])).await;
     let grant = hidden(&page.body, "grant").unwrap();
-    let other = Browser::new()
-        .get(&format!("{}/_parvis/oauth2/consent?grant={grant}", s.base))
-        .await;
+    let other = Browser::new().get(&format!("{}/_parvis/oauth2/consent?grant={grant}", s.base)).await;
     assert_eq!(other.status, StatusCode::FORBIDDEN);
     // Wrong password: the form again, no session.
-    let fields = vec![("grant".to_owned(), grant), ("username".to_owned(), "agent".to_owned()), ("password".to_owned(), "wrong".to_owned())];
+    let fields = vec![
+        ("grant".to_owned(), grant),
+        ("username".to_owned(), "agent".to_owned()),
+        ("password".to_owned(), "wrong".to_owned()),
+    ];
     let again = b.post_form(&format!("{}/_parvis/oauth2/login", s.base), &fields).await;
     assert_eq!(again.status, StatusCode::UNAUTHORIZED);
     assert!(again.body.contains("incorrect"), "{}", again.body);
@@ -281,12 +333,15 @@ async fn oauth_account_pages_and_cross_signing_reset() {
     let access = t["access_token"].as_str().unwrap().to_owned();
 
     // m.oauth: the first cross-signing upload needs nothing, a replacement the account page.
-    let user = crate::common::User { user_id: "@agent:localhost".into(), token: access.clone(), device_id: "ACCTDEV1".into() };
+    let user =
+        crate::common::User { user_id: "@agent:localhost".into(), token: access.clone(), device_id: "ACCTDEV1".into() };
     let master = crate::e2ee::cross_key(&user, "master", &crate::e2ee::key(41));
-    let (st, r) = s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), json!({ "master_key": master })).await;
+    let (st, r) =
+        s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), json!({ "master_key": master })).await;
     assert_eq!(st, StatusCode::OK, "{r}");
     let master2 = crate::e2ee::cross_key(&user, "master", &crate::e2ee::key(42));
-    let (st, ch) = s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), json!({ "master_key": master2 })).await;
+    let (st, ch) =
+        s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), json!({ "master_key": master2 })).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED, "{ch}");
     assert_eq!(ch["flows"], json!([{ "stages": ["m.oauth"] }]));
     let url = ch["params"]["m.oauth"]["url"].as_str().unwrap().to_owned();
@@ -301,18 +356,26 @@ async fn oauth_account_pages_and_cross_signing_reset() {
     assert_eq!(login.status, StatusCode::OK);
     let next = hidden(&login.body, "next").unwrap();
     assert_eq!(next, "/_parvis/account/?action=org.matrix.cross_signing_reset");
-    let fields = vec![("next".to_owned(), next), ("username".to_owned(), "agent".to_owned()), ("password".to_owned(), PASSWORD.to_owned())];
+    let fields = vec![
+        ("next".to_owned(), next),
+        ("username".to_owned(), "agent".to_owned()),
+        ("password".to_owned(), PASSWORD.to_owned()),
+    ];
     let signed_in = b.post_form(&format!("{}/_parvis/account/login", s.base), &fields).await;
     assert_eq!(signed_in.status, StatusCode::SEE_OTHER, "{}", signed_in.body);
     let confirm = b.get(&format!("{}{}", s.base, signed_in.location.unwrap().trim_start_matches(&s.base))).await;
     assert_eq!(confirm.status, StatusCode::OK);
     let csrf = hidden(&confirm.body, "csrf").unwrap();
     // A form without the right CSRF token does nothing.
-    let forged = vec![("csrf".to_owned(), "forged".to_owned()), ("action".to_owned(), "org.matrix.cross_signing_reset".to_owned())];
+    let forged = vec![
+        ("csrf".to_owned(), "forged".to_owned()),
+        ("action".to_owned(), "org.matrix.cross_signing_reset".to_owned()),
+    ];
     assert_eq!(b.post_form(&format!("{}/_parvis/account/action", s.base), &forged).await.status, StatusCode::FORBIDDEN);
     let (st, _) = s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), body.clone()).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
-    let ok = vec![("csrf".to_owned(), csrf.clone()), ("action".to_owned(), "org.matrix.cross_signing_reset".to_owned())];
+    let ok =
+        vec![("csrf".to_owned(), csrf.clone()), ("action".to_owned(), "org.matrix.cross_signing_reset".to_owned())];
     assert_eq!(b.post_form(&format!("{}/_parvis/account/action", s.base), &ok).await.status, StatusCode::OK);
     let (st, r) = s.post("/_matrix/client/v3/keys/device_signing/upload", Some(&access), body).await;
     assert_eq!(st, StatusCode::OK, "{r}");
@@ -375,12 +438,23 @@ async fn oauth_matrix_sdk_through_lemonldap() {
     assert_eq!(first.status, StatusCode::FOUND, "{}", first.body);
     let to_provider = b.get(&first.location.unwrap()).await;
     assert_eq!(to_provider.status, StatusCode::FOUND, "{}", to_provider.body);
-    let callback = through_portal(&mut b, &to_provider.location.unwrap(), "dwho", "dwho", &format!("{}/_synapse/client/oidc/callback", s.base)).await;
+    let callback = through_portal(
+        &mut b,
+        &to_provider.location.unwrap(),
+        "dwho",
+        "dwho",
+        &format!("{}/_synapse/client/oidc/callback", s.base),
+    )
+    .await;
     let back = b.get(&callback).await;
     assert_eq!(back.status, StatusCode::FOUND, "the consent URL gets the login token directly: {}", back.body);
     let consent = b.get(&back.location.unwrap()).await;
     assert_eq!(consent.status, StatusCode::OK, "{}", consent.body);
-    assert!(consent.body.contains("@dwho:localhost") && consent.body.contains("parvis-test.example"), "{}", consent.body);
+    assert!(
+        consent.body.contains("@dwho:localhost") && consent.body.contains("parvis-test.example"),
+        "{}",
+        consent.body
+    );
     let fields = vec![
         ("grant".to_owned(), hidden(&consent.body, "grant").unwrap()),
         ("csrf".to_owned(), hidden(&consent.body, "csrf").unwrap()),
@@ -410,7 +484,12 @@ async fn oauth_matrix_sdk_through_lemonldap() {
     // endpoint without TLS (this test server speaks plain HTTP): send its request ourselves.
     assert!(matches!(oauth.logout().await, Err(matrix_sdk::authentication::oauth::OAuthError::Logout(_))));
     let cid = oauth.client_id().unwrap().as_str().to_owned();
-    let (st, _) = form(&s, "/_parvis/oauth2/revoke", &[("token", &after), ("token_type_hint", "access_token"), ("client_id", &cid)]).await;
+    let (st, _) = form(
+        &s,
+        "/_parvis/oauth2/revoke",
+        &[("token", &after), ("token_type_hint", "access_token"), ("client_id", &cid)],
+    )
+    .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(whoami(&s, &after).await, StatusCode::UNAUTHORIZED);
     s.stop().await;

@@ -149,7 +149,13 @@ fn login_form_fields(html: &str) -> Option<Vec<(String, String)>> {
 
 /// From the provider's authorization URL to Parvis's callback URL: logs in at the portal when it
 /// shows its form (or goes straight through on a live SSO session).
-pub(crate) async fn through_portal(b: &mut Browser, authorize: &str, user: &str, password: &str, callback_prefix: &str) -> String {
+pub(crate) async fn through_portal(
+    b: &mut Browser,
+    authorize: &str,
+    user: &str,
+    password: &str,
+    callback_prefix: &str,
+) -> String {
     let mut page = b.get(authorize).await;
     let mut sent = false;
     for _ in 0..10 {
@@ -173,7 +179,12 @@ pub(crate) async fn through_portal(b: &mut Browser, authorize: &str, user: &str,
     panic!("the portal never sent the browser back to {callback_prefix}");
 }
 
-pub(crate) fn provider(issuer: &str, id: &str, client_id: &str, secret: &str) -> parvis::sso::config::SsoProviderConfig {
+pub(crate) fn provider(
+    issuer: &str,
+    id: &str,
+    client_id: &str,
+    secret: &str,
+) -> parvis::sso::config::SsoProviderConfig {
     parvis::sso::config::SsoProviderConfig {
         id: id.into(),
         name: "Compte agent".into(),

@@ -20,7 +20,10 @@ const COOKIE: &str = "parvis_account";
 const BASE: &str = oauth::ACCOUNT_PATH;
 
 fn params(raw: &[u8]) -> std::collections::BTreeMap<String, String> {
-    url::form_urlencoded::parse(raw).filter(|(k, v)| k.len() <= 64 && v.len() <= 4096).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+    url::form_urlencoded::parse(raw)
+        .filter(|(k, v)| k.len() <= 64 && v.len() <= 4096)
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
 }
 
 fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -71,15 +74,24 @@ async fn start_session(state: &AppState, user_id: &str, to: &str) -> Response {
     let token = oauth::random();
     let csrf = oauth::random();
     let lifetime = state.config.oauth.account_session_lifetime_secs;
-    if storage::oauth::insert_web_session(&state.db, &crate::auth::hash_token(&token), user_id, &csrf, now_ms() + lifetime as i64 * 1000)
-        .await
-        .is_err()
+    if storage::oauth::insert_web_session(
+        &state.db,
+        &crate::auth::hash_token(&token),
+        user_id,
+        &csrf,
+        now_ms() + lifetime as i64 * 1000,
+    )
+    .await
+    .is_err()
     {
         return internal();
     }
     let secure = state.config.public_baseurl.as_deref().is_some_and(|b| b.starts_with("https:"));
     let mut r = see_other(to);
-    let c = format!("{COOKIE}={token}; Path={BASE}; Max-Age={lifetime}; HttpOnly; SameSite=Lax{}", if secure { "; Secure" } else { "" });
+    let c = format!(
+        "{COOKIE}={token}; Path={BASE}; Max-Age={lifetime}; HttpOnly; SameSite=Lax{}",
+        if secure { "; Secure" } else { "" }
+    );
     if let Ok(v) = HeaderValue::from_str(&c) {
         r.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -152,7 +164,10 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, RawQuery(qu
                 ),
             )
         }
-        "org.matrix.device_view" | "org.matrix.session_view" | "org.matrix.device_delete" | "org.matrix.session_end" => {
+        "org.matrix.device_view"
+        | "org.matrix.session_view"
+        | "org.matrix.device_delete"
+        | "org.matrix.session_end" => {
             let Some(device_id) = device else {
                 return see_other(&format!("{BASE}?action=org.matrix.devices_list"));
             };
@@ -246,8 +261,13 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap, RawQuery(qu
 /// `GET /_parvis/account/upstream?idp=&next=`: sign in to the account pages at a provider.
 pub async fn upstream(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let q = params(query.as_deref().unwrap_or("").as_bytes());
-    let Some(base) = oauth::base(&state) else { return page_error(StatusCode::NOT_FOUND, "Page introuvable.", "Not found.") };
-    let next = q.get("next").map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes()))).unwrap_or_else(|| BASE.into());
+    let Some(base) = oauth::base(&state) else {
+        return page_error(StatusCode::NOT_FOUND, "Page introuvable.", "Not found.");
+    };
+    let next = q
+        .get("next")
+        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
+        .unwrap_or_else(|| BASE.into());
     let mut back = url::Url::parse(&format!("{base}{BASE}sso_done")).expect("base URL checked at start-up");
     back.query_pairs_mut().append_pair("next", &next);
     match state.sso.start(&state.db, q.get("idp").map(String::as_str).unwrap_or(""), Some(back.as_str()), None).await {
@@ -259,7 +279,10 @@ pub async fn upstream(State(state): State<AppState>, RawQuery(query): RawQuery) 
 /// `GET /_parvis/account/sso_done?next=&loginToken=`: back from the provider.
 pub async fn sso_done(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let q = params(query.as_deref().unwrap_or("").as_bytes());
-    let next = q.get("next").map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes()))).unwrap_or_else(|| BASE.into());
+    let next = q
+        .get("next")
+        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
+        .unwrap_or_else(|| BASE.into());
     let Some(token) = q.get("loginToken") else {
         return page_error(StatusCode::BAD_REQUEST, "Jeton de connexion absent.", "The login token is missing.");
     };
@@ -269,7 +292,11 @@ pub async fn sso_done(State(state): State<AppState>, RawQuery(query): RawQuery) 
     };
     match taken {
         Ok(Some(t)) if t.expires_ts >= now_ms() => start_session(&state, &t.user_id, &next).await,
-        Ok(_) => page_error(StatusCode::FORBIDDEN, "Jeton de connexion invalide ou expiré.", "Invalid or expired login token."),
+        Ok(_) => page_error(
+            StatusCode::FORBIDDEN,
+            "Jeton de connexion invalide ou expiré.",
+            "Invalid or expired login token.",
+        ),
         Err(_) => internal(),
     }
 }
@@ -277,9 +304,16 @@ pub async fn sso_done(State(state): State<AppState>, RawQuery(query): RawQuery) 
 /// `POST /_parvis/account/login`: the password form.
 pub async fn password_login(State(state): State<AppState>, ClientIp(ip): ClientIp, body: Bytes) -> Response {
     let f = params(&body);
-    let next = f.get("next").map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes()))).unwrap_or_else(|| BASE.into());
+    let next = f
+        .get("next")
+        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
+        .unwrap_or_else(|| BASE.into());
     if !state.config.oauth.password_login || oauth::base(&state).is_none() {
-        return page_error(StatusCode::FORBIDDEN, "Connexion par mot de passe désactivée.", "Password login is disabled.");
+        return page_error(
+            StatusCode::FORBIDDEN,
+            "Connexion par mot de passe désactivée.",
+            "Password login is disabled.",
+        );
     }
     match super::oauth::check_password(&state, &ip.to_string(), f.get("username"), f.get("password")).await {
         Ok(user_id) => start_session(&state, &user_id, &next).await,
@@ -322,10 +356,17 @@ pub async fn action(State(state): State<AppState>, headers: HeaderMap, body: Byt
                 Err(_) => internal(),
             }
         }
-        Some("org.matrix.account_deactivate") => match crate::users::deactivate::deactivate(&state, &user_id, false).await {
-            Ok(()) => pages::message("Compte désactivé / Account deactivated", "Votre compte est désactivé.", "Your account is deactivated.", None),
-            Err(_) => internal(),
-        },
+        Some("org.matrix.account_deactivate") => {
+            match crate::users::deactivate::deactivate(&state, &user_id, false).await {
+                Ok(()) => pages::message(
+                    "Compte désactivé / Account deactivated",
+                    "Votre compte est désactivé.",
+                    "Your account is deactivated.",
+                    None,
+                ),
+                Err(_) => internal(),
+            }
+        }
         Some("org.matrix.cross_signing_reset") => {
             let until = now_ms() + state.config.oauth.cross_signing_reset_secs as i64 * 1000;
             match storage::oauth::approve_cross_signing_reset(&state.db, &user_id, until).await {

@@ -130,7 +130,11 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 /// The grant of a browser request: it exists, is unexpired, and the browser holds its cookie.
-async fn browser_grant(state: &AppState, headers: &HeaderMap, grant_id: &str) -> Result<storage::oauth::Grant, Response> {
+async fn browser_grant(
+    state: &AppState,
+    headers: &HeaderMap,
+    grant_id: &str,
+) -> Result<storage::oauth::Grant, Response> {
     let g = match storage::oauth::grant(&state.db, grant_id).await {
         Ok(Some(g)) if g.expires_ts >= now_ms() => g,
         Ok(_) => {
@@ -189,7 +193,13 @@ pub async fn authorize(State(state): State<AppState>, ClientIp(ip): ClientIp, Ra
     }
     let q = match params(query.as_deref().unwrap_or("").as_bytes()) {
         Ok(q) => q,
-        Err(e) => return page_error(StatusCode::BAD_REQUEST, &format!("Requête invalide : {e}"), &format!("Invalid request: {e}")),
+        Err(e) => {
+            return page_error(
+                StatusCode::BAD_REQUEST,
+                &format!("Requête invalide : {e}"),
+                &format!("Invalid request: {e}"),
+            );
+        }
     };
     // Until the client and its redirect URI are known, errors are pages: never redirect to an
     // unverified URI (RFC 6749 4.1.2.1).
@@ -299,7 +309,12 @@ pub async fn upstream(State(state): State<AppState>, headers: HeaderMap, RawQuer
 }
 
 /// `POST /_parvis/oauth2/login`: the password form.
-pub async fn password_login(State(state): State<AppState>, ClientIp(ip): ClientIp, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn password_login(
+    State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let Ok(f) = params(&body) else {
         return page_error(StatusCode::BAD_REQUEST, "Requête invalide.", "Invalid request.");
     };
@@ -308,7 +323,11 @@ pub async fn password_login(State(state): State<AppState>, ClientIp(ip): ClientI
         Err(r) => return r,
     };
     if !state.config.oauth.password_login {
-        return page_error(StatusCode::FORBIDDEN, "Connexion par mot de passe désactivée.", "Password login is disabled.");
+        return page_error(
+            StatusCode::FORBIDDEN,
+            "Connexion par mot de passe désactivée.",
+            "Password login is disabled.",
+        );
     }
     let name = match storage::oauth::client(&state.db, &g.client_id).await {
         Ok(Some(c)) => oauth::client_display_name(&c.metadata.0),
@@ -347,7 +366,8 @@ pub(crate) async fn check_password(
     if state.rate_limits.check(&state.rate_limits.login_per_account, &user_id).is_err() {
         return Err("Trop de tentatives : patientez un moment. / Too many attempts: please wait.".into());
     }
-    let user = storage::users::get(&state.db, &user_id).await.map_err(|_| "Erreur interne. / Internal error.".to_owned())?;
+    let user =
+        storage::users::get(&state.db, &user_id).await.map_err(|_| "Erreur interne. / Internal error.".to_owned())?;
     let hash = user.as_ref().and_then(|u| u.password_hash.as_deref());
     if !state.passwords.verify(password, hash).await {
         tracing::info!(user_id, "failed password login (web)");
@@ -377,7 +397,11 @@ pub async fn consent_page(State(state): State<AppState>, headers: HeaderMap, Raw
         let lt = match taken {
             Ok(Some(t)) if t.expires_ts >= now_ms() => t,
             Ok(_) => {
-                return page_error(StatusCode::FORBIDDEN, "Jeton de connexion invalide ou expiré.", "Invalid or expired login token.");
+                return page_error(
+                    StatusCode::FORBIDDEN,
+                    "Jeton de connexion invalide ou expiré.",
+                    "Invalid or expired login token.",
+                );
             }
             Err(e) => {
                 tracing::error!(error = %e, "login token lookup failed");
@@ -385,7 +409,8 @@ pub async fn consent_page(State(state): State<AppState>, headers: HeaderMap, Raw
             }
         };
         let upstream = serde_json::to_value(oauth::UpstreamSession::from_login_token(&lt)).ok();
-        if let Err(e) = storage::oauth::authenticate_grant(&state.db, &g.grant_id, &lt.user_id, upstream.as_ref()).await {
+        if let Err(e) = storage::oauth::authenticate_grant(&state.db, &g.grant_id, &lt.user_id, upstream.as_ref()).await
+        {
             tracing::error!(error = %e, "grant update failed");
             return page_error(StatusCode::INTERNAL_SERVER_ERROR, "Erreur interne.", "Internal error.");
         }
@@ -401,7 +426,14 @@ pub async fn consent_page(State(state): State<AppState>, headers: HeaderMap, Raw
         ),
         _ => return page_error(StatusCode::BAD_REQUEST, "Application inconnue.", "Unknown client."),
     };
-    pages::consent(&name, &uri, user_id, &g.device_id, oauth::CONSENT_PATH, &[("grant", &g.grant_id), ("csrf", &g.csrf)])
+    pages::consent(
+        &name,
+        &uri,
+        user_id,
+        &g.device_id,
+        oauth::CONSENT_PATH,
+        &[("grant", &g.grant_id), ("csrf", &g.csrf)],
+    )
 }
 
 /// `POST /_parvis/oauth2/consent`: allow (a code goes to the client) or deny.
@@ -458,7 +490,9 @@ pub async fn consent_submit(State(state): State<AppState>, headers: HeaderMap, b
         p.push(("state", s));
     }
     let mut resp = redirect(StatusCode::SEE_OTHER, &oauth::client_redirect(&g.redirect_uri, &g.response_mode, &p));
-    if let Ok(v) = HeaderValue::from_str(&format!("{}=; Path=/_parvis/oauth2; Max-Age=0", grant_cookie_name(&g.grant_id))) {
+    if let Ok(v) =
+        HeaderValue::from_str(&format!("{}=; Path=/_parvis/oauth2; Max-Age=0", grant_cookie_name(&g.grant_id)))
+    {
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     resp
@@ -487,8 +521,14 @@ pub async fn token(State(state): State<AppState>, ClientIp(ip): ClientIp, body: 
     let get = |k: &str| f.get(k).map(String::as_str);
     let result = match get("grant_type") {
         Some("authorization_code") => {
-            let (Some(code), Some(redirect_uri), Some(verifier)) = (get("code"), get("redirect_uri"), get("code_verifier")) else {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "code, redirect_uri and code_verifier are required");
+            let (Some(code), Some(redirect_uri), Some(verifier)) =
+                (get("code"), get("redirect_uri"), get("code_verifier"))
+            else {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "code, redirect_uri and code_verifier are required",
+                );
             };
             oauth::exchange_code(&state, code, client_id, redirect_uri, verifier).await
         }
@@ -534,10 +574,16 @@ pub async fn revoke(State(state): State<AppState>, body: Bytes) -> Response {
     if let Some(hint) = f.get("token_type_hint")
         && !matches!(hint.as_str(), "access_token" | "refresh_token")
     {
-        return oauth_error(StatusCode::BAD_REQUEST, "unsupported_token_type", "token_type_hint must be access_token or refresh_token");
+        return oauth_error(
+            StatusCode::BAD_REQUEST,
+            "unsupported_token_type",
+            "token_type_hint must be access_token or refresh_token",
+        );
     }
     match oauth::revoke(&state, token).await {
         Ok(()) => no_store(StatusCode::OK.into_response()),
-        Err(e) => oauth_error(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.error, &e.description),
+        Err(e) => {
+            oauth_error(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.error, &e.description)
+        }
     }
 }
