@@ -29,6 +29,7 @@ mod rooms_more;
 mod rtc;
 mod sdk;
 mod search;
+mod sliding_sync;
 mod spaces;
 mod sso;
 mod sync;

@@ -101,6 +101,15 @@ impl Default for SlidingCaches {
     }
 }
 
+impl SlidingCaches {
+    /// Forgets every cached position: the next request reads its position from the database
+    /// (tests, to act as another instance would).
+    pub fn clear(&self) {
+        self.positions.invalidate_all();
+        self.touched.invalidate_all();
+    }
+}
+
 pub fn unknown_pos() -> Error {
     Error::new(StatusCode::BAD_REQUEST, "M_UNKNOWN_POS", "Unknown position; start a new connection")
 }
