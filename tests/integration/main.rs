@@ -28,6 +28,7 @@ mod rooms;
 mod rooms_more;
 mod rtc;
 mod sdk;
+mod sdk_sliding;
 mod search;
 mod sliding_sync;
 mod spaces;
