@@ -2122,8 +2122,14 @@ async fn sliding_sync(target: Arc<Target>, rooms: usize, repeat: usize) -> anyho
         lat.push(t0.elapsed().as_micros() as u64);
     }
     let seconds = start.elapsed().as_secs_f64();
-    let mut report =
-        Report::new("sliding-sync/nothing-new", repeat as u64, errors, seconds, repeat as f64 / seconds, percentiles(lat));
+    let mut report = Report::new(
+        "sliding-sync/nothing-new",
+        repeat as u64,
+        errors,
+        seconds,
+        repeat as f64 / seconds,
+        percentiles(lat),
+    );
     report.set("rooms", rooms);
     probe.finish(&target, &mut report).await;
     reports.push(report);
@@ -2147,8 +2153,14 @@ async fn sliding_sync(target: Arc<Target>, rooms: usize, repeat: usize) -> anyho
         seconds += e.as_secs_f64();
         lat.push(e.as_micros() as u64);
     }
-    let mut report =
-        Report::new("sliding-sync/one-message", repeat as u64, errors, seconds, repeat as f64 / seconds, percentiles(lat));
+    let mut report = Report::new(
+        "sliding-sync/one-message",
+        repeat as u64,
+        errors,
+        seconds,
+        repeat as f64 / seconds,
+        percentiles(lat),
+    );
     report.set("rooms", rooms);
     probe.finish(&target, &mut report).await;
     reports.push(report);

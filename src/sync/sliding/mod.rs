@@ -555,8 +555,9 @@ async fn compute(
                 Some(r) => {
                     if let Some(nid) = rel.get(r.as_str())
                         && (fresh || initial_rooms.contains(nid))
+                        && let Some(a) = per_room.entry(r).or_insert_with(|| json!([])).as_array_mut()
                     {
-                        per_room.entry(r).or_insert_with(|| json!([])).as_array_mut().map(|a| a.push(ev));
+                        a.push(ev);
                     }
                 }
                 _ => {}
