@@ -38,6 +38,9 @@ async fn versions_advertise_exactly_what_is_implemented() {
             "org.matrix.msc3773",
             "org.matrix.msc3814",
             "org.matrix.msc3827.stable",
+            "org.matrix.msc4140",
+            "org.matrix.msc4222",
+            "org.matrix.simplified_msc3575",
             "uk.tcpip.msc4133.stable",
         ],
         "{v}"
