@@ -189,6 +189,9 @@ async fn housekeeping(state: AppState, mut stop: watch::Receiver<bool>) -> anyho
         if let Err(e) = storage::openid::delete_expired(&state.db, now_ms()).await {
             tracing::warn!(error = %e, "OpenID token clean-up failed");
         }
+        if let Err(e) = crate::sync::sliding::conn::housekeeping(&state).await {
+            tracing::warn!(error = %e, "sliding sync connection clean-up failed");
+        }
         let retention_ms = state.config.delayed_events.finalised_retention_secs.saturating_mul(1000) as i64;
         if let Err(e) = storage::delayed_events::delete_finalised_before(&state.db, now_ms() - retention_ms).await {
             tracing::warn!(error = %e, "delayed events clean-up failed");

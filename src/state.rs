@@ -52,6 +52,8 @@ pub struct Inner {
     pub receipt_queue: crate::rooms::receipts::ReceiptQueue,
     /// The sync engine's caches, stream heads and notifier.
     pub sync: crate::sync::cache::SyncCaches,
+    /// Simplified sliding sync: connection positions, bump stamps, `m.direct` rooms.
+    pub sliding: crate::sync::sliding::SlidingCaches,
     /// Push settings (rulesets, ignore lists) of users, for rule evaluation.
     pub push_rules: crate::push::eval::RulesCache,
     /// Room state as push evaluation last saw it, per room.
@@ -122,6 +124,7 @@ impl AppState {
             receipt_queue: Default::default(),
             filter_cache: moka::sync::Cache::new(100_000),
             sync: crate::sync::cache::SyncCaches::new(config.sync.room_cache_mb.saturating_mul(1024 * 1024)),
+            sliding: Default::default(),
             push_rules,
             push_views: Default::default(),
             push_gateway,

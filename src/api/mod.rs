@@ -208,6 +208,7 @@ pub fn router() -> Router<AppState> {
             get(directory::room_summary),
         )
         .route("/_matrix/client/unstable/im.nheko.summary/summary/{room_id_or_alias}", get(directory::room_summary))
+        .route(crate::sync::sliding::PATH, post(client::sliding_sync::sync))
         .route("/_matrix/client/v1/rooms/{room_id}/timestamp_to_event", get(relations::timestamp_to_event))
         .route(
             "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",

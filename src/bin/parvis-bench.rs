@@ -145,6 +145,16 @@ enum Scenario {
     Search(SearchArgs),
     /// A few seconds of every scenario, with small numbers; exits non-zero on any error.
     Smoke,
+    /// Simplified sliding sync (MSC4186) for a user in `--rooms` rooms (one message each):
+    /// the first response of Element X's room list (every room, `timeline_limit` 1) on a new
+    /// connection, then `--repeat` incremental requests with nothing new, then `--repeat`
+    /// incremental requests each after one new message.
+    SlidingSync {
+        #[arg(long, default_value_t = 500)]
+        rooms: usize,
+        #[arg(long, default_value_t = 200)]
+        repeat: usize,
+    },
     /// Media repository: upload and download throughput (MB/s) of `--size-kb` files, then
     /// thumbnails generated per second from `--images` distinct 1920x1080 JPEG photos (run the
     /// server with `media.thumbnails_at_upload = false`, else they are pre-generated) and served
@@ -1527,6 +1537,7 @@ async fn main() -> anyhow::Result<()> {
         Scenario::CreateRooms(l) => vec![create_rooms(target, l).await?],
         Scenario::Mixed(args) => mixed(target, args, false).await?,
         Scenario::Search(args) => search(target, args).await?,
+        Scenario::SlidingSync { rooms, repeat } => sliding_sync(target, rooms, repeat).await?,
         Scenario::Smoke => {
             let small = Load { concurrency: 4, requests: 200, duration: 10, users: 2 };
             let mut v = vec![
@@ -2002,4 +2013,156 @@ async fn replicate_messages(pool: &sqlx::PgPool, total: u64) -> anyhow::Result<i
     sqlx::query("ANALYZE events").execute(pool).await?;
     sqlx::query("ANALYZE event_search").execute(pool).await?;
     Ok(count)
+}
+
+/// The `sliding-sync` scenario (see `Scenario::SlidingSync`).
+async fn sliding_sync(target: Arc<Target>, rooms: usize, repeat: usize) -> anyhow::Result<Vec<Report>> {
+    const PATH: &str = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync";
+    let users = target.users("sliding", 1).await?;
+    let me = users[0].1.clone();
+    let sem = Arc::new(tokio::sync::Semaphore::new(16));
+    let mut fills = Vec::new();
+    let ids = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    for r in 0..rooms {
+        let (t, me, sem, ids) = (target.clone(), me.clone(), sem.clone(), ids.clone());
+        fills.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await?;
+            let room = t.create_room(&me).await?;
+            t.send_text(&me, &room, &format!("s{}-{r}", t.run_id), &format!("message of room {r}")).await?;
+            ids.lock().push(room);
+            anyhow::Ok(())
+        }));
+    }
+    for f in fills {
+        f.await??;
+    }
+    let room_ids = ids.lock().clone();
+    // What Element X's room list asks for.
+    let body = |end: usize| {
+        json!({
+            "conn_id": format!("room-list-{}", target.run_id),
+            "lists": { "all_rooms": {
+                "ranges": [[0, end]], "timeline_limit": 1,
+                "required_state": [
+                    ["m.room.encryption", ""], ["m.room.member", "$LAZY"], ["m.room.member", "$ME"],
+                    ["m.room.name", ""], ["m.room.avatar", ""], ["m.room.create", ""], ["m.room.power_levels", ""],
+                    ["m.room.join_rules", ""], ["m.room.canonical_alias", ""], ["m.room.topic", ""]
+                ],
+                "filters": { "not_room_types": ["m.space"] }, "include_heroes": true
+            }},
+            "extensions": { "account_data": { "enabled": true }, "receipts": { "enabled": true },
+                            "typing": { "enabled": true } }
+        })
+    };
+    let post = |pos: Option<String>, body: Value| {
+        let t = target.clone();
+        let me = me.clone();
+        async move {
+            let mut url = format!("{}{PATH}?timeout=0", t.url);
+            if let Some(p) = pos {
+                url.push_str(&format!("&pos={}", enc(&p)));
+            }
+            let r = t.http.post(url).bearer_auth(&me).json(&body).send().await?;
+            let status = r.status();
+            let bytes = r.bytes().await?;
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            if !status.is_success() {
+                bail!("sliding sync: {status} {v}");
+            }
+            anyhow::Ok((v, bytes.len()))
+        }
+    };
+    let mut reports = Vec::new();
+
+    // First response on a new connection (the server's room cache is warm after the set-up, as
+    // for a user who was active; a cold cache adds one query per room).
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let mut bytes = 0;
+    let mut pos = None;
+    let probe = Probe::start(&target).await;
+    let start = Instant::now();
+    let first_runs = 10;
+    for i in 0..first_runs {
+        let mut b = body(rooms.saturating_sub(1));
+        b["conn_id"] = json!(format!("first-{}-{i}", target.run_id));
+        let t0 = Instant::now();
+        match post(None, b).await {
+            Ok((v, n)) if v["rooms"].as_object().is_some_and(|o| o.len() == rooms) => {
+                bytes = n;
+                pos = v["pos"].as_str().map(str::to_owned);
+            }
+            _ => errors += 1,
+        }
+        lat.push(t0.elapsed().as_micros() as u64);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut report =
+        Report::new("sliding-sync/first", first_runs, errors, seconds, first_runs as f64 / seconds, percentiles(lat));
+    report.set("rooms", rooms);
+    report.set("response_bytes", bytes);
+    probe.finish(&target, &mut report).await;
+    reports.push(report);
+    let conn = format!("first-{}-{}", target.run_id, first_runs - 1);
+    let mut b = body(rooms.saturating_sub(1));
+    b["conn_id"] = json!(conn);
+    let mut pos = pos.context("a position")?;
+
+    // Nothing new.
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let probe = Probe::start(&target).await;
+    let start = Instant::now();
+    for _ in 0..repeat {
+        let t0 = Instant::now();
+        match post(Some(pos.clone()), b.clone()).await {
+            Ok((v, _)) if v["rooms"].as_object().is_some_and(|o| o.is_empty()) => {}
+            _ => errors += 1,
+        }
+        lat.push(t0.elapsed().as_micros() as u64);
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let mut report = Report::new(
+        "sliding-sync/nothing-new",
+        repeat as u64,
+        errors,
+        seconds,
+        repeat as f64 / seconds,
+        percentiles(lat),
+    );
+    report.set("rooms", rooms);
+    probe.finish(&target, &mut report).await;
+    reports.push(report);
+
+    // One new message before each request (only the request is timed).
+    let mut lat = Vec::new();
+    let mut errors = 0;
+    let mut seconds = 0.0;
+    let probe = Probe::start(&target).await;
+    for i in 0..repeat {
+        let room = &room_ids[i % room_ids.len()];
+        target.send_text(&me, room, &format!("n{}-{i}", target.run_id), "du nouveau").await?;
+        let t0 = Instant::now();
+        match post(Some(pos.clone()), b.clone()).await {
+            Ok((v, _)) if v["rooms"].get(room).is_some() => {
+                pos = v["pos"].as_str().context("pos")?.to_owned();
+            }
+            _ => errors += 1,
+        }
+        let e = t0.elapsed();
+        seconds += e.as_secs_f64();
+        lat.push(e.as_micros() as u64);
+    }
+    let mut report = Report::new(
+        "sliding-sync/one-message",
+        repeat as u64,
+        errors,
+        seconds,
+        repeat as f64 / seconds,
+        percentiles(lat),
+    );
+    report.set("rooms", rooms);
+    probe.finish(&target, &mut report).await;
+    reports.push(report);
+    Ok(reports)
 }

@@ -27,6 +27,7 @@ pub mod registration;
 pub mod retention;
 pub mod rooms;
 pub mod search;
+pub mod sliding_sync;
 pub mod sso;
 pub mod state;
 pub mod tokens;

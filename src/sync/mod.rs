@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod filter;
+pub mod sliding;
 pub mod token;
 
 use std::collections::{HashMap, HashSet};

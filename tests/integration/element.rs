@@ -40,6 +40,7 @@ async fn versions_advertise_exactly_what_is_implemented() {
             "org.matrix.msc3827.stable",
             "org.matrix.msc4140",
             "org.matrix.msc4222",
+            "org.matrix.simplified_msc3575",
             "uk.tcpip.msc4133.stable",
         ],
         "{v}"
@@ -101,6 +102,16 @@ async fn versions_advertise_exactly_what_is_implemented() {
     let (st, r) = s.get("/_matrix/client/v3/sync?timeout=0&use_state_after=true", Some(&alice.token)).await;
     assert_eq!(st, 200, "{r}");
     assert!(r["rooms"]["join"][&room].get("state_after").is_some(), "{r}");
+    // simplified_msc3575: sliding sync lists the room.
+    let (st, r) = s
+        .post(
+            "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync?timeout=0",
+            Some(&alice.token),
+            json!({ "lists": { "all": { "ranges": [[0, 10]], "timeline_limit": 1 } } }),
+        )
+        .await;
+    assert_eq!(st, 200, "{r}");
+    assert!(r["rooms"].get(&room).is_some(), "{r}");
     s.stop().await;
 }
 

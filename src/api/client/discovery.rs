@@ -46,6 +46,8 @@ pub const UNSTABLE_FEATURES: &[(&str, &str)] = &[
     ("org.matrix.msc4140", "delayed events"),
     // `use_state_after` on `/sync` (`state_after` instead of `state`).
     ("org.matrix.msc4222", "state_after in sync"),
+    // Simplified sliding sync (`sync::sliding`): Element X refuses servers without it.
+    ("org.matrix.simplified_msc3575", "simplified sliding sync"),
 ];
 
 pub async fn versions() -> axum::Json<Value> {

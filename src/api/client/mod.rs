@@ -23,6 +23,7 @@ pub mod relations;
 pub mod rooms;
 pub mod rtc;
 pub mod search;
+pub mod sliding_sync;
 pub mod spaces;
 pub mod sso;
 pub mod sync;
