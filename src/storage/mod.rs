@@ -5,6 +5,7 @@
 //! database; every query is exercised by the integration tests.
 
 pub mod account_data;
+pub mod appservice;
 pub mod backup;
 pub mod dehydrated;
 pub mod delayed_events;
