@@ -291,6 +291,40 @@ impl AppServices {
     }
 }
 
+/// Refuses an alias of an appservice's exclusive alias namespace to anyone but that appservice
+/// (its `as_token`, or a user it controls): 400 `M_EXCLUSIVE`.
+pub fn check_alias_allowed(
+    state: &crate::state::AppState,
+    alias: &str,
+    appservice: Option<&str>,
+    user_id: &str,
+) -> crate::error::ApiResult<()> {
+    if let Some(owner) = state.appservices.exclusive_alias_owner(alias)
+        && appservice != Some(owner.id.as_str())
+        && !owner.can_control(user_id)
+    {
+        return Err(crate::error::Error::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_EXCLUSIVE",
+            "This room alias is reserved by an application service",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether a local user exists, asking the appservices whose namespace holds them when not yet
+/// (`GET /_matrix/app/v1/users/{userId}`: the appservice may create it then).
+pub async fn user_exists(state: &crate::state::AppState, user_id: &str) -> sqlx::Result<bool> {
+    if crate::storage::users::exists(&state.db, user_id).await? {
+        return Ok(true);
+    }
+    if state.appservices.all().iter().any(|r| r.is_interested_in_user(user_id)) && client::query_user(state, user_id).await
+    {
+        return crate::storage::users::exists(&state.db, user_id).await;
+    }
+    Ok(false)
+}
+
 /// Creates the sender user of every appservice that has none yet (Synapse does the same), so
 /// that the appservice can act as it at once.
 pub async fn ensure_senders(state: &crate::state::AppState) -> anyhow::Result<()> {

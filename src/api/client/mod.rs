@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod account_data;
+pub mod appservice;
 pub mod dehydrated;
 pub mod devices;
 pub mod directory;
