@@ -942,7 +942,8 @@ impl Config {
             return Err(("webhooks.max_alerts_per_message", "must be between 1 and 1000".into()));
         }
         if let Some(l) = &self.server_notices.system_mxid_localpart
-            && (l.is_empty() || !l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/')))
+            && (l.is_empty()
+                || !l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/')))
         {
             return Err(("server_notices.system_mxid_localpart", "must be a valid lower-case localpart".into()));
         }

@@ -109,11 +109,11 @@ impl AppState {
         let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
         let media = crate::media::Media::new(&config.media)?;
         let sso = crate::sso::Sso::new(&config.sso, config.public_baseurl.as_deref())?;
-        let appservices = crate::appservice::AppServices::load(&config.appservices.registration_files, &config.server_name)
-            .map_err(|e| anyhow::anyhow!("appservices.registration_files: {e}"))?;
-        let appservice_http = crate::appservice::sender::http_client(Duration::from_secs(
-            config.appservices.request_timeout_secs,
-        ))?;
+        let appservices =
+            crate::appservice::AppServices::load(&config.appservices.registration_files, &config.server_name)
+                .map_err(|e| anyhow::anyhow!("appservices.registration_files: {e}"))?;
+        let appservice_http =
+            crate::appservice::sender::http_client(Duration::from_secs(config.appservices.request_timeout_secs))?;
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks);
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;

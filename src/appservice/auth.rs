@@ -19,7 +19,12 @@ pub fn pseudo_device(reg: &Registration) -> String {
 }
 
 /// Resolves a request authenticated with `reg`'s `as_token`.
-pub async fn session(state: &AppState, reg: &Arc<Registration>, token: &str, query: Option<&str>) -> ApiResult<Arc<Session>> {
+pub async fn session(
+    state: &AppState,
+    reg: &Arc<Registration>,
+    token: &str,
+    query: Option<&str>,
+) -> ApiResult<Arc<Session>> {
     let mut user_id = None;
     let mut device_id = None;
     if let Some(q) = query {
@@ -45,7 +50,11 @@ pub async fn session(state: &AppState, reg: &Arc<Registration>, token: &str, que
     };
     let device_id = match device_id {
         Some(d) => {
-            if d.is_empty() || d.len() > 255 || d.contains('\0') || storage::devices::get(&state.db, &user_id, &d).await?.is_none() {
+            if d.is_empty()
+                || d.len() > 255
+                || d.contains('\0')
+                || storage::devices::get(&state.db, &user_id, &d).await?.is_none()
+            {
                 return Err(Error::new(
                     StatusCode::BAD_REQUEST,
                     "M_UNKNOWN_DEVICE",

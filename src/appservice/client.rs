@@ -15,20 +15,19 @@ pub(crate) fn enc(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
 }
 
-async fn get(state: &AppState, reg: &Registration, path: &str, query: &[(String, String)]) -> Result<(u16, Value), String> {
+async fn get(
+    state: &AppState,
+    reg: &Registration,
+    path: &str,
+    query: &[(String, String)],
+) -> Result<(u16, Value), String> {
     let url = reg.url.as_deref().ok_or("no URL")?;
     let mut target = format!("{url}{path}");
     if !query.is_empty() {
         target.push('?');
         target.push_str(&url::form_urlencoded::Serializer::new(String::new()).extend_pairs(query).finish());
     }
-    let resp = state
-        .appservice_http
-        .get(target)
-        .bearer_auth(&reg.hs_token)
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+    let resp = state.appservice_http.get(target).bearer_auth(&reg.hs_token).send().await.map_err(|e| e.to_string())?;
     let status = resp.status().as_u16();
     if resp.content_length().is_some_and(|l| l as usize > MAX_ANSWER) {
         return Err("answer too large".into());
@@ -152,11 +151,10 @@ pub async fn lookup(state: &AppState, kind: &str, protocol: &str, query: &[(Stri
 /// the spec's errors: 502 `M_BAD_STATUS` (with the status and body), 502
 /// `M_CONNECTION_FAILED`, 504 `M_CONNECTION_TIMEOUT`.
 pub async fn ping(state: &AppState, reg: &Registration, transaction_id: Option<&str>) -> ApiResult<u64> {
-    let url = reg.url.as_deref().ok_or_else(|| Error::new(
-        axum::http::StatusCode::BAD_REQUEST,
-        "M_URL_NOT_SET",
-        "The appservice has no URL",
-    ))?;
+    let url = reg
+        .url
+        .as_deref()
+        .ok_or_else(|| Error::new(axum::http::StatusCode::BAD_REQUEST, "M_URL_NOT_SET", "The appservice has no URL"))?;
     let mut body = serde_json::json!({});
     if let Some(t) = transaction_id {
         body["transaction_id"] = Value::String(t.to_owned());
@@ -184,10 +182,8 @@ pub async fn ping(state: &AppState, reg: &Registration, transaction_id: Option<&
             "M_CONNECTION_TIMEOUT",
             "The appservice did not answer in time",
         )),
-        Err(_) => Err(Error::new(
-            axum::http::StatusCode::BAD_GATEWAY,
-            "M_CONNECTION_FAILED",
-            "Cannot reach the appservice",
-        )),
+        Err(_) => {
+            Err(Error::new(axum::http::StatusCode::BAD_GATEWAY, "M_CONNECTION_FAILED", "Cannot reach the appservice"))
+        }
     }
 }

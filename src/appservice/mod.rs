@@ -116,8 +116,8 @@ impl Registration {
         if !obj.contains_key("url") {
             return Err(format!("{file}: `url` is required (a URL, or null for no delivery)"));
         }
-        let raw: RawRegistration =
-            serde_path_to_error::deserialize(yaml.clone()).map_err(|e| format!("{file}: `{}`: {}", e.path(), e.inner()))?;
+        let raw: RawRegistration = serde_path_to_error::deserialize(yaml.clone())
+            .map_err(|e| format!("{file}: `{}`: {}", e.path(), e.inner()))?;
         let ns = |list: Vec<RawNamespace>, kind: &str| -> Result<Vec<Namespace>, String> {
             list.into_iter()
                 .map(|n| {
@@ -318,7 +318,8 @@ pub async fn user_exists(state: &crate::state::AppState, user_id: &str) -> sqlx:
     if crate::storage::users::exists(&state.db, user_id).await? {
         return Ok(true);
     }
-    if state.appservices.all().iter().any(|r| r.is_interested_in_user(user_id)) && client::query_user(state, user_id).await
+    if state.appservices.all().iter().any(|r| r.is_interested_in_user(user_id))
+        && client::query_user(state, user_id).await
     {
         return crate::storage::users::exists(&state.db, user_id).await;
     }
@@ -356,7 +357,8 @@ pub async fn ensure_senders(state: &crate::state::AppState) -> anyhow::Result<()
 /// literal regex (or the sender) of one matched by an exclusive regex of the other. General regex
 /// intersection is not decided (see README).
 fn overlap(a: &Registration, b: &Registration) -> Result<(), String> {
-    for (kind, la, lb) in [(NS_USERS, &a.users, &b.users), (NS_ALIASES, &a.aliases, &b.aliases), (NS_ROOMS, &a.rooms, &b.rooms)]
+    for (kind, la, lb) in
+        [(NS_USERS, &a.users, &b.users), (NS_ALIASES, &a.aliases, &b.aliases), (NS_ROOMS, &a.rooms, &b.rooms)]
     {
         for na in la.iter().filter(|n| n.exclusive) {
             for nb in lb.iter() {
@@ -371,7 +373,10 @@ fn overlap(a: &Registration, b: &Registration) -> Result<(), String> {
         }
     }
     if a.users.iter().any(|n| n.exclusive && n.regex.is_match(&b.sender)) {
-        return Err(format!("{}: exclusive users namespace of `{}` contains `{}`'s sender {}", a.file, a.id, b.id, b.sender));
+        return Err(format!(
+            "{}: exclusive users namespace of `{}` contains `{}`'s sender {}",
+            a.file, a.id, b.id, b.sender
+        ));
     }
     Ok(())
 }
@@ -456,7 +461,12 @@ mod tests {
         assert!(AppServices::from_registrations(vec![a, b]).unwrap_err().contains("token"));
 
         let a = Registration::parse(&reg("a", "namespaces: {}"), "a.yaml", "s").unwrap();
-        let b = Registration::parse(&reg("a", "namespaces: {}").replace("as_a", "as_z").replace("hs_a", "hs_z").replace("abot", "zbot"), "b.yaml", "s").unwrap();
+        let b = Registration::parse(
+            &reg("a", "namespaces: {}").replace("as_a", "as_z").replace("hs_a", "hs_z").replace("abot", "zbot"),
+            "b.yaml",
+            "s",
+        )
+        .unwrap();
         assert!(AppServices::from_registrations(vec![a, b]).unwrap_err().contains("ID"));
 
         let a = Registration::parse(&reg("a", ns), "a.yaml", "s").unwrap();

@@ -373,7 +373,14 @@ pub fn typing_changed(state: &AppState, room_nid: i64) {
 }
 
 /// A receipt was recorded.
-pub fn receipt_recorded(state: &AppState, room_nid: i64, user: &str, receipt_type: &str, event_id: &str, thread: Option<&str>) {
+pub fn receipt_recorded(
+    state: &AppState,
+    room_nid: i64,
+    user: &str,
+    receipt_type: &str,
+    event_id: &str,
+    thread: Option<&str>,
+) {
     if !state.appservices.all().iter().any(|r| r.wants_ephemeral() && r.url.is_some()) {
         return;
     }

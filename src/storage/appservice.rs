@@ -74,13 +74,11 @@ pub async fn insert_txn(conn: &mut PgConnection, as_id: &str, pos: i64, body: &V
 
 /// The oldest unacknowledged transactions.
 pub async fn pending(db: impl PgExecutor<'_>, as_id: &str, limit: i64) -> sqlx::Result<Vec<PendingTxn>> {
-    sqlx::query_as(
-        "SELECT txn_id, body, event_count FROM appservice_txns WHERE as_id = $1 ORDER BY txn_id LIMIT $2",
-    )
-    .bind(as_id)
-    .bind(limit)
-    .fetch_all(db)
-    .await
+    sqlx::query_as("SELECT txn_id, body, event_count FROM appservice_txns WHERE as_id = $1 ORDER BY txn_id LIMIT $2")
+        .bind(as_id)
+        .bind(limit)
+        .fetch_all(db)
+        .await
 }
 
 /// Forgets an acknowledged transaction.

@@ -2,6 +2,7 @@
 //! Integration tests: real servers, real PostgreSQL, real HTTP.
 
 mod accounts;
+mod appservice;
 mod authz;
 mod cli;
 mod common;

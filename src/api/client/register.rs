@@ -173,7 +173,8 @@ async fn appservice_register(
     body: RegisterBody,
 ) -> ApiResult<axum::Json<RegisterResponse>> {
     let reg = appservice_of(state, headers, uri)?;
-    let localpart = body.username.as_deref().ok_or_else(|| Error::missing_param("username is required"))?.to_lowercase();
+    let localpart =
+        body.username.as_deref().ok_or_else(|| Error::missing_param("username is required"))?.to_lowercase();
     users::validate_new_localpart(&localpart, &state.config.server_name)?;
     let user_id = format!("@{localpart}:{}", state.config.server_name);
     if !reg.is_interested_in_user(&user_id) {
