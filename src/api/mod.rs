@@ -67,7 +67,13 @@ fn rtc_routes(r: Router<AppState>) -> Router<AppState> {
 /// Bots and service alerts (issue 17): the appservice ping, alert webhooks and their admin API,
 /// server notices.
 fn bots_routes(r: Router<AppState>) -> Router<AppState> {
+    use admin::webhooks as wh;
     r.route("/_matrix/client/v1/appservice/{appservice_id}/ping", post(client::appservice::ping))
+        .route("/_parvis/webhook/{hook_id}", post(wh::receive))
+        .route("/_parvis/admin/v1/webhooks", get(wh::list).post(wh::create))
+        .route("/_parvis/admin/v1/webhooks/{hook_id}", axum::routing::delete(wh::revoke))
+        .route("/_synapse/admin/v1/send_server_notice", post(wh::send_notice))
+        .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(wh::send_notice_txn))
 }
 
 pub fn router() -> Router<AppState> {

@@ -208,7 +208,7 @@ impl Registration {
 }
 
 /// Every registered appservice, with lookups by token and ID.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct AppServices {
     list: Vec<Arc<Registration>>,
     by_token: HashMap<TokenHash, Arc<Registration>>,

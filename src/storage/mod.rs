@@ -27,11 +27,13 @@ pub mod registration;
 pub mod retention;
 pub mod rooms;
 pub mod search;
+pub mod server_notices;
 pub mod sso;
 pub mod state;
 pub mod tokens;
 pub mod uia;
 pub mod users;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;
