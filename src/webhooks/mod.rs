@@ -187,7 +187,8 @@ pub async fn receive(state: &AppState, hook_id: &str, secret: Option<&str>, body
         Some(r) if matches && r.revoked_ts.is_none() && secret.is_some() => r,
         _ => return Err(denied()),
     };
-    state.rate_limits.check(&state.webhooks.limiter, &row.hook_id)?;
+    // The hook's own limit (`webhooks.per_hook`), whatever `rate_limits.enabled` says.
+    state.webhooks.limiter.check(&row.hook_id).map_err(Error::limit_exceeded)?;
     let payload: Value =
         serde_json::from_slice(body).map_err(|e| Error::not_json(format!("The body is not JSON: {e}")))?;
     if crate::http::extract::json_has_nul(&payload) {

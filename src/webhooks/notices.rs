@@ -33,7 +33,7 @@ async fn notices_room(state: &AppState, system: &str, user: &str) -> ApiResult<R
         "preset": "private_chat",
         "name": cfg.room_name,
         "invite": [user],
-        "power_level_content_override": { "events_default": 100, "users": { system: 100 } },
+        "power_level_content_override": { "events_default": 100 },
     }))
     .map_err(|_| Error::internal())?;
     let created = crate::rooms::create::create_room(state, system, req).await?;

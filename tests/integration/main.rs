@@ -35,4 +35,5 @@ mod sso;
 mod sync;
 mod tokens;
 mod visibility;
+mod webhooks;
 mod write_path;
