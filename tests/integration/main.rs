@@ -23,6 +23,7 @@ mod presence;
 mod push;
 mod pushers;
 mod pushrules;
+mod python_bots;
 mod records_export;
 mod retention;
 mod rooms;

@@ -9,7 +9,8 @@ const ALERTMANAGER: &str = include_str!("../data/webhooks/alertmanager.json");
 const GRAFANA: &str = include_str!("../data/webhooks/grafana.json");
 
 async fn messages(s: &TestServer, u: &User, room: &str) -> Vec<Value> {
-    let (st, b) = s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room)), Some(&u.token)).await;
+    let (st, b) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room)), Some(&u.token)).await;
     assert_eq!(st, 200, "{b}");
     let mut evs: Vec<Value> =
         b["chunk"].as_array().unwrap().iter().filter(|e| e["type"] == "m.room.message").cloned().collect();
@@ -18,7 +19,11 @@ async fn messages(s: &TestServer, u: &User, room: &str) -> Vec<Value> {
 }
 
 async fn post_hook(s: &TestServer, hook: &str, secret: Option<&str>, body: &str) -> (u16, Value) {
-    let mut rb = s.http.post(format!("{}/_parvis/webhook/{hook}", s.base)).header("content-type", "application/json").body(body.to_owned());
+    let mut rb = s
+        .http
+        .post(format!("{}/_parvis/webhook/{hook}", s.base))
+        .header("content-type", "application/json")
+        .body(body.to_owned());
     if let Some(t) = secret {
         rb = rb.bearer_auth(t);
     }
@@ -48,7 +53,10 @@ async fn alert_webhook_end_to_end() {
     assert_eq!(hook["path"], format!("/_parvis/webhook/{id}"));
     let (_, list) = s.get("/_parvis/admin/v1/webhooks", Some(&admin.token)).await;
     assert_eq!(list["webhooks"][0]["hook_id"], id.as_str());
-    assert!(list["webhooks"][0].get("secret").is_none() && list.to_string().find(&secret).is_none(), "the secret is shown once");
+    assert!(
+        list["webhooks"][0].get("secret").is_none() && list.to_string().find(&secret).is_none(),
+        "the secret is shown once"
+    );
     // The bot is a bot account.
     let (_, u) = s.get("/_synapse/admin/v2/users/@alertbot:localhost", Some(&admin.token)).await;
     assert_eq!(u["user_type"], "bot", "{u}");
@@ -91,7 +99,10 @@ async fn alert_webhook_end_to_end() {
     assert_eq!(msgs[2]["content"]["body"], "Sauvegarde terminée");
     // The @room alert highlighted the agent.
     let (_, n) = s.get("/_matrix/client/v3/notifications", Some(&agent.token)).await;
-    assert!(n["notifications"].as_array().unwrap().iter().any(|x| x["event"]["content"]["m.mentions"]["room"] == true), "{n}");
+    assert!(
+        n["notifications"].as_array().unwrap().iter().any(|x| x["event"]["content"]["m.mentions"]["room"] == true),
+        "{n}"
+    );
 
     // Per-hook rate limit: 6 requests of burst were taken (5 accepted, 1 failed at parse);
     // the next is refused.
@@ -110,7 +121,11 @@ async fn alert_webhook_end_to_end() {
     let (st, _) = s.delete(&format!("/_parvis/admin/v1/webhooks/{id}"), Some(&admin.token), json!({})).await;
     assert_eq!(st, 200);
     assert_eq!(post_hook(&s, &id, Some(&secret), "{\"text\": \"x\"}").await.0, 403);
-    assert_err(&s.delete(&format!("/_parvis/admin/v1/webhooks/{id}"), Some(&admin.token), json!({})).await, 404, "M_NOT_FOUND");
+    assert_err(
+        &s.delete(&format!("/_parvis/admin/v1/webhooks/{id}"), Some(&admin.token), json!({})).await,
+        404,
+        "M_NOT_FOUND",
+    );
 
     // A private room the admin is not in: the bot cannot join, nothing is created.
     let other = create(&s, &agent, json!({})).await;
@@ -132,15 +147,25 @@ async fn server_notices_and_bot_rate_limits() {
     let admin = s.register("admin", true).await;
     let agent = s.register("agent", false).await;
     let notice = |text: &str| json!({"user_id": agent.user_id, "content": {"msgtype": "m.text", "body": text}});
-    assert_err(&s.post("/_synapse/admin/v1/send_server_notice", Some(&agent.token), notice("x")).await, 403, "M_FORBIDDEN");
-    let (st, b) = s.post("/_synapse/admin/v1/send_server_notice", Some(&admin.token), notice("Maintenance ce soir")).await;
+    assert_err(
+        &s.post("/_synapse/admin/v1/send_server_notice", Some(&agent.token), notice("x")).await,
+        403,
+        "M_FORBIDDEN",
+    );
+    let (st, b) =
+        s.post("/_synapse/admin/v1/send_server_notice", Some(&admin.token), notice("Maintenance ce soir")).await;
     assert_eq!(st, 200, "{b}");
     let (st, b2) = s.put("/_synapse/admin/v1/send_server_notice/t1", Some(&admin.token), notice("Deuxième")).await;
     assert_eq!(st, 200, "{b2}");
     let (_, b3) = s.put("/_synapse/admin/v1/send_server_notice/t1", Some(&admin.token), notice("Deuxième")).await;
     assert_eq!(b2["event_id"], b3["event_id"], "a retried transaction sends nothing new");
     assert_err(
-        &s.post("/_synapse/admin/v1/send_server_notice", Some(&admin.token), json!({"user_id": "@ghost:localhost", "content": {}})).await,
+        &s.post(
+            "/_synapse/admin/v1/send_server_notice",
+            Some(&admin.token),
+            json!({"user_id": "@ghost:localhost", "content": {}}),
+        )
+        .await,
         404,
         "M_NOT_FOUND",
     );
@@ -150,13 +175,23 @@ async fn server_notices_and_bot_rate_limits() {
     let invites = sync["rooms"]["invite"].as_object().unwrap();
     assert_eq!(invites.len(), 1, "{sync}");
     let room = invites.keys().next().unwrap().clone();
-    let (_, tags) = s.get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&agent.user_id), enc(&room)), Some(&agent.token)).await;
+    let (_, tags) = s
+        .get(&format!("/_matrix/client/v3/user/{}/rooms/{}/tags", enc(&agent.user_id), enc(&room)), Some(&agent.token))
+        .await;
     assert!(tags["tags"]["m.server_notice"].is_object(), "{tags}");
     s.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&agent.token), json!({})).await;
-    let (_, m) = s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room)), Some(&agent.token)).await;
-    let bodies: Vec<&str> = m["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
+    let (_, m) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=20", enc(&room)), Some(&agent.token)).await;
+    let bodies: Vec<&str> =
+        m["chunk"].as_array().unwrap().iter().filter_map(|e| e["content"]["body"].as_str()).collect();
     assert!(bodies.contains(&"Maintenance ce soir") && bodies.contains(&"Deuxième"), "{bodies:?}");
-    let r = s.put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/a1", enc(&room)), Some(&agent.token), json!({"msgtype": "m.text", "body": "hi"})).await;
+    let r = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/a1", enc(&room)),
+            Some(&agent.token),
+            json!({"msgtype": "m.text", "body": "hi"}),
+        )
+        .await;
     assert_err(&r, 403, "M_FORBIDDEN");
     // The system user is a bot.
     let (_, u) = s.get("/_synapse/admin/v2/users/@notices:localhost", Some(&admin.token)).await;
@@ -164,7 +199,13 @@ async fn server_notices_and_bot_rate_limits() {
 
     // Rate limits: a human is limited, a bot (user_type bot, admin API) is not.
     let own = create(&s, &admin, json!({"preset": "public_chat"})).await;
-    let (st, b) = s.put("/_synapse/admin/v2/users/@robot:localhost", Some(&admin.token), json!({"password": PASSWORD, "user_type": "bot"})).await;
+    let (st, b) = s
+        .put(
+            "/_synapse/admin/v2/users/@robot:localhost",
+            Some(&admin.token),
+            json!({"password": PASSWORD, "user_type": "bot"}),
+        )
+        .await;
     assert!(st == 200 || st == 201, "{b}");
     let (_, login) = s.login("robot", PASSWORD, json!({})).await;
     let robot = user_from(&login);
