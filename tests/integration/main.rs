@@ -3,6 +3,7 @@
 
 mod accounts;
 mod appservice;
+mod bench_bots;
 mod authz;
 mod cli;
 mod common;
