@@ -363,12 +363,11 @@ async fn transactions_carry_events_of_interest_and_ephemeral() {
     assert!(!b.contains(&"private".to_owned()), "rooms without the appservice's users are not sent: {b:?}");
     assert!(events.iter().any(|e| e["type"] == "m.room.member" && e["state_key"] == "@bridge_bob:localhost"));
     assert!(events.iter().all(|e| e["room_id"].is_string() && e["event_id"].is_string()));
-    let txns = mock.txns.lock();
+    let txns = mock.txns.lock().clone();
     assert!(txns.iter().any(|(_, t)| t["de.sorunome.msc2409.ephemeral"].is_array()), "unstable key too");
     // Transaction IDs increase and never repeat (no retries happened).
     let ids: Vec<u64> = txns.iter().map(|(id, _)| id.parse().unwrap()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
-    drop(txns);
     s.stop().await;
 }
 
@@ -437,13 +436,12 @@ async fn delivery_survives_failures_and_restarts() {
     for i in 0..30 {
         assert_eq!(b.iter().filter(|x| **x == format!("msg {i}")).count(), 1, "msg {i}: {b:?}");
     }
-    let txns = mock.txns.lock();
+    let txns = mock.txns.lock().clone();
     for id in &failed_ids {
         let bodies_of: Vec<&Value> = txns.iter().filter(|(i, _)| i == id).map(|(_, b)| b).collect();
         assert!(bodies_of.len() >= 2, "failed transaction {id} retried");
         assert!(bodies_of.windows(2).all(|w| w[0] == w[1]), "a retry carries the same body");
     }
-    drop(txns);
     s.stop().await;
 }
 

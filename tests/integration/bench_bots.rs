@@ -27,8 +27,14 @@ async fn appservice_delivery_rate() {
         let owner = s.register("owner", false).await;
         create(&s, &owner, json!({"preset": "public_chat"})).await
     };
-    s.post("/_matrix/client/v3/register", Some(AS_TOKEN), json!({"type": "m.login.application_service", "username": "bridge_bob", "inhibit_login": true})).await;
-    s.post(&format!("/_matrix/client/v3/join/{}?user_id=@bridge_bob:localhost", enc(&room)), Some(AS_TOKEN), json!({})).await;
+    s.post(
+        "/_matrix/client/v3/register",
+        Some(AS_TOKEN),
+        json!({"type": "m.login.application_service", "username": "bridge_bob", "inhibit_login": true}),
+    )
+    .await;
+    s.post(&format!("/_matrix/client/v3/join/{}?user_id=@bridge_bob:localhost", enc(&room)), Some(AS_TOKEN), json!({}))
+        .await;
     let mut users = Vec::new();
     for i in 0..20 {
         let u = s.register(&format!("sender{i}"), false).await;
@@ -92,7 +98,8 @@ async fn webhook_rate() {
     let s = TestServer::start_with(|c| c.webhooks.per_hook = rate(1_000_000.0, 1_000_000)).await;
     let admin = s.register("admin", true).await;
     let room = create(&s, &admin, json!({})).await;
-    let (_, hook) = s.post("/_parvis/admin/v1/webhooks", Some(&admin.token), json!({"room_id": room, "name": "bench"})).await;
+    let (_, hook) =
+        s.post("/_parvis/admin/v1/webhooks", Some(&admin.token), json!({"room_id": room, "name": "bench"})).await;
     let url = Arc::new(format!("{}/_parvis/webhook/{}", s.base, hook["hook_id"].as_str().unwrap()));
     let secret = Arc::new(hook["secret"].as_str().unwrap().to_owned());
     let payload = Arc::new(include_str!("../data/webhooks/alertmanager.json").to_owned());
@@ -122,6 +129,10 @@ async fn webhook_rate() {
     }
     let took = started.elapsed();
     let n = CLIENTS * PER_CLIENT;
-    println!("webhook: {n} Alertmanager posts in {:.2} s: {:.0} requests/s", took.as_secs_f64(), n as f64 / took.as_secs_f64());
+    println!(
+        "webhook: {n} Alertmanager posts in {:.2} s: {:.0} requests/s",
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
     s.stop().await;
 }

@@ -3,8 +3,8 @@
 
 mod accounts;
 mod appservice;
-mod bench_bots;
 mod authz;
+mod bench_bots;
 mod cli;
 mod common;
 mod dehydrated;
