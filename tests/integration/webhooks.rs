@@ -224,3 +224,53 @@ async fn server_notices_and_bot_rate_limits() {
     }
     s.stop().await;
 }
+
+/// `parvis webhook create|list|revoke` against a running server's admin API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_cli() {
+    let s = TestServer::start().await;
+    let admin = s.register("admin", true).await;
+    let room = create(&s, &admin, json!({})).await;
+    let run = |args: Vec<String>| {
+        let mut c = crate::cli::parvis();
+        c.arg("webhook").args(args).args(["--server-url", &s.base]).env("PARVIS_ADMIN_TOKEN", &admin.token);
+        c.output().unwrap()
+    };
+    let out = run(vec![
+        "create".into(),
+        "--room".into(),
+        room.clone(),
+        "--name".into(),
+        "CLI".into(),
+        "--mention-severity".into(),
+        "critical".into(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let hook: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (id, secret) = (hook["hook_id"].as_str().unwrap().to_owned(), hook["secret"].as_str().unwrap().to_owned());
+    assert_eq!(hook["mention_severities"], json!(["critical"]));
+    assert_eq!(post_hook(&s, &id, Some(&secret), "{\"text\": \"via CLI\"}").await.0, 200);
+    let out = run(vec!["list".into()]);
+    assert!(out.status.success());
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list["webhooks"][0]["hook_id"], id.as_str());
+    assert!(list["webhooks"][0]["last_used_ts"].is_i64(), "{list}");
+    let out = run(vec!["revoke".into(), id.clone()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(post_hook(&s, &id, Some(&secret), "{\"text\": \"x\"}").await.0, 403);
+    let out = run(vec!["revoke".into(), id.clone()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("404 M_NOT_FOUND"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A non-admin token is refused with the server's error.
+    let agent = s.register("agent", false).await;
+    let out = crate::cli::parvis()
+        .args(["webhook", "list", "--server-url", &s.base, "--access-token", &agent.token])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("403 M_FORBIDDEN"));
+    s.stop().await;
+}
