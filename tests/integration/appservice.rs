@@ -478,3 +478,96 @@ async fn bad_registration_files_stop_start_up() {
         drop_database(&db_name).await;
     }
 }
+
+/// `kill -9` of a real `parvis serve` while transactions fail and while a burst is delivered:
+/// after restart every event is delivered, none under two transaction IDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_delivery_loses_and_duplicates_nothing() {
+    use reqwest::Method;
+    let (mock, url) = start_mock().await;
+    let file = registration(&url, "");
+    let files = format!("[\"{}\"]", file.display());
+    let server = crate::write_path::Process::new(&[
+        ("PARVIS__APPSERVICES__REGISTRATION_FILES", &files),
+        ("PARVIS__APPSERVICES__RETRY_INITIAL_MS", "50"),
+        ("PARVIS__APPSERVICES__RETRY_MAX_SECS", "1"),
+    ])
+    .await;
+    let mut p = server.start().await;
+    *mock.hs.lock() = Some(server.base());
+    let human = server.register("human").await;
+    let (_, room) = server
+        .call(Method::POST, "/_matrix/client/v3/createRoom", Some(&human.token), Some(json!({"preset": "public_chat"})))
+        .await;
+    let room = room["room_id"].as_str().unwrap().to_owned();
+    let reg = json!({"type": "m.login.application_service", "username": "bridge_bob", "inhibit_login": true});
+    server.call(Method::POST, "/_matrix/client/v3/register", Some(AS_TOKEN), Some(reg)).await;
+    let join = format!("/_matrix/client/v3/join/{}?user_id=@bridge_bob:localhost", enc(&room));
+    let (st, v) = server.call(Method::POST, &join, Some(AS_TOKEN), Some(json!({}))).await;
+    assert_eq!(st, 200, "{v}");
+    let send = |i: usize| {
+        let (base, token, room) = (server.base(), human.token.clone(), room.clone());
+        async move {
+            let r = reqwest::Client::new()
+                .put(format!("{base}/_matrix/client/v3/rooms/{}/send/m.room.message/k{i}", enc(&room)))
+                .bearer_auth(token)
+                .json(&json!({"msgtype": "m.text", "body": format!("kill {i}")}))
+                .send()
+                .await;
+            matches!(r, Ok(r) if r.status() == 200)
+        }
+    };
+
+    // Phase 1: the appservice fails; the server is killed while it retries.
+    mock.fail.store(true, Ordering::SeqCst);
+    for i in 0..15 {
+        assert!(send(i).await);
+    }
+    wait_for("retries", Duration::from_secs(20), || {
+        let t = mock.txns.lock();
+        t.len() >= 2 && t.iter().filter(|(id, _)| *id == t[0].0).count() >= 2
+    })
+    .await;
+    p.0.kill().unwrap(); // SIGKILL
+    p.0.wait().unwrap();
+    let failed: Vec<(String, Value)> = mock.txns.lock().clone();
+    mock.fail.store(false, Ordering::SeqCst);
+    let mut p = server.start().await;
+
+    // Phase 2: a burst while it accepts; killed in the middle.
+    let mut acked = Vec::new();
+    for i in 15..45 {
+        if send(i).await {
+            acked.push(i);
+        }
+        if i == 30 {
+            p.0.kill().unwrap();
+            p.0.wait().unwrap();
+            break;
+        }
+    }
+    let _p = server.start().await;
+    wait_for("every acknowledged message", Duration::from_secs(30), || {
+        let b = bodies(&mock.events());
+        (0..15).chain(acked.iter().copied()).all(|i| b.contains(&format!("kill {i}")))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let b = bodies(&mock.events());
+    for i in (0..15).chain(acked.iter().copied()) {
+        assert_eq!(
+            b.iter().filter(|x| **x == format!("kill {i}")).count(),
+            1,
+            "kill {i} under one transaction ID: {b:?}"
+        );
+    }
+    // The transactions refused before the kill were resent after it with the same ID and body.
+    let txns = mock.txns.lock().clone();
+    for (id, body) in &failed {
+        assert!(
+            txns.iter().skip(failed.len()).any(|(i, b)| i == id && b == body),
+            "transaction {id} resent after the kill"
+        );
+    }
+    server.finish().await;
+}
