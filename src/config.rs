@@ -56,6 +56,14 @@ pub struct Config {
     pub matrix_rtc: MatrixRtcConfig,
     /// Delayed events (MSC4140).
     pub delayed_events: DelayedEventsConfig,
+    /// Application services (bridges, bots): registration files and transaction delivery.
+    pub appservices: AppServicesConfig,
+    /// Alert webhooks (`POST /_parvis/webhook/{hookId}`).
+    pub webhooks: WebhooksConfig,
+    /// Server notices (`/_synapse/admin/v1/send_server_notice`).
+    pub server_notices: ServerNoticesConfig,
+    /// Bot accounts (`user_type: bot`).
+    pub bots: BotsConfig,
 }
 
 /// Fault injection, for tests of the write path's failure handling. Both are off (`None`) unless
@@ -447,6 +455,10 @@ impl Default for Config {
             jitsi: JitsiConfig::default(),
             matrix_rtc: MatrixRtcConfig::default(),
             delayed_events: DelayedEventsConfig::default(),
+            appservices: AppServicesConfig::default(),
+            webhooks: WebhooksConfig::default(),
+            server_notices: ServerNoticesConfig::default(),
+            bots: BotsConfig::default(),
         }
     }
 }
@@ -903,6 +915,42 @@ impl Config {
         self.sso.validate(self.public_baseurl.as_deref())?;
         self.oauth.validate()?;
         self.validate_rtc()?;
+        self.validate_bots()?;
+        Ok(())
+    }
+
+    /// Checks of `[appservices]`, `[webhooks]` and `[server_notices]` (registration files are
+    /// read and checked at start-up by `appservice::AppServices::load`).
+    fn validate_bots(&self) -> Result<(), (&'static str, String)> {
+        let a = &self.appservices;
+        if !(1..=1000).contains(&a.max_events_per_transaction) {
+            return Err(("appservices.max_events_per_transaction", "must be between 1 and 1000".into()));
+        }
+        if a.retry_initial_ms == 0 {
+            return Err(("appservices.retry_initial_ms", "must be at least 1".into()));
+        }
+        if a.retry_max_secs == 0 {
+            return Err(("appservices.retry_max_secs", "must be at least 1".into()));
+        }
+        if a.request_timeout_secs == 0 {
+            return Err(("appservices.request_timeout_secs", "must be at least 1".into()));
+        }
+        let w = &self.webhooks;
+        if !(w.per_hook.per_second > 0.0 && w.per_hook.per_second.is_finite()) || w.per_hook.burst == 0 {
+            return Err(("webhooks.per_hook", "per_second must be > 0 and burst >= 1".into()));
+        }
+        if !(1024..=16 * 1024 * 1024).contains(&w.max_body_bytes) {
+            return Err(("webhooks.max_body_bytes", "must be between 1024 and 16777216".into()));
+        }
+        if !(1..=1000).contains(&w.max_alerts_per_message) {
+            return Err(("webhooks.max_alerts_per_message", "must be between 1 and 1000".into()));
+        }
+        if let Some(l) = &self.server_notices.system_mxid_localpart
+            && (l.is_empty()
+                || !l.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'_' | b'=' | b'-' | b'/')))
+        {
+            return Err(("server_notices.system_mxid_localpart", "must be a valid lower-case localpart".into()));
+        }
         Ok(())
     }
 
@@ -971,6 +1019,7 @@ impl Config {
         c.records.export_dir = Some(PathBuf::new());
         c.listen.federation = Some(c.listen.client);
         c.jitsi.domain = Some(String::new());
+        c.server_notices.system_mxid_localpart = Some(String::new());
         c
     }
 
@@ -1115,6 +1164,90 @@ impl Default for DelayedEventsConfig {
             finalised_retention_secs: 7 * 86_400,
         }
     }
+}
+
+/// Application services: the registration files (Synapse's YAML format) and how transactions
+/// are delivered (`appservice::sender`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppServicesConfig {
+    /// Paths of the registration files, read and validated at start-up.
+    pub registration_files: Vec<PathBuf>,
+    /// Most events (timeline, and separately ephemeral and to-device) in one transaction.
+    pub max_events_per_transaction: u32,
+    /// First retry delay after a failed transaction, in milliseconds; doubles up to the maximum.
+    pub retry_initial_ms: u64,
+    /// Longest delay between two attempts, in seconds.
+    pub retry_max_secs: u64,
+    /// Timeout of one request to an appservice (transactions, queries, pings), in seconds.
+    pub request_timeout_secs: u64,
+}
+
+impl Default for AppServicesConfig {
+    fn default() -> Self {
+        Self {
+            registration_files: Vec::new(),
+            max_events_per_transaction: 100,
+            retry_initial_ms: 1000,
+            retry_max_secs: 300,
+            request_timeout_secs: 30,
+        }
+    }
+}
+
+/// Alert webhooks: each hook posts into one room as one bot user (`webhooks/`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Accept webhook requests at all.
+    pub enabled: bool,
+    /// Requests per hook (a token bucket); past it 429 `M_LIMIT_EXCEEDED`.
+    pub per_hook: RateLimit,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: usize,
+    /// Most alerts listed in one message (the rest are counted).
+    pub max_alerts_per_message: usize,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            per_hook: RateLimit { per_second: 1.0, burst: 30 },
+            max_body_bytes: 256 * 1024,
+            max_alerts_per_message: 50,
+        }
+    }
+}
+
+/// Server notices: messages from the server to a user, in a room of their own.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerNoticesConfig {
+    /// Localpart of the system user that sends notices; unset disables server notices.
+    pub system_mxid_localpart: Option<String>,
+    /// Display name of the system user.
+    pub system_mxid_display_name: String,
+    /// Name of the server-notices room.
+    pub room_name: String,
+}
+
+impl Default for ServerNoticesConfig {
+    fn default() -> Self {
+        Self {
+            system_mxid_localpart: None,
+            system_mxid_display_name: "Server Notices".into(),
+            room_name: "Server Notices".into(),
+        }
+    }
+}
+
+/// Bot accounts (`user_type = "bot"`: created by the admin API, webhooks, server notices).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BotsConfig {
+    /// Bots are not subject to the message rate limits (`rate_limits.messages_per_*`).
+    pub exempt_from_rate_limits: bool,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! Parvis, a Matrix homeserver on PostgreSQL. See `ARCHITECTURE.md` for the map.
 
 pub mod api;
+pub mod appservice;
 pub mod auth;
 pub mod config;
 pub mod e2ee;
@@ -21,3 +22,4 @@ pub mod state;
 pub mod storage;
 pub mod sync;
 pub mod users;
+pub mod webhooks;

@@ -75,6 +75,18 @@ enum Command {
         #[command(subcommand)]
         command: MeetingCommand,
     },
+    /// Alert webhooks (Alertmanager, Grafana, plain text) posting into a room as a bot, managed
+    /// through the running server's admin API.
+    Webhook {
+        #[command(subcommand)]
+        command: WebhookCommand,
+        /// The server's client API (default: `http://` + `listen.client`).
+        #[arg(long, global = true)]
+        server_url: Option<String>,
+        /// A server admin's access token.
+        #[arg(long, env = "PARVIS_ADMIN_TOKEN", hide_env_values = true, global = true)]
+        access_token: Option<String>,
+    },
     /// Generate a signing key in Synapse's file format.
     GenerateSigningKey {
         /// Write to this file instead of standard output (refuses to overwrite).
@@ -114,6 +126,30 @@ enum MeetingCommand {
         #[arg(long, env = "PARVIS_ADMIN_TOKEN", hide_env_values = true)]
         access_token: String,
     },
+}
+
+#[derive(Subcommand)]
+enum WebhookCommand {
+    /// Create a hook; prints its ID, URL path and secret (shown once) as JSON.
+    Create {
+        /// The room the alerts go to (the bot joins it; invite it first into a private room,
+        /// or be a member who may invite).
+        #[arg(long)]
+        room: String,
+        /// A name for the hook (e.g. "Prometheus production").
+        #[arg(long)]
+        name: String,
+        /// The bot's localpart or user ID (default `alerts`; created as a bot account).
+        #[arg(long)]
+        bot: Option<String>,
+        /// A severity (`labels.severity`) whose firing alerts mention the room (repeatable).
+        #[arg(long = "mention-severity")]
+        mention_severities: Vec<String>,
+    },
+    /// List the hooks (revoked ones included).
+    List,
+    /// Revoke a hook: its URL answers 403 from then on.
+    Revoke { hook_id: String },
 }
 
 fn main() -> ExitCode {
@@ -207,7 +243,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             export_user(config, &user_id, &output, force, max_media_bytes).await
         }
         Command::Meeting { command } => meeting(config, command).await,
+        Command::Webhook { command, server_url, access_token } => {
+            webhook(config, command, server_url, access_token).await
+        }
         Command::GenerateSigningKey { .. } => unreachable!("handled above"),
+    }
+}
+
+async fn webhook(
+    config: Config,
+    command: WebhookCommand,
+    server_url: Option<String>,
+    access_token: Option<String>,
+) -> anyhow::Result<()> {
+    server::install_crypto_provider();
+    let token = access_token.context("an admin access token is needed: --access-token or PARVIS_ADMIN_TOKEN")?;
+    let base = admin_base(&config, server_url);
+    let http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(60)).build()?;
+    let url = format!("{base}/_parvis/admin/v1/webhooks");
+    let req = match command {
+        WebhookCommand::Create { room, name, bot, mention_severities } => http.post(&url).json(&serde_json::json!({
+            "room_id": room, "name": name, "bot": bot, "mention_severities": mention_severities,
+        })),
+        WebhookCommand::List => http.get(&url),
+        WebhookCommand::Revoke { hook_id } => http
+            .delete(format!("{url}/{}", url::form_urlencoded::byte_serialize(hook_id.as_bytes()).collect::<String>())),
+    };
+    let resp =
+        req.bearer_auth(token.trim()).send().await.with_context(|| format!("cannot reach the server at {base}"))?;
+    let status = resp.status();
+    let answer: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    if !status.is_success() {
+        bail!(
+            "{} {}: {}",
+            status.as_u16(),
+            answer["errcode"].as_str().unwrap_or("?"),
+            answer["error"].as_str().unwrap_or("")
+        );
+    }
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    Ok(())
+}
+
+fn admin_base(config: &Config, server_url: Option<String>) -> String {
+    match server_url {
+        Some(u) => u.trim_end_matches('/').to_owned(),
+        None => {
+            let mut addr = config.listen.client;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}")
+        }
     }
 }
 

@@ -126,6 +126,8 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
         tasks.push(tokio::spawn(crate::rooms::retention::purge_loop(state.clone(), stop_rx.clone())));
     }
     tasks.push(tokio::spawn(crate::records::jobs::housekeeping(state.clone(), stop_rx.clone())));
+    crate::appservice::ensure_senders(&state).await?;
+    tasks.extend(crate::appservice::sender::spawn_all(&state, &stop_rx));
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.
@@ -139,6 +141,7 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     tokio::spawn(async move {
         while let Some(room_nid) = typing_changes.recv().await {
             crate::sync::typing_changed(&typing_state, room_nid);
+            crate::appservice::sender::typing_changed(&typing_state, room_nid);
         }
     });
     tracing::info!(%client_addr, ?metrics_addr, ?federation_addr, "listening");

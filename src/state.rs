@@ -68,6 +68,14 @@ pub struct Inner {
     pub sso: crate::sso::Sso,
     /// Calls and meetings: rate limiters, the delayed-event sender's wake-up.
     pub rtc: crate::rtc::Rtc,
+    /// Registered application services (read from their registration files at start-up).
+    pub appservices: Arc<crate::appservice::AppServices>,
+    /// Ephemeral data waiting for the appservice delivery tasks, and their wake-ups.
+    pub appservice_outbox: crate::appservice::sender::Outbox,
+    /// The HTTP client for requests to appservices.
+    pub appservice_http: reqwest::Client,
+    /// Alert webhooks: per-hook rate limits.
+    pub webhooks: crate::webhooks::Webhooks,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -103,6 +111,12 @@ impl AppState {
         let push_gateway = crate::push::gateway::Gateway::new(&config.push)?;
         let media = crate::media::Media::new(&config.media)?;
         let sso = crate::sso::Sso::new(&config.sso, config.public_baseurl.as_deref())?;
+        let appservices =
+            crate::appservice::AppServices::load(&config.appservices.registration_files, &config.server_name)
+                .map_err(|e| anyhow::anyhow!("appservices.registration_files: {e}"))?;
+        let appservice_http =
+            crate::appservice::sender::http_client(Duration::from_secs(config.appservices.request_timeout_secs))?;
+        let webhooks = crate::webhooks::Webhooks::new(&config.webhooks);
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -132,6 +146,10 @@ impl AppState {
             records: crate::records::jobs::Exports::new(&config.records),
             sso,
             rtc: crate::rtc::Rtc::new(&config),
+            appservices: Arc::new(appservices),
+            appservice_outbox: Default::default(),
+            appservice_http,
+            webhooks,
             server_key,
             db,
             config,

@@ -64,6 +64,18 @@ fn rtc_routes(r: Router<AppState>) -> Router<AppState> {
         .route("/_parvis/admin/v1/meetings", post(admin::rooms::create_meeting))
 }
 
+/// Bots and service alerts (issue 17): the appservice ping, alert webhooks and their admin API,
+/// server notices.
+fn bots_routes(r: Router<AppState>) -> Router<AppState> {
+    use admin::webhooks as wh;
+    r.route("/_matrix/client/v1/appservice/{appservice_id}/ping", post(client::appservice::ping))
+        .route("/_parvis/webhook/{hook_id}", post(wh::receive))
+        .route("/_parvis/admin/v1/webhooks", get(wh::list).post(wh::create))
+        .route("/_parvis/admin/v1/webhooks/{hook_id}", axum::routing::delete(wh::revoke))
+        .route("/_synapse/admin/v1/send_server_notice", post(wh::send_notice))
+        .route("/_synapse/admin/v1/send_server_notice/{txn_id}", put(wh::send_notice_txn))
+}
+
 pub fn router() -> Router<AppState> {
     use client::{
         account, account_data, devices, directory, discovery, login, profile, pushrules, receipts, register, relations,
@@ -78,7 +90,10 @@ pub fn router() -> Router<AppState> {
     for (path, handler) in [
         ("/capabilities", get(discovery::capabilities)),
         ("/voip/turnServer", get(discovery::turn_server)),
-        ("/thirdparty/protocols", get(discovery::thirdparty_protocols)),
+        ("/thirdparty/protocols", get(client::appservice::protocols)),
+        ("/thirdparty/protocol/{protocol}", get(client::appservice::protocol)),
+        ("/thirdparty/user/{protocol}", get(client::appservice::user)),
+        ("/thirdparty/location/{protocol}", get(client::appservice::location)),
         ("/register", post(register::register)),
         ("/register/available", get(register::available)),
         ("/login", get(login::flows).post(login::login)),
@@ -194,6 +209,7 @@ pub fn router() -> Router<AppState> {
     }
     r = media_routes(r);
     r = rtc_routes(r);
+    r = bots_routes(r);
     r.route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}", get(relations::relations))
         .route("/_matrix/client/v1/rooms/{room_id}/relations/{event_id}/{rel_type}", get(relations::relations_by_type))
         .route(

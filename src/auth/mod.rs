@@ -25,6 +25,14 @@ pub struct Session {
     pub is_admin: bool,
     pub token_hash: [u8; 32],
     pub expires_ts: Option<i64>,
+    /// The application service whose `as_token` this is (the user is its sender or a user of
+    /// its namespace it masquerades as).
+    pub appservice: Option<Arc<str>>,
+    /// Not subject to the message rate limits: an appservice with `rate_limited: false` (or its
+    /// sender), or a bot (`user_type = "bot"`) when `bots.exempt_from_rate_limits`.
+    pub rate_exempt: bool,
+    /// `user_type = "bot"`.
+    pub is_bot: bool,
 }
 
 pub type TokenHash = [u8; 32];
@@ -86,6 +94,9 @@ impl AuthService {
                     is_admin: owner.is_admin,
                     token_hash: hash,
                     expires_ts: owner.expires_ts,
+                    appservice: None,
+                    rate_exempt: false,
+                    is_bot: owner.user_type.as_deref() == Some("bot"),
                 });
                 self.cache.insert(hash, s.clone()).await;
                 s

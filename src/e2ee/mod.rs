@@ -72,6 +72,7 @@ pub async fn record_device_list_change(conn: &mut sqlx::PgConnection, user: &str
 pub fn device_list_committed(state: &AppState, user: &str, pos: i64) {
     state.sync.device_list_heads.raise(&user.to_owned(), pos);
     crate::state::advance(&state.device_list_stream, pos);
+    crate::appservice::sender::device_list_changed(state, user);
     state.sync.wake_user(user);
     match state.sync.cached_joined_rooms(user) {
         Some(rooms) => rooms.into_iter().for_each(|r| state.sync.wake_room(r)),
@@ -678,6 +679,7 @@ pub async fn send_to_device(
     }
     let pos = storage::e2ee::insert_to_device(&mut tx, sender, event_type, &rows).await?;
     tx.commit().await?;
+    crate::appservice::sender::to_device_sent(state, sender, event_type, &rows);
     if pos > 0 {
         crate::state::advance(&state.to_device_stream, pos);
         let users: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();

@@ -38,6 +38,12 @@ impl FromRequestParts<AppState> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Error> {
         let token = access_token(parts).ok_or_else(Error::missing_token)?;
+        // An application service's `as_token` (with `user_id`/`device_id` masquerading).
+        if let Some(reg) = state.appservices.by_token(&token) {
+            let session = crate::appservice::auth::session(state, reg, &token, parts.uri.query()).await?;
+            tracing::Span::current().record("user", &*session.user_id);
+            return Ok(Auth(session));
+        }
         let session = state.auth.authenticate(&state.db, &token).await?;
         tracing::Span::current().record("user", &*session.user_id);
         if state.auth.should_touch(&session) {

@@ -65,7 +65,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
                 "Inviting users of other servers needs federation, which is not available yet",
             ));
         }
-        if !storage::users::exists(&state.db, u).await? {
+        if !crate::appservice::user_exists(state, u).await? {
             return Err(Error::not_found(format!("Unknown user {u}")));
         }
     }
@@ -75,6 +75,7 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
                 return Err(Error::invalid_param("room_alias_name must be a plain localpart"));
             }
             let alias = format!("#{name}:{server}");
+            crate::appservice::check_alias_allowed(state, &alias, None, creator)?;
             if storage::rooms::resolve_alias(&state.db, &alias).await?.is_some() {
                 return Err(Error::new(
                     axum::http::StatusCode::BAD_REQUEST,

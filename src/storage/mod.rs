@@ -5,6 +5,7 @@
 //! database; every query is exercised by the integration tests.
 
 pub mod account_data;
+pub mod appservice;
 pub mod backup;
 pub mod dehydrated;
 pub mod delayed_events;
@@ -27,12 +28,14 @@ pub mod registration;
 pub mod retention;
 pub mod rooms;
 pub mod search;
+pub mod server_notices;
 pub mod sliding_sync;
 pub mod sso;
 pub mod state;
 pub mod tokens;
 pub mod uia;
 pub mod users;
+pub mod webhooks;
 
 use std::str::FromStr;
 use std::time::Duration;

@@ -12,11 +12,12 @@ pub struct TokenOwner {
     pub expires_ts: Option<i64>,
     pub is_admin: bool,
     pub deactivated: bool,
+    pub user_type: Option<String>,
 }
 
 pub async fn lookup_access(db: impl PgExecutor<'_>, hash: &[u8]) -> sqlx::Result<Option<TokenOwner>> {
     sqlx::query_as(
-        "SELECT t.user_id, t.device_id, t.expires_ts, u.is_admin, u.deactivated
+        "SELECT t.user_id, t.device_id, t.expires_ts, u.is_admin, u.deactivated, u.user_type
          FROM access_tokens t JOIN users u ON u.user_id = t.user_id
          WHERE t.token_hash = $1",
     )

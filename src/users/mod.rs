@@ -114,7 +114,43 @@ pub fn check_not_reserved(state: &AppState, localpart: &str) -> ApiResult<()> {
     if state.config.registration.reserved_localparts.iter().any(|r| r == localpart) {
         return Err(Error::new(axum::http::StatusCode::BAD_REQUEST, "M_EXCLUSIVE", "This user ID is reserved"));
     }
+    // An application service's exclusive namespace: only it registers these users.
+    let user_id = format!("@{localpart}:{}", state.config.server_name);
+    if state.appservices.exclusive_user_owner(&user_id).is_some() {
+        return Err(Error::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_EXCLUSIVE",
+            "This user ID is reserved by an application service",
+        ));
+    }
     Ok(())
+}
+
+/// Creates the account of a user an application service registers (`m.login.application_service`):
+/// no password, no registration token, inside the appservice's namespace (checked by the caller).
+pub async fn create_appservice_account(state: &AppState, localpart: &str) -> ApiResult<String> {
+    validate_new_localpart(localpart, &state.config.server_name)?;
+    let user_id = format!("@{localpart}:{}", state.config.server_name);
+    let mut tx = state.db.begin().await?;
+    let inserted = storage::users::insert(
+        &mut tx,
+        &storage::users::NewUser {
+            user_id: &user_id,
+            localpart,
+            password_hash: None,
+            is_admin: false,
+            user_type: None,
+            displayname: Some(localpart),
+        },
+    )
+    .await?;
+    if !inserted {
+        return Err(Error::user_in_use());
+    }
+    tx.commit().await?;
+    directory::refresh(state, &user_id).await?;
+    tracing::info!(user_id, "appservice account created");
+    Ok(user_id)
 }
 
 pub fn check_password_policy(state: &AppState, password: &str) -> ApiResult<()> {

@@ -2,7 +2,9 @@
 //! Integration tests: real servers, real PostgreSQL, real HTTP.
 
 mod accounts;
+mod appservice;
 mod authz;
+mod bench_bots;
 mod cli;
 mod common;
 mod dehydrated;
@@ -23,6 +25,7 @@ mod presence;
 mod push;
 mod pushers;
 mod pushrules;
+mod python_bots;
 mod records_export;
 mod retention;
 mod rooms;
@@ -37,4 +40,5 @@ mod sso;
 mod sync;
 mod tokens;
 mod visibility;
+mod webhooks;
 mod write_path;

@@ -214,7 +214,7 @@ async fn transaction_ids_are_scoped_to_the_request_path() {
 }
 
 /// A `parvis serve` process of its own (so that it can be killed with SIGKILL), and its URL.
-struct Process {
+pub(crate) struct Process {
     db_url: String,
     db_name: String,
     port: u16,
@@ -223,7 +223,7 @@ struct Process {
 }
 
 impl Process {
-    async fn new(extra_env: &[(&str, &str)]) -> Self {
+    pub(crate) async fn new(extra_env: &[(&str, &str)]) -> Self {
         let (db_url, db_name) = fresh_database().await;
         Self {
             db_url,
@@ -234,11 +234,11 @@ impl Process {
         }
     }
 
-    fn base(&self) -> String {
+    pub(crate) fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
-    async fn start(&self) -> crate::cli::Proc {
+    pub(crate) async fn start(&self) -> crate::cli::Proc {
         let mut cmd = crate::cli::parvis();
         cmd.arg("serve")
             .env("PARVIS__DATABASE__URL", &self.db_url)
@@ -270,7 +270,7 @@ impl Process {
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -289,7 +289,7 @@ impl Process {
         (st, r.json().await.unwrap_or(Value::Null))
     }
 
-    async fn register(&self, localpart: &str) -> User {
+    pub(crate) async fn register(&self, localpart: &str) -> User {
         let (_, n) = self.call(reqwest::Method::GET, "/_synapse/admin/v1/register", None, None).await;
         let nonce = n["nonce"].as_str().unwrap();
         let mac = parvis::api::admin::register::compute_mac(SHARED_SECRET, nonce, localpart, PASSWORD, false, None);
@@ -299,7 +299,7 @@ impl Process {
         user_from(&v)
     }
 
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         drop_database(&self.db_name).await;
     }
 }

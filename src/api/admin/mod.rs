@@ -7,6 +7,7 @@ pub mod registration_tokens;
 pub mod reports;
 pub mod rooms;
 pub mod users;
+pub mod webhooks;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;

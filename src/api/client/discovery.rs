@@ -130,11 +130,6 @@ pub fn turn_credentials(secret: &str, user_id: &str, lifetime_secs: u64, now_sec
     (username, password)
 }
 
-/// No application-service bridges are registered, so no third-party protocols are offered.
-pub async fn thirdparty_protocols(_auth: Auth) -> axum::Json<Value> {
-    axum::Json(json!({}))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -14,6 +14,9 @@ use crate::{storage, users};
 /// provider a button) and `m.login.token` (how an SSO login finishes).
 pub async fn flows(State(state): State<AppState>) -> axum::Json<Value> {
     let mut flows = vec![json!({ "type": "m.login.password" })];
+    if !state.appservices.is_empty() {
+        flows.push(json!({ "type": super::register::APPSERVICE_LOGIN }));
+    }
     if state.sso.enabled() {
         let idps: Vec<Value> = state
             .sso
@@ -66,9 +69,14 @@ pub struct Identifier {
 pub async fn login(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     Json(body): Json<LoginBody>,
 ) -> ApiResult<axum::Json<Value>> {
     let ip = ip.to_string();
+    if body.kind == super::register::APPSERVICE_LOGIN {
+        return appservice_login(&state, &headers, &uri, &ip, &body).await;
+    }
     state.rate_limits.check(&state.rate_limits.login_per_ip, &ip)?;
     if body.kind == "m.login.token" {
         return token_login(&state, &ip, &body).await;
@@ -110,6 +118,46 @@ pub async fn login(
     )
     .await?;
     Ok(axum::Json(login_response(&state, &user_id, &device_id, tokens)))
+}
+
+/// `m.login.application_service`: the appservice's `as_token` opens a device session for a
+/// user of its namespace (no password).
+async fn appservice_login(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    uri: &axum::http::Uri,
+    ip: &str,
+    body: &LoginBody,
+) -> ApiResult<axum::Json<Value>> {
+    let reg = super::register::appservice_of(state, headers, uri)?;
+    let name = match &body.identifier {
+        Some(Identifier { kind, user }) if kind == "m.id.user" => user.clone(),
+        Some(Identifier { kind, .. }) => {
+            return Err(Error::unknown(format!("Unsupported identifier type {kind}")));
+        }
+        None => body.user.clone(),
+    }
+    .ok_or_else(|| Error::bad_json("identifier.user is required"))?;
+    let (user_id, _) = users::parse_login_user(&name, &state.config.server_name)?;
+    if !reg.can_control(&user_id) {
+        return Err(Error::forbidden("The user is not in the application service's namespace"));
+    }
+    let user = storage::users::get(&state.db, &user_id).await?;
+    match user {
+        None => return Err(Error::forbidden("Application service has not registered this user")),
+        Some(u) if u.deactivated => return Err(Error::user_deactivated()),
+        Some(_) => {}
+    }
+    let (device_id, tokens) = auth::start_device_session(
+        state,
+        &user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name.as_deref(),
+        Some(ip),
+        body.refresh_token,
+    )
+    .await?;
+    Ok(axum::Json(login_response(state, &user_id, &device_id, tokens)))
 }
 
 /// `m.login.token`: consumes the token (single use, expired or not) and opens a device session

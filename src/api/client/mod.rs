@@ -3,6 +3,7 @@
 pub mod account;
 pub mod account_data;
 pub mod account_web;
+pub mod appservice;
 pub mod dehydrated;
 pub mod devices;
 pub mod directory;

@@ -19,7 +19,10 @@ async fn load(state: &AppState, user_id: &str) -> ApiResult<Map<String, Value>> 
         // Remote profiles need federation, which is not implemented yet.
         return Err(Error::not_found("Profile not found (remote profiles are not available yet)"));
     }
-    let user = storage::users::get(&state.db, user_id).await?;
+    let mut user = storage::users::get(&state.db, user_id).await?;
+    if user.is_none() && crate::appservice::user_exists(state, user_id).await? {
+        user = storage::users::get(&state.db, user_id).await?;
+    }
     if user.is_none_or(|u| u.deactivated) {
         return Err(Error::not_found("Profile not found"));
     }

@@ -62,7 +62,9 @@ async fn set_receipt(
         event_stream: ev.stream_ordering,
     };
     // Committed together with the receipts of other requests; wakes the room's syncs.
-    crate::rooms::receipts::record(state, receipt).await?;
+    if crate::rooms::receipts::record(state, receipt).await?.is_some() && receipt_type != "m.read.private" {
+        crate::appservice::sender::receipt_recorded(state, room.nid, user, receipt_type, &ev.event_id, thread_id);
+    }
     Ok(())
 }
 

@@ -19,6 +19,9 @@ pub struct RegisterQuery {
 
 #[derive(Deserialize)]
 pub struct RegisterBody {
+    /// `m.login.application_service`: an appservice registers a user of its namespace.
+    #[serde(rename = "type")]
+    kind: Option<String>,
     username: Option<String>,
     password: Option<String>,
     device_id: Option<String>,
@@ -59,8 +62,13 @@ pub async fn register(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     Query(q): Query<RegisterQuery>,
+    headers: axum::http::HeaderMap,
+    uri: axum::http::Uri,
     Json(body): Json<RegisterBody>,
 ) -> ApiResult<axum::Json<RegisterResponse>> {
+    if body.kind.as_deref() == Some(APPSERVICE_LOGIN) {
+        return appservice_register(&state, &headers, &uri, &ip.to_string(), body).await;
+    }
     state.rate_limits.check(&state.rate_limits.registration_per_ip, &ip.to_string())?;
     match q.kind.as_deref() {
         None | Some("user") => {}
@@ -120,6 +128,89 @@ pub async fn register(
         body.device_id.as_deref(),
         body.initial_device_display_name.as_deref(),
         Some(&ip.to_string()),
+        body.refresh_token,
+    )
+    .await?;
+    Ok(axum::Json(RegisterResponse {
+        user_id,
+        access_token: Some(tokens.access_token),
+        device_id: Some(device_id),
+        refresh_token: tokens.refresh_token,
+        expires_in_ms: tokens.expires_in_ms,
+        home_server,
+    }))
+}
+
+pub const APPSERVICE_LOGIN: &str = "m.login.application_service";
+
+/// The appservice authenticating a request by its `as_token` (header or `access_token`).
+pub fn appservice_of(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    uri: &axum::http::Uri,
+) -> ApiResult<std::sync::Arc<crate::appservice::Registration>> {
+    let token = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+        .map(|t| t.trim().to_owned())
+        .or_else(|| {
+            url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+                .find(|(k, _)| k == "access_token")
+                .map(|(_, v)| v.into_owned())
+        })
+        .ok_or_else(Error::missing_token)?;
+    state.appservices.by_token(&token).cloned().ok_or_else(|| Error::unknown_token(false))
+}
+
+/// `POST /register` with `type: m.login.application_service`: the appservice's `as_token`
+/// registers a user of its user namespace (whether or not registration is open; no UIA).
+async fn appservice_register(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    uri: &axum::http::Uri,
+    ip: &str,
+    body: RegisterBody,
+) -> ApiResult<axum::Json<RegisterResponse>> {
+    let reg = appservice_of(state, headers, uri)?;
+    let localpart =
+        body.username.as_deref().ok_or_else(|| Error::missing_param("username is required"))?.to_lowercase();
+    users::validate_new_localpart(&localpart, &state.config.server_name)?;
+    let user_id = format!("@{localpart}:{}", state.config.server_name);
+    if !reg.is_interested_in_user(&user_id) {
+        return Err(Error::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_EXCLUSIVE",
+            "User ID is not in the application service's namespace",
+        ));
+    }
+    if let Some(owner) = state.appservices.exclusive_user_owner(&user_id)
+        && owner.id != reg.id
+    {
+        return Err(Error::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_EXCLUSIVE",
+            "User ID is reserved by another application service",
+        ));
+    }
+    let user_id = users::create_appservice_account(state, &localpart).await?;
+    let home_server = state.config.server_name.clone();
+    if body.inhibit_login {
+        return Ok(axum::Json(RegisterResponse {
+            user_id,
+            access_token: None,
+            device_id: None,
+            refresh_token: None,
+            expires_in_ms: None,
+            home_server,
+        }));
+    }
+    let (device_id, tokens) = crate::auth::start_device_session(
+        state,
+        &user_id,
+        body.device_id.as_deref(),
+        body.initial_device_display_name.as_deref(),
+        Some(ip),
         body.refresh_token,
     )
     .await?;

@@ -271,7 +271,7 @@ async fn local_target(state: &AppState, user_id: &str) -> ApiResult<()> {
     if uid.server_name().as_str() != state.config.server_name {
         return Err(Error::forbidden("Users of other servers need federation, which is not available yet"));
     }
-    if !storage::users::exists(&state.db, user_id).await? {
+    if !crate::appservice::user_exists(state, user_id).await? {
         return Err(Error::not_found("Unknown user"));
     }
     Ok(())
@@ -425,8 +425,13 @@ pub async fn send_message(
         return Ok(axum::Json(json!({ "delay_id": delay_id })));
     }
     let limits = &state.rate_limits;
-    limits.check_user(&limits.messages_per_user, &auth.user_id, auth.is_admin)?;
-    limits.check_user(&limits.messages_per_ip, &ip.to_string(), auth.is_admin)?;
+    // Appservices with `rate_limited: false` (and their senders) and, when configured, bots
+    // are not limited.
+    let exempt = auth.rate_exempt || (auth.is_bot && state.config.bots.exempt_from_rate_limits);
+    if !exempt {
+        limits.check_user(&limits.messages_per_user, &auth.user_id, auth.is_admin)?;
+        limits.check_user(&limits.messages_per_ip, &ip.to_string(), auth.is_admin)?;
+    }
     if event_type.is_empty() || event_type.len() > 255 {
         return Err(Error::invalid_param("Invalid event type"));
     }
@@ -946,9 +951,15 @@ fn check_local_alias(state: &AppState, alias: &str) -> ApiResult<()> {
 
 pub async fn get_alias(State(state): State<AppState>, Path(alias): Path<String>) -> ApiResult<axum::Json<Value>> {
     check_local_alias(&state, &alias)?;
-    let (room_id, _, _) = storage::rooms::resolve_alias(&state.db, &alias)
-        .await?
-        .ok_or_else(|| Error::not_found("Room alias not found"))?;
+    let mut found = storage::rooms::resolve_alias(&state.db, &alias).await?;
+    if found.is_none()
+        && state.appservices.all().iter().any(|r| r.is_alias_in_namespace(&alias))
+        && crate::appservice::client::query_alias(&state, &alias).await
+    {
+        // The appservice created the room and its alias while we waited.
+        found = storage::rooms::resolve_alias(&state.db, &alias).await?;
+    }
+    let (room_id, _, _) = found.ok_or_else(|| Error::not_found("Room alias not found"))?;
     Ok(axum::Json(json!({ "room_id": room_id, "servers": [state.config.server_name] })))
 }
 
@@ -964,9 +975,16 @@ pub async fn put_alias(
     Json(body): Json<AliasBody>,
 ) -> ApiResult<axum::Json<Value>> {
     check_local_alias(&state, &alias)?;
+    crate::appservice::check_alias_allowed(&state, &alias, auth.appservice.as_deref(), &auth.user_id)?;
     let room = Room::load(&state, &body.room_id).await?;
+    // An appservice manages the aliases of its namespace without being in the room.
+    let appservice_alias = auth
+        .appservice
+        .as_deref()
+        .and_then(|id| state.appservices.by_id(id))
+        .is_some_and(|r| r.is_alias_in_namespace(&alias));
     // Pointing an alias at a room speaks for it: only its members may (and server admins).
-    if !auth.is_admin {
+    if !auth.is_admin && !appservice_alias {
         let joined =
             storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?.is_some_and(|(m, _, _)| m == "join");
         if !joined {
