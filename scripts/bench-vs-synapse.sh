@@ -12,7 +12,7 @@
 #
 # Environment: PG_URL (default postgres://postgres@127.0.0.1:5432, a role that can create
 # databases), SYNAPSE_VERSION (pip version pin, default the latest), BENCH_SKIP_BUILD=1 (use the
-# existing release build), CARGO_TARGET_DIR.
+# existing release build), BENCH_SCENARIOS (replaces the scenario list, one per line), CARGO_TARGET_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +72,12 @@ else
     "initial-sync --rooms 50 --events 10 --repeat 5"
     "mixed --steps 10,25,50,100,200,400,800,1600,3200 --step-seconds 20"
   )
+fi
+
+# BENCH_SCENARIOS (one scenario per line) replaces the list, e.g. for one comparison:
+#   BENCH_SCENARIOS="sliding-sync --rooms 500 --repeat 100" scripts/bench-vs-synapse.sh
+if [ -n "${BENCH_SCENARIOS:-}" ]; then
+  mapfile -t SCENARIOS <<<"$BENCH_SCENARIOS"
 fi
 
 PIDS=()
