@@ -101,11 +101,6 @@ impl Sockets {
         self.live.lock().entry(appservice.to_owned()).or_insert_with(|| watch::Sender::new(None)).clone()
     }
 
-    /// Whether the appservice is connected now.
-    pub fn is_connected(&self, appservice: &str) -> bool {
-        self.slot(appservice).borrow().is_some()
-    }
-
     /// Closes every connection (`server_shutting_down`) and refuses new ones.
     pub fn shut_down(&self) {
         self.shutdown.send_replace(true);

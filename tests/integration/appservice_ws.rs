@@ -17,15 +17,34 @@ use crate::common::*;
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn server(extra: &str) -> (TestServer, tempfile::TempPath) {
+    server_with_timeout(extra, 30).await
+}
+
+async fn server_with_timeout(extra: &str, timeout_secs: u64) -> (TestServer, tempfile::TempPath) {
     let file = registration("null", extra);
     let path = file.to_path_buf();
     let s = TestServer::start_with(move |c| {
         c.appservices.registration_files = vec![path];
         c.appservices.retry_initial_ms = 50;
         c.appservices.retry_max_secs = 1;
+        c.appservices.request_timeout_secs = timeout_secs;
     })
     .await;
     (s, file)
+}
+
+/// Reads until the server's close frame; returns its code and JSON reason.
+async fn close_frame(ws: &mut Ws) -> (u16, Value) {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the socket closes") {
+            Some(Ok(Message::Close(f))) => {
+                let f = f.expect("a close frame");
+                return (u16::from(f.code), serde_json::from_str(f.reason.as_str()).expect("a JSON reason"));
+            }
+            Some(Ok(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
 }
 
 /// Connects as mautrix-go does (its headers included).
@@ -233,17 +252,36 @@ async fn websocket_delivers_acknowledges_and_redelivers() {
 
     // A second connection replaces the first, which is closed with 4001 `conn_replaced`.
     let mut newer = connected(&s).await;
-    let close = loop {
-        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the old socket closes") {
-            Some(Ok(Message::Close(f))) => break f.expect("a close frame"),
-            Some(Ok(_)) => {}
-            other => panic!("{other:?}"),
-        }
-    };
-    assert_eq!(u16::from(close.code), 4001);
-    let reason: Value = serde_json::from_str(close.reason.as_str()).unwrap();
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 4001);
     assert_eq!(reason, json!({"command": "disconnect", "status": "conn_replaced"}));
     say(&s, &human, &room, "to the newer").await;
     ack_until(&mut newer, &["to the newer".to_owned()]).await;
     s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_unacknowledged_times_out_and_shutdown_closes() {
+    let (s, _file) = server_with_timeout("parvis.websocket: true\n", 1).await;
+    let mut ws = connected(&s).await;
+    let (human, room) = room_with_bridge_user(&s).await;
+    say(&s, &human, &room, "never acked").await;
+    let first = next_txn(&mut ws).await;
+    // No acknowledgement within `request_timeout_secs`: closed with 4002.
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 4002);
+    assert_eq!(reason, json!({"command": "disconnect", "status": "transactions_not_acknowledged"}));
+    drop(ws);
+    // It comes again on the next connection, with its ID.
+    let mut ws = connected(&s).await;
+    let again = next_txn(&mut ws).await;
+    assert_eq!(again["txn_id"], first["txn_id"]);
+    ack(&mut ws, &again).await;
+    ack_until(&mut ws, &["never acked".to_owned()]).await;
+    // A stopping server says so.
+    let stopping = tokio::spawn(s.stop());
+    let (code, reason) = close_frame(&mut ws).await;
+    assert_eq!(code, 1001);
+    assert_eq!(reason, json!({"command": "disconnect", "status": "server_shutting_down"}));
+    stopping.await.unwrap();
 }
