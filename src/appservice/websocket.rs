@@ -267,7 +267,10 @@ async fn serve(state: AppState, reg: Arc<Registration>, mut ws: WebSocket, proce
             }
         }
     };
-    // Forget it first, then fail its waiting deliveries: they go out again on the next one.
+    // Refuse further messages, forget it, then fail its waiting deliveries: they go out again
+    // on the next one. (In that order: a delivery whose message was accepted had registered
+    // its waiter before, so it is cleared here; later ones fail to send.)
+    rx.close();
     sockets.remove(&reg.id, socket.id);
     socket.waiting.lock().clear();
     if let Some((code, status)) = close {

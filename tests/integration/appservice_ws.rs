@@ -184,7 +184,7 @@ async fn websocket_refuses_missing_and_wrong_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_delivers_acknowledges_and_redelivers() {
-    let (mut s, _file) = server("parvis.websocket: true\n").await;
+    let (mut s, _file) = server("parvis.websocket: true\nreceive_ephemeral: true\n").await;
     let mut ws = connected(&s).await;
     let (human, room) = room_with_bridge_user(&s).await;
 
@@ -257,6 +257,27 @@ async fn websocket_delivers_acknowledges_and_redelivers() {
     assert_eq!(reason, json!({"command": "disconnect", "status": "conn_replaced"}));
     say(&s, &human, &room, "to the newer").await;
     ack_until(&mut newer, &["to the newer".to_owned()]).await;
+    // Ephemeral events (MSC2409) come the same way.
+    let (st, b) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&human.user_id)),
+            Some(&human.token),
+            json!({"typing": true, "timeout": 30000}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    let start = Instant::now();
+    loop {
+        assert!(start.elapsed() < Duration::from_secs(30), "no m.typing over the socket");
+        let t = next_txn(&mut newer).await;
+        ack(&mut newer, &t).await;
+        let typing = t["ephemeral"].as_array().is_some_and(|e| {
+            e.iter().any(|ev| ev["type"] == "m.typing" && ev["content"]["user_ids"][0] == human.user_id.as_str())
+        });
+        if typing {
+            break;
+        }
+    }
     s.stop().await;
 }
 
