@@ -1179,7 +1179,8 @@ pub struct AppServicesConfig {
     pub retry_initial_ms: u64,
     /// Longest delay between two attempts, in seconds.
     pub retry_max_secs: u64,
-    /// Timeout of one request to an appservice (transactions, queries, pings), in seconds.
+    /// Timeout of one request to an appservice (transactions, queries, pings), in seconds; over
+    /// the WebSocket transport, the wait for a transaction's acknowledgement.
     pub request_timeout_secs: u64,
 }
 

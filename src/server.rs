@@ -128,6 +128,15 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     tasks.push(tokio::spawn(crate::records::jobs::housekeeping(state.clone(), stop_rx.clone())));
     crate::appservice::ensure_senders(&state).await?;
     tasks.extend(crate::appservice::sender::spawn_all(&state, &stop_rx));
+    {
+        // Appservice sockets outlive the HTTP server's graceful shutdown (they are upgraded
+        // connections): they are closed with `server_shutting_down` here.
+        let (state, mut stop) = (state.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            state.appservice_sockets.shut_down();
+        });
+    }
     tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.

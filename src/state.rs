@@ -72,6 +72,8 @@ pub struct Inner {
     pub appservices: Arc<crate::appservice::AppServices>,
     /// Ephemeral data waiting for the appservice delivery tasks, and their wake-ups.
     pub appservice_outbox: crate::appservice::sender::Outbox,
+    /// The live WebSocket connections of appservices using that transport (one each).
+    pub appservice_sockets: crate::appservice::websocket::Sockets,
     /// The HTTP client for requests to appservices.
     pub appservice_http: reqwest::Client,
     /// Alert webhooks: per-hook rate limits.
@@ -148,6 +150,7 @@ impl AppState {
             rtc: crate::rtc::Rtc::new(&config),
             appservices: Arc::new(appservices),
             appservice_outbox: Default::default(),
+            appservice_sockets: Default::default(),
             appservice_http,
             webhooks,
             server_key,

@@ -69,6 +69,7 @@ fn rtc_routes(r: Router<AppState>) -> Router<AppState> {
 fn bots_routes(r: Router<AppState>) -> Router<AppState> {
     use admin::webhooks as wh;
     r.route("/_matrix/client/v1/appservice/{appservice_id}/ping", post(client::appservice::ping))
+        .route(crate::appservice::websocket::PATH, get(crate::appservice::websocket::connect))
         .route("/_parvis/webhook/{hook_id}", post(wh::receive))
         .route("/_parvis/admin/v1/webhooks", get(wh::list).post(wh::create))
         .route("/_parvis/admin/v1/webhooks/{hook_id}", axum::routing::delete(wh::revoke))

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod client;
 pub mod sender;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -56,6 +57,9 @@ pub struct Registration {
     /// `org.matrix.msc3202`: device lists and key counts in transactions.
     pub msc3202: bool,
     pub protocols: Vec<String>,
+    /// `parvis.websocket: true`: transactions go over the appservice's own WebSocket connection
+    /// to Parvis (mautrix's `fi.mau.as_sync`, `websocket.rs`) instead of HTTP pushes to `url`.
+    pub websocket: bool,
     /// The file it came from (for messages).
     pub file: String,
 }
@@ -94,6 +98,8 @@ struct RawRegistration {
     msc3202: bool,
     #[serde(default)]
     protocols: Option<Vec<String>>,
+    #[serde(rename = "parvis.websocket", default)]
+    websocket: bool,
 }
 
 fn compile(source: &str) -> Result<Regex, String> {
@@ -168,6 +174,7 @@ impl Registration {
             unstable_ephemeral: raw.push_ephemeral,
             msc3202: raw.msc3202,
             protocols: raw.protocols.unwrap_or_default(),
+            websocket: raw.websocket,
             file: file.to_owned(),
         })
     }
@@ -204,6 +211,12 @@ impl Registration {
 
     pub fn wants_ephemeral(&self) -> bool {
         self.receive_ephemeral || self.unstable_ephemeral
+    }
+
+    /// Whether transactions are built for it at all: it has a URL to push to, or it connects
+    /// over the WebSocket transport.
+    pub fn delivers(&self) -> bool {
+        self.url.is_some() || self.websocket
     }
 }
 
@@ -441,6 +454,17 @@ mod tests {
         let missing = reg("a", "namespaces:\n  users:\n    - regex: '@a_.*'\n");
         assert!(Registration::parse(&missing, "a.yaml", "s").unwrap_err().contains("exclusive"));
         assert!(Registration::parse("id: [", "a.yaml", "s").unwrap_err().contains("YAML"));
+    }
+
+    #[test]
+    fn websocket_flag() {
+        let base = "id: a\nurl: null\nas_token: x\nhs_token: y\nsender_localpart: a\nnamespaces: {}\n";
+        let r = Registration::parse(base, "a.yaml", "s").unwrap();
+        assert!(!r.websocket && !r.delivers(), "url: null alone receives nothing");
+        let r = Registration::parse(&format!("{base}parvis.websocket: true\n"), "a.yaml", "s").unwrap();
+        assert!(r.websocket && r.delivers() && r.url.is_none());
+        let bad = format!("{base}parvis.websocket: sometimes\n");
+        assert!(Registration::parse(&bad, "a.yaml", "s").unwrap_err().contains("parvis.websocket"));
     }
 
     #[test]

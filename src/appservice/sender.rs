@@ -1,12 +1,13 @@
 //! Durable, at-least-once delivery of transactions to application services.
 //!
-//! One task per appservice with a URL ([`run`]). Its durable position (`appservice_state`) says
+//! One task per appservice with a URL or the WebSocket transport ([`run`]). Its durable position (`appservice_state`) says
 //! up to which event-stream position every event was looked at. A pass reads the events after it
 //! up to the event-stream watermark (nothing below it can still commit), keeps those the
 //! appservice is interested in, and writes them as a transaction row (`appservice_txns`) *in the
 //! same database transaction* that moves the position: a crash leaves either neither (the events
 //! are read again) or both (the row is sent again, with the same transaction ID). A row is
-//! deleted only after the appservice answered 2xx. Failures are retried with exponential backoff
+//! deleted only after the appservice answered 2xx (over WebSocket: acknowledged the transaction,
+//! `websocket.rs`). Failures are retried with exponential backoff
 //! (`appservices.retry_*`), forever, oldest transaction first, so order is kept.
 //!
 //! Ephemeral events (typing, receipts: MSC2409), to-device messages (MSC2409/MSC4203) and device
@@ -99,7 +100,7 @@ pub fn spawn_all(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<tokio::t
         .appservices
         .all()
         .iter()
-        .filter(|r| r.url.is_some())
+        .filter(|r| r.delivers())
         .map(|r| tokio::spawn(run(state.clone(), r.clone(), stop.clone())))
         .collect()
 }
@@ -117,6 +118,7 @@ pub async fn run(state: AppState, reg: Arc<Registration>, mut stop: watch::Recei
     let cfg = &state.config.appservices;
     let initial = Duration::from_millis(cfg.retry_initial_ms);
     let max = Duration::from_secs(cfg.retry_max_secs);
+    let timeout = Duration::from_secs(cfg.request_timeout_secs);
     let mut backoff = initial;
     let mut events = state.event_stream.subscribe();
     let waker = state.appservice_outbox.waker(&reg.id);
@@ -151,9 +153,25 @@ pub async fn run(state: AppState, reg: Arc<Registration>, mut stop: watch::Recei
             }
         };
         if let Some(txn) = pending.into_iter().next() {
-            let outcome = tokio::select! {
-                r = send_transaction(&state, &reg, txn.txn_id, &txn.body) => r,
-                _ = stop.wait_for(|s| *s) => return Ok(()),
+            let outcome = if reg.websocket {
+                // Over the appservice's socket: waits (without backoff) until it is connected;
+                // a socket that closes before acknowledging means "send again on the next one".
+                let r = tokio::select! {
+                    r = state.appservice_sockets.deliver(&reg.id, txn.txn_id, &txn.body, timeout) => r,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                match r {
+                    Err(super::websocket::DeliverError::Closed) => {
+                        tracing::debug!(appservice = %reg.id, txn_id = txn.txn_id, "socket closed before the acknowledgement");
+                        continue;
+                    }
+                    r => r.map_err(anyhow::Error::from),
+                }
+            } else {
+                tokio::select! {
+                    r = send_transaction(&state, &reg, txn.txn_id, &txn.body) => r,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
             };
             match outcome {
                 Ok(()) => {
@@ -360,7 +378,7 @@ async fn send_transaction(state: &AppState, reg: &Registration, txn_id: i64, bod
 
 /// Typing changed in a room: a `m.typing` ephemeral event to interested appservices.
 pub fn typing_changed(state: &AppState, room_nid: i64) {
-    if !state.appservices.all().iter().any(|r| r.wants_ephemeral() && r.url.is_some()) {
+    if !state.appservices.all().iter().any(|r| r.wants_ephemeral() && r.delivers()) {
         return;
     }
     let state = state.clone();
@@ -381,7 +399,7 @@ pub fn receipt_recorded(
     event_id: &str,
     thread: Option<&str>,
 ) {
-    if !state.appservices.all().iter().any(|r| r.wants_ephemeral() && r.url.is_some()) {
+    if !state.appservices.all().iter().any(|r| r.wants_ephemeral() && r.delivers()) {
         return;
     }
     let mut data = json!({ "ts": storage::now_ms() });
@@ -398,7 +416,7 @@ pub fn receipt_recorded(
 }
 
 async fn ephemeral(state: &AppState, room_nid: i64, room_id: &str, ev: Value) {
-    for reg in state.appservices.all().iter().filter(|r| r.wants_ephemeral() && r.url.is_some()) {
+    for reg in state.appservices.all().iter().filter(|r| r.wants_ephemeral() && r.delivers()) {
         match interested_in_room(state, reg, room_nid, room_id).await {
             Ok(true) => state.appservice_outbox.push(&reg.id, |q| q.ephemeral.push_back(ev.clone())),
             Ok(false) => {}
@@ -410,7 +428,7 @@ async fn ephemeral(state: &AppState, room_nid: i64, room_id: &str, ev: Value) {
 /// To-device messages were queued for local devices: those of users in an appservice's
 /// namespace go to it too (MSC2409 / MSC4203).
 pub fn to_device_sent(state: &AppState, sender: &str, event_type: &str, rows: &[(String, String, Value)]) {
-    for reg in state.appservices.all().iter().filter(|r| r.wants_ephemeral() && r.url.is_some()) {
+    for reg in state.appservices.all().iter().filter(|r| r.wants_ephemeral() && r.delivers()) {
         let mine: Vec<Value> = rows
             .iter()
             .filter(|(user, _, _)| reg.is_interested_in_user(user))
@@ -427,7 +445,7 @@ pub fn to_device_sent(state: &AppState, sender: &str, event_type: &str, rows: &[
 /// A user's device list changed (MSC3202): appservices with `org.matrix.msc3202` whose users
 /// share a room with them, or who own them, learn it in `device_lists.changed`.
 pub fn device_list_changed(state: &AppState, user: &str) {
-    if !state.appservices.all().iter().any(|r| r.msc3202 && r.url.is_some()) {
+    if !state.appservices.all().iter().any(|r| r.msc3202 && r.delivers()) {
         return;
     }
     let state = state.clone();
@@ -437,7 +455,7 @@ pub fn device_list_changed(state: &AppState, user: &str) {
             Ok(c) => c,
             Err(_) => return,
         };
-        for reg in state.appservices.all().iter().filter(|r| r.msc3202 && r.url.is_some()) {
+        for reg in state.appservices.all().iter().filter(|r| r.msc3202 && r.delivers()) {
             if reg.is_interested_in_user(&user) || co.iter().any(|u| reg.is_interested_in_user(u)) {
                 state.appservice_outbox.push(&reg.id, |q| {
                     q.left.remove(&user);

@@ -3,6 +3,7 @@
 
 mod accounts;
 mod appservice;
+mod appservice_ws;
 mod authz;
 mod bench_bots;
 mod cli;
