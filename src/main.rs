@@ -269,8 +269,13 @@ async fn webhook(
         WebhookCommand::Revoke { hook_id } => http
             .delete(format!("{url}/{}", url::form_urlencoded::byte_serialize(hook_id.as_bytes()).collect::<String>())),
     };
-    let resp =
-        req.bearer_auth(token.trim()).send().await.with_context(|| format!("cannot reach the server at {base}"))?;
+    admin_call(req.bearer_auth(token.trim()), &base).await
+}
+
+/// Sends a CLI request to the running server's admin API and prints the JSON answer; a Matrix
+/// error becomes the command's error.
+async fn admin_call(req: reqwest::RequestBuilder, base: &str) -> anyhow::Result<()> {
+    let resp = req.send().await.with_context(|| format!("cannot reach the server at {base}"))?;
     let status = resp.status();
     let answer: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
     if !status.is_success() {
@@ -301,41 +306,18 @@ fn admin_base(config: &Config, server_url: Option<String>) -> String {
 async fn meeting(config: Config, command: MeetingCommand) -> anyhow::Result<()> {
     let MeetingCommand::Create { name, creator, topic, invite, audio_only, alias, server_url, access_token } = command;
     server::install_crypto_provider();
-    let base = match server_url {
-        Some(u) => u.trim_end_matches('/').to_owned(),
-        None => {
-            let mut addr = config.listen.client;
-            if addr.ip().is_unspecified() {
-                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
-            }
-            format!("http://{addr}")
-        }
-    };
+    let base = admin_base(&config, server_url);
     let body = serde_json::json!({
         "name": name, "creator": creator, "topic": topic, "invite": invite, "audio_only": audio_only,
         "room_alias_name": alias,
     });
-    let resp = reqwest::Client::builder()
+    let req = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(60))
         .build()?
         .post(format!("{base}/_parvis/admin/v1/meetings"))
         .bearer_auth(access_token.trim())
-        .json(&body)
-        .send()
-        .await
-        .with_context(|| format!("cannot reach the server at {base}"))?;
-    let status = resp.status();
-    let answer: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
-    if !status.is_success() {
-        bail!(
-            "{} {}: {}",
-            status.as_u16(),
-            answer["errcode"].as_str().unwrap_or("?"),
-            answer["error"].as_str().unwrap_or("")
-        );
-    }
-    println!("{}", serde_json::to_string_pretty(&answer)?);
-    Ok(())
+        .json(&body);
+    admin_call(req, &base).await
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {

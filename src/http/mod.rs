@@ -4,6 +4,7 @@ pub mod extract;
 pub mod metrics;
 pub mod ratelimit;
 pub mod ssrf;
+pub mod web;
 
 use std::any::Any;
 use std::time::Duration;

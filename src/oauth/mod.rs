@@ -95,10 +95,6 @@ pub fn server_metadata(state: &AppState) -> Option<Value> {
     Some(m)
 }
 
-fn sha256(s: &str) -> [u8; 32] {
-    Sha256::digest(s.as_bytes()).into()
-}
-
 /// A random URL-safe secret (256 bits).
 pub fn random() -> String {
     crate::sso::random_token()
@@ -170,7 +166,8 @@ pub fn check_redirect_uri(application_type: &str, client_host: &str, uri: &str) 
             let reversed = reversed.join(".");
             let scheme = u.scheme();
             let prefix_ok = scheme == reversed || scheme.starts_with(&format!("{reversed}."));
-            let no_authority = !uri[scheme.len() + 1..].starts_with("//");
+            // The parsed form: the raw string may carry white space the parser trimmed.
+            let no_authority = !u.as_str().get(scheme.len() + 1..).unwrap_or("").starts_with("//");
             if prefix_ok && no_authority && u.host_str().is_none() {
                 Ok(())
             } else {
@@ -249,7 +246,14 @@ pub fn validate_client_metadata(body: &Value) -> Result<ValidClient, Registratio
     metadata.insert("grant_types".into(), json!(grant_types));
     metadata.insert("response_types".into(), json!(response_types));
     metadata.insert("token_endpoint_auth_method".into(), json!("none"));
-    // Human-readable values, localised or not (`client_name#fr`).
+    // Human-readable values, localised or not (`client_name#fr`), at most 64 of them.
+    let human = obj
+        .keys()
+        .filter(|k| k.starts_with("client_name") || k.ends_with("_uri") && !matches!(k.as_str(), "client_uri"))
+        .count();
+    if human > 64 {
+        return Err(invalid_metadata("too many localised values (64 at most)"));
+    }
     for (k, v) in obj {
         let (field, lang) = k.split_once('#').map_or((k.as_str(), None), |(f, l)| (f, Some(l)));
         if !matches!(field, "client_name" | "logo_uri" | "tos_uri" | "policy_uri") {
@@ -530,7 +534,7 @@ pub async fn exchange_code(
     redirect_uri: &str,
     verifier: &str,
 ) -> Result<Tokens, TokenError> {
-    let hash = sha256(code);
+    let hash = hash_token(code);
     let mut tx = state.db.begin().await?;
     let Some(c) = storage::oauth::lock_code(&mut tx, &hash).await? else {
         return Err(invalid_grant("unknown authorization code"));
@@ -679,12 +683,12 @@ impl UpstreamSession {
 
 /// Hash of a code, as stored.
 pub fn code_hash(code: &str) -> [u8; 32] {
-    sha256(code)
+    hash_token(code)
 }
 
 /// Hash of a browser-binding cookie, as stored.
 pub fn browser_hash(cookie: &str) -> [u8; 32] {
-    sha256(cookie)
+    hash_token(cookie)
 }
 
 #[cfg(test)]
@@ -777,9 +781,18 @@ mod tests {
         let mut bad = ok.clone();
         bad["client_uri"] = json!("http://element.io/");
         assert!(validate_client_metadata(&bad).is_err());
-        let mut bad = ok;
+        let mut bad = ok.clone();
         bad["token_endpoint_auth_method"] = json!("client_secret_basic");
         assert!(validate_client_metadata(&bad).is_err());
+        let mut bad = ok.clone();
+        for i in 0..100 {
+            bad[format!("client_name#x{i}")] = json!("n");
+        }
+        assert!(validate_client_metadata(&bad).is_err(), "localised values are bounded");
+        // White space the URL parser trims must not shift (or break) the authority check.
+        assert!(check_redirect_uri("native", "element.io", " io.element:/callback").is_ok());
+        assert!(check_redirect_uri("native", "element.io", "\u{a0}é:/x").is_err());
+        let _ = ok;
         assert_eq!(metadata_hash(&json!({"a": 1, "b": 2})), metadata_hash(&json!({"b": 2, "a": 1})));
     }
 }

@@ -38,7 +38,6 @@ use openidconnect::{
     TokenResponse, UserInfoJsonWebToken, UserInfoVerifier,
 };
 use serde_json::{Map, Value};
-use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use self::config::{ClientAuthMethod, MatchBy, SsoConfig, SsoProviderConfig, UserProfileMethod};
@@ -161,13 +160,9 @@ pub fn random_token() -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
-fn sha256(s: &str) -> [u8; 32] {
-    Sha256::digest(s.as_bytes()).into()
-}
-
 /// The name of the browser-binding cookie of the request with this `state`.
 pub fn cookie_name(state: &str) -> String {
-    format!("{COOKIE_PREFIX}{}", &hex::encode(sha256(state))[..16])
+    format!("{COOKIE_PREFIX}{}", &hex::encode(crate::auth::hash_token(state))[..16])
 }
 
 /// An authorization request just started.
@@ -335,8 +330,8 @@ impl Sso {
         storage::sso::insert_auth_session(
             db,
             &storage::sso::NewAuthSession {
-                state_hash: &sha256(&state),
-                browser_hash: &sha256(&browser),
+                state_hash: &crate::auth::hash_token(&state),
+                browser_hash: &crate::auth::hash_token(&browser),
                 provider: &p.cfg.id,
                 nonce: &nonce,
                 pkce_verifier: verifier.as_deref(),
@@ -363,7 +358,7 @@ impl Sso {
         code: &str,
         browser_cookie: Option<&str>,
     ) -> Result<Identity, SsoError> {
-        let Some(session) = storage::sso::take_auth_session(db, &sha256(state)).await? else {
+        let Some(session) = storage::sso::take_auth_session(db, &crate::auth::hash_token(state)).await? else {
             return Err(SsoError::bad_request(
                 "Cette demande de connexion est inconnue ou a déjà servi. Recommencez depuis votre application.",
                 "This login request is unknown or was already used. Please start again from your application.",
@@ -375,7 +370,8 @@ impl Sso {
                 "This login request has expired. Please start again from your application.",
             ));
         }
-        let same_browser = browser_cookie.is_some_and(|c| bool::from(sha256(c).ct_eq(session.browser_hash.as_slice())));
+        let same_browser = browser_cookie
+            .is_some_and(|c| bool::from(crate::auth::hash_token(c).ct_eq(session.browser_hash.as_slice())));
         if !same_browser {
             return Err(SsoError::forbidden(
                 "Cette connexion a été commencée dans un autre navigateur. Recommencez depuis votre application.",
@@ -712,7 +708,7 @@ impl Sso {
         storage::sso::insert_login_token(
             db,
             &storage::sso::NewLoginToken {
-                token_hash: &sha256(&token),
+                token_hash: &crate::auth::hash_token(&token),
                 user_id,
                 provider: &ident.provider,
                 subject: &ident.subject,

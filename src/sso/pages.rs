@@ -4,20 +4,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::http::web::escape;
 
 /// A page: `body` is trusted HTML built by this module's callers from escaped parts.
 pub fn page(status: StatusCode, title: &str, body: &str) -> Response {
@@ -132,12 +119,4 @@ pub fn logged_out() -> Response {
         "Déconnecté / Signed out",
         "<h1>Vous êtes déconnecté</h1><p class=\"en\" lang=\"en\">You are signed out.</p>",
     )
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn escapes_markup() {
-        assert_eq!(super::escape("<a href=\"x\">'&'</a>"), "&lt;a href=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/a&gt;");
-    }
 }

@@ -41,20 +41,7 @@ impl Message {
     }
 }
 
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::http::web::escape;
 
 fn cut(s: &str) -> String {
     if s.chars().count() <= MAX_FIELD { s.to_owned() } else { s.chars().take(MAX_FIELD).collect::<String>() + "…" }

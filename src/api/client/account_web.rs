@@ -26,13 +26,6 @@ fn params(raw: &[u8]) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then_some(v)
-    })
-}
-
 fn see_other(to: &str) -> Response {
     let mut r = StatusCode::SEE_OTHER.into_response();
     if let Ok(v) = HeaderValue::from_str(to) {
@@ -48,25 +41,25 @@ fn internal() -> Response {
 
 /// `action` and `device_id` of the page asked for, checked (never a URL: no open redirect).
 fn target(q: &std::collections::BTreeMap<String, String>) -> String {
-    let mut u = url::Url::parse("http://x/").expect("static URL");
-    {
-        let mut qp = u.query_pairs_mut();
-        if let Some(a) = q.get("action").filter(|a| oauth::ACCOUNT_ACTIONS.contains(&a.as_str())) {
-            qp.append_pair("action", a);
-        }
-        if let Some(d) = q.get("device_id").filter(|d| !d.is_empty() && d.len() <= 255) {
-            qp.append_pair("device_id", d);
-        }
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    if let Some(a) = q.get("action").filter(|a| oauth::ACCOUNT_ACTIONS.contains(&a.as_str())) {
+        pairs.push(("action", a));
     }
-    match u.query() {
-        Some(q) if !q.is_empty() => format!("{BASE}?{q}"),
-        _ => BASE.to_owned(),
+    if let Some(d) = q.get("device_id").filter(|d| !d.is_empty() && d.len() <= 255) {
+        pairs.push(("device_id", d));
     }
+    if pairs.is_empty() { BASE.to_owned() } else { format!("{BASE}?{}", crate::http::web::query(&pairs)) }
+}
+
+/// The page to show after signing in: the `next` parameter, reduced to a checked target.
+fn next_of(q: &std::collections::BTreeMap<String, String>) -> String {
+    q.get("next")
+        .map_or_else(|| BASE.to_owned(), |n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
 }
 
 /// The signed-in user and the session's CSRF token.
 async fn session(state: &AppState, headers: &HeaderMap) -> Option<(String, String)> {
-    let c = cookie(headers, COOKIE)?;
+    let c = crate::http::web::cookie(headers, COOKIE)?;
     storage::oauth::web_session(&state.db, &crate::auth::hash_token(c)).await.ok().flatten()
 }
 
@@ -104,9 +97,7 @@ fn login_page(state: &AppState, next: &str, error: Option<&str>) -> Response {
         .sso
         .providers()
         .map(|p| {
-            let mut u = url::Url::parse("http://x/").expect("static URL");
-            u.query_pairs_mut().append_pair("idp", &p.id).append_pair("next", next);
-            (p.name.clone(), format!("{BASE}upstream?{}", u.query().unwrap_or("")))
+            (p.name.clone(), format!("{BASE}upstream?{}", crate::http::web::query(&[("idp", &p.id), ("next", next)])))
         })
         .collect();
     let login_action = format!("{BASE}login");
@@ -264,10 +255,7 @@ pub async fn upstream(State(state): State<AppState>, RawQuery(query): RawQuery) 
     let Some(base) = oauth::base(&state) else {
         return page_error(StatusCode::NOT_FOUND, "Page introuvable.", "Not found.");
     };
-    let next = q
-        .get("next")
-        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
-        .unwrap_or_else(|| BASE.into());
+    let next = next_of(&q);
     let mut back = url::Url::parse(&format!("{base}{BASE}sso_done")).expect("base URL checked at start-up");
     back.query_pairs_mut().append_pair("next", &next);
     match state.sso.start(&state.db, q.get("idp").map(String::as_str).unwrap_or(""), Some(back.as_str()), None).await {
@@ -279,10 +267,7 @@ pub async fn upstream(State(state): State<AppState>, RawQuery(query): RawQuery) 
 /// `GET /_parvis/account/sso_done?next=&loginToken=`: back from the provider.
 pub async fn sso_done(State(state): State<AppState>, RawQuery(query): RawQuery) -> Response {
     let q = params(query.as_deref().unwrap_or("").as_bytes());
-    let next = q
-        .get("next")
-        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
-        .unwrap_or_else(|| BASE.into());
+    let next = next_of(&q);
     let Some(token) = q.get("loginToken") else {
         return page_error(StatusCode::BAD_REQUEST, "Jeton de connexion absent.", "The login token is missing.");
     };
@@ -304,10 +289,7 @@ pub async fn sso_done(State(state): State<AppState>, RawQuery(query): RawQuery) 
 /// `POST /_parvis/account/login`: the password form.
 pub async fn password_login(State(state): State<AppState>, ClientIp(ip): ClientIp, body: Bytes) -> Response {
     let f = params(&body);
-    let next = f
-        .get("next")
-        .map(|n| target(&params(n.split_once('?').map_or("", |(_, q)| q).as_bytes())))
-        .unwrap_or_else(|| BASE.into());
+    let next = next_of(&f);
     if !state.config.oauth.password_login || oauth::base(&state).is_none() {
         return page_error(
             StatusCode::FORBIDDEN,
@@ -386,7 +368,7 @@ pub async fn action(State(state): State<AppState>, headers: HeaderMap, body: Byt
 /// `POST /_parvis/account/logout`: ends the account page session.
 pub async fn logout(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
     let f = params(&body);
-    if let (Some((_, csrf)), Some(c)) = (session(&state, &headers).await, cookie(&headers, COOKIE))
+    if let (Some((_, csrf)), Some(c)) = (session(&state, &headers).await, crate::http::web::cookie(&headers, COOKIE))
         && f.get("csrf").is_some_and(|x| bool::from(x.as_bytes().ct_eq(csrf.as_bytes())))
     {
         let _ = storage::oauth::delete_web_session(&state.db, &crate::auth::hash_token(c)).await;

@@ -122,13 +122,6 @@ fn grant_cookie_name(grant_id: &str) -> String {
     format!("parvis_oauth_{}", &hex::encode(oauth::browser_hash(grant_id))[..16])
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then_some(v)
-    })
-}
-
 /// The grant of a browser request: it exists, is unexpired, and the browser holds its cookie.
 async fn browser_grant(
     state: &AppState,
@@ -149,7 +142,7 @@ async fn browser_grant(
             return Err(page_error(StatusCode::INTERNAL_SERVER_ERROR, "Erreur interne.", "Internal error."));
         }
     };
-    let ok = cookie(headers, &grant_cookie_name(grant_id))
+    let ok = crate::http::web::cookie(headers, &grant_cookie_name(grant_id))
         .is_some_and(|c| bool::from(oauth::browser_hash(c).ct_eq(g.browser_hash.as_slice())));
     if !ok {
         return Err(page_error(
@@ -166,9 +159,14 @@ fn login_page(state: &AppState, g: &storage::oauth::Grant, client_name: &str, er
         .sso
         .providers()
         .map(|p| {
-            let mut u = url::Url::parse("http://x/").expect("static URL");
-            u.query_pairs_mut().append_pair("grant", &g.grant_id).append_pair("idp", &p.id);
-            (p.name.clone(), format!("{}?{}", oauth::UPSTREAM_PATH, u.query().unwrap_or("")))
+            (
+                p.name.clone(),
+                format!(
+                    "{}?{}",
+                    oauth::UPSTREAM_PATH,
+                    crate::http::web::query(&[("grant", &g.grant_id), ("idp", &p.id)])
+                ),
+            )
         })
         .collect();
     let hidden = [("grant", g.grant_id.as_str())];
@@ -265,9 +263,8 @@ pub async fn authorize(State(state): State<AppState>, ClientIp(ip): ClientIp, Ra
     let providers: Vec<_> = state.sso.providers().collect();
     // One provider and no password form: straight to it.
     let mut resp = if providers.len() == 1 && !state.config.oauth.password_login {
-        let mut u = url::Url::parse("http://x/").expect("static URL");
-        u.query_pairs_mut().append_pair("grant", &grant_id).append_pair("idp", &providers[0].id);
-        redirect(StatusCode::FOUND, &format!("{}?{}", oauth::UPSTREAM_PATH, u.query().unwrap_or("")))
+        let q = crate::http::web::query(&[("grant", &grant_id), ("idp", &providers[0].id)]);
+        redirect(StatusCode::FOUND, &format!("{}?{q}", oauth::UPSTREAM_PATH))
     } else {
         login_page(&state, &g, &name, None)
     };
@@ -339,9 +336,8 @@ pub async fn password_login(
                 tracing::error!(error = %e, "grant update failed");
                 return page_error(StatusCode::INTERNAL_SERVER_ERROR, "Erreur interne.", "Internal error.");
             }
-            let mut u = url::Url::parse("http://x/").expect("static URL");
-            u.query_pairs_mut().append_pair("grant", &g.grant_id);
-            redirect(StatusCode::SEE_OTHER, &format!("{}?{}", oauth::CONSENT_PATH, u.query().unwrap_or("")))
+            let q = crate::http::web::query(&[("grant", &g.grant_id)]);
+            redirect(StatusCode::SEE_OTHER, &format!("{}?{q}", oauth::CONSENT_PATH))
         }
         Err(msg) => login_page(&state, &g, &name, Some(&msg)),
     }

@@ -111,34 +111,7 @@ pub async fn register(
         },
     )
     .await?;
-    let home_server = state.config.server_name.clone();
-    if body.inhibit_login {
-        return Ok(axum::Json(RegisterResponse {
-            user_id,
-            access_token: None,
-            device_id: None,
-            refresh_token: None,
-            expires_in_ms: None,
-            home_server,
-        }));
-    }
-    let (device_id, tokens) = crate::auth::start_device_session(
-        &state,
-        &user_id,
-        body.device_id.as_deref(),
-        body.initial_device_display_name.as_deref(),
-        Some(&ip.to_string()),
-        body.refresh_token,
-    )
-    .await?;
-    Ok(axum::Json(RegisterResponse {
-        user_id,
-        access_token: Some(tokens.access_token),
-        device_id: Some(device_id),
-        refresh_token: tokens.refresh_token,
-        expires_in_ms: tokens.expires_in_ms,
-        home_server,
-    }))
+    registered(&state, user_id, &body, &ip.to_string()).await
 }
 
 pub const APPSERVICE_LOGIN: &str = "m.login.application_service";
@@ -194,6 +167,16 @@ async fn appservice_register(
         ));
     }
     let user_id = users::create_appservice_account(state, &localpart).await?;
+    registered(state, user_id, &body, ip).await
+}
+
+/// The answer to a successful registration: a device session unless `inhibit_login`.
+async fn registered(
+    state: &AppState,
+    user_id: String,
+    body: &RegisterBody,
+    ip: &str,
+) -> ApiResult<axum::Json<RegisterResponse>> {
     let home_server = state.config.server_name.clone();
     if body.inhibit_login {
         return Ok(axum::Json(RegisterResponse {

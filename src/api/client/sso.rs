@@ -85,9 +85,8 @@ pub async fn redirect(
     let links = providers
         .iter()
         .map(|p| {
-            let mut u = url::Url::parse("http://x/").expect("static URL");
-            u.query_pairs_mut().append_pair("redirectUrl", redirect);
-            (p.name.clone(), format!("/_matrix/client/v3/login/sso/redirect/{}?{}", p.id, u.query().unwrap_or("")))
+            let q = crate::http::web::query(&[("redirectUrl", redirect)]);
+            (p.name.clone(), format!("/_matrix/client/v3/login/sso/redirect/{}?{q}", p.id))
         })
         .collect::<Vec<_>>();
     Ok(pages::pick_provider(&links))
@@ -129,13 +128,6 @@ pub struct CallbackQuery {
     error_description: Option<String>,
 }
 
-fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        (k == name).then_some(v)
-    })
-}
-
 /// `GET /_synapse/client/oidc/callback`: the provider's answer.
 pub async fn callback(
     State(state): State<AppState>,
@@ -171,7 +163,7 @@ async fn handle_callback(
     };
     if let Some(err) = q.error.as_deref() {
         // The request is over either way: consume it so that it cannot be finished later.
-        let _ = storage::sso::take_auth_session(&state.db, &sha256(st)).await;
+        let _ = storage::sso::take_auth_session(&state.db, &crate::auth::hash_token(st)).await;
         let desc = q.error_description.as_deref().unwrap_or("");
         let shown: String = format!("{err} {desc}").chars().take(300).collect();
         tracing::info!(error = err, description = desc, "SSO provider returned an error");
@@ -182,7 +174,7 @@ async fn handle_callback(
         });
     }
     let code = q.code.as_deref().unwrap_or("");
-    let browser = cookie(headers, &sso::cookie_name(st));
+    let browser = crate::http::web::cookie(headers, &sso::cookie_name(st));
     let ident = state.sso.finish(&state.db, st, code, browser).await?;
     let mut resp = match &ident.uia_session_id {
         Some(session) => finish_uia(state, session, &ident).await?,
@@ -214,11 +206,6 @@ async fn handle_callback(
         resp.headers_mut().append(header::SET_COOKIE, v);
     }
     Ok(resp)
-}
-
-fn sha256(s: &str) -> Vec<u8> {
-    use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes()).to_vec()
 }
 
 async fn finish_uia(state: &AppState, session: &str, ident: &sso::Identity) -> Result<Response, SsoError> {
@@ -305,12 +292,8 @@ async fn handle_fallback(state: &AppState, ip: &str, q: FallbackQuery) -> Result
             let links = usable
                 .iter()
                 .map(|p| {
-                    let mut u = url::Url::parse("http://x/").expect("static URL");
-                    u.query_pairs_mut().append_pair("session", session).append_pair("idp", &p.id);
-                    (
-                        p.name.clone(),
-                        format!("/_matrix/client/v3/auth/m.login.sso/fallback/web?{}", u.query().unwrap_or("")),
-                    )
+                    let q = crate::http::web::query(&[("session", session), ("idp", &p.id)]);
+                    (p.name.clone(), format!("/_matrix/client/v3/auth/m.login.sso/fallback/web?{q}"))
                 })
                 .collect::<Vec<_>>();
             Ok(pages::uia_start(&links))
