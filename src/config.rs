@@ -56,6 +56,8 @@ pub struct Config {
     pub matrix_rtc: MatrixRtcConfig,
     /// Delayed events (MSC4140).
     pub delayed_events: DelayedEventsConfig,
+    /// Several instances on one database: heartbeats, the stream poller, leases.
+    pub cluster: ClusterConfig,
     /// Application services (bridges, bots): registration files and transaction delivery.
     pub appservices: AppServicesConfig,
     /// Alert webhooks (`POST /_parvis/webhook/{hookId}`).
@@ -77,6 +79,9 @@ pub struct TestingConfig {
     /// A batch holding an event whose content contains this text fails in push evaluation, a
     /// failure that no single event of the batch can be blamed for.
     pub fail_push_containing: Option<String>,
+    /// A batch holding an event whose content contains this text waits 1.5 s before its
+    /// `COMMIT`, its stream positions taken: a slow writer, for the cross-instance watermark test.
+    pub stall_commit_containing: Option<String>,
 }
 
 /// Message retention (MSC1763): expired messages are hidden from clients and purged by a periodic
@@ -455,6 +460,7 @@ impl Default for Config {
             jitsi: JitsiConfig::default(),
             matrix_rtc: MatrixRtcConfig::default(),
             delayed_events: DelayedEventsConfig::default(),
+            cluster: ClusterConfig::default(),
             appservices: AppServicesConfig::default(),
             webhooks: WebhooksConfig::default(),
             server_notices: ServerNoticesConfig::default(),
@@ -977,6 +983,17 @@ impl Config {
                 _ => return Err(("matrix_rtc.livekit_service_urls", format!("`{u}` is not an http(s) URL"))),
             }
         }
+        let k = &self.cluster;
+        for (key, v, min, max) in [
+            ("cluster.heartbeat_ms", k.heartbeat_ms, 100, 5_000),
+            ("cluster.poll_interval_ms", k.poll_interval_ms, 10, 10_000),
+            ("cluster.lease_retry_ms", k.lease_retry_ms, 50, 60_000),
+            ("cluster.lease_check_ms", k.lease_check_ms, 50, 60_000),
+        ] {
+            if !(min..=max).contains(&v) {
+                return Err((key, format!("must be between {min} and {max}")));
+            }
+        }
         let d = &self.delayed_events;
         if d.max_delay_ms == 0 || d.max_delay_ms > 365 * 86_400_000 {
             return Err(("delayed_events.max_delay_ms", "must be between 1 and one year".into()));
@@ -1136,6 +1153,29 @@ pub struct MatrixRtcConfig {
     /// `livekit_service_url`s, e.g. `https://livekit-jwt.ville.fr`. Empty: no foci advertised, and
     /// the MSC4143 transports endpoint answers 404 `M_UNRECOGNIZED`.
     pub livekit_service_urls: Vec<String>,
+}
+
+/// Several instances on one database (`cluster`). Every instance finds the others by itself;
+/// these only tune how fast.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// How often an instance refreshes its heartbeat row and looks for the others (an instance
+    /// silent for 10 s is considered gone). At most 5 000.
+    pub heartbeat_ms: u64,
+    /// With other instances alive, how often the streams are read even when no notification
+    /// came (a fallback: commits notify the others at once).
+    pub poll_interval_ms: u64,
+    /// How often an instance tries to take a singleton duty's lease that another one holds.
+    pub lease_retry_ms: u64,
+    /// How often the holder of a lease checks its lease connection.
+    pub lease_check_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self { heartbeat_ms: 2_000, poll_interval_ms: 250, lease_retry_ms: 1_000, lease_check_ms: 2_000 }
+    }
 }
 
 /// Delayed events (MSC4140), which Element Call uses to leave calls when a client disappears.

@@ -3,6 +3,7 @@
 pub mod api;
 pub mod appservice;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod e2ee;
 pub mod error;

@@ -55,7 +55,10 @@ pub async fn prepare(config: Config) -> anyhow::Result<AppState> {
     let key = crate::keys::load_or_create(&pool, config.signing_key.path.as_deref()).await?;
     tracing::info!(server_name = %config.server_name, key_id = %key.key_id, "database ready");
     let state = AppState::new(config, pool, key)?;
+    // Before anything takes stream positions: the other instances must know of this one.
+    crate::cluster::join(&state).await?;
     crate::sync::init(&state).await?;
+    crate::cluster::ready(&state);
     Ok(state)
 }
 
@@ -77,6 +80,7 @@ impl RunningServer {
         for t in self.tasks {
             t.await.context("server task panicked")??;
         }
+        crate::cluster::leave(&self.state).await;
         self.state.db.close().await;
         Ok(())
     }
@@ -119,13 +123,18 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
         let app = crate::http::with_layers(crate::api::federation::router(), state.clone());
         tasks.push(serve(l, app, stop_rx.clone()));
     }
-    tasks.push(tokio::spawn(crate::rtc::delayed::run(state.clone(), stop_rx.clone())));
+    // Per instance: its own temporary files and export jobs.
     tasks.push(tokio::spawn(crate::media::housekeeping(state.clone(), stop_rx.clone())));
-    tasks.push(tokio::spawn(crate::push::gateway::resume_loop(state.clone(), stop_rx.clone())));
-    if state.config.retention.enabled {
-        tasks.push(tokio::spawn(crate::rooms::retention::purge_loop(state.clone(), stop_rx.clone())));
-    }
     tasks.push(tokio::spawn(crate::records::jobs::housekeeping(state.clone(), stop_rx.clone())));
+    // Singleton duties: on one instance at a time (see `cluster::lease`).
+    let s = state.clone();
+    tasks.push(tokio::spawn(crate::cluster::lease::run(
+        state.clone(),
+        MAINTENANCE_LEASE.to_owned(),
+        stop_rx.clone(),
+        None,
+        move |stop| maintenance(s.clone(), stop),
+    )));
     crate::appservice::ensure_senders(&state).await?;
     tasks.extend(crate::appservice::sender::spawn_all(&state, &stop_rx));
     {
@@ -137,7 +146,6 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
             state.appservice_sockets.shut_down();
         });
     }
-    tasks.push(tokio::spawn(housekeeping(state.clone(), stop_rx)));
     crate::rooms::spawn_profile_propagation(state.clone());
     // Detached: a re-index (after `search.language` changed) is resumable and idempotent.
     tokio::spawn(crate::search::reindex_if_needed(state.clone()));
@@ -170,6 +178,27 @@ fn serve(listener: TcpListener, app: Router, mut stop: watch::Receiver<bool>) ->
             .await
             .context("HTTP server failed")
     })
+}
+
+/// The lease of the singleton maintenance duties.
+pub const MAINTENANCE_LEASE: &str = "maintenance";
+
+/// The duties one instance runs for all: delayed events, push retries, retention, clean-up.
+async fn maintenance(state: AppState, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    let retention = async {
+        if state.config.retention.enabled {
+            crate::rooms::retention::purge_loop(state.clone(), stop.clone()).await
+        } else {
+            Ok(())
+        }
+    };
+    tokio::try_join!(
+        crate::rtc::delayed::run(state.clone(), stop.clone()),
+        crate::push::gateway::resume_loop(state.clone(), stop.clone()),
+        housekeeping(state.clone(), stop.clone()),
+        retention,
+    )?;
+    Ok(())
 }
 
 /// Periodic clean-up of short-lived rows.

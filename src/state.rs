@@ -78,6 +78,8 @@ pub struct Inner {
     pub appservice_http: reqwest::Client,
     /// Alert webhooks: per-hook rate limits.
     pub webhooks: crate::webhooks::Webhooks,
+    /// The other instances on this database, and what this one tells them.
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -101,9 +103,11 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(config: Config, db: PgPool, server_key: ServerKey) -> anyhow::Result<Self> {
+        let cluster = Arc::new(crate::cluster::Cluster::new());
         let auth = AuthService::new(
             Duration::from_secs(config.auth.token_cache_ttl_secs),
             Duration::from_secs(config.auth.access_token_lifetime_secs),
+            cluster.clone(),
         );
         let passwords = Passwords::new(&config.auth)?;
         let rate_limits = RateLimiters::new(&config.rate_limits);
@@ -153,6 +157,7 @@ impl AppState {
             appservice_sockets: Default::default(),
             appservice_http,
             webhooks,
+            cluster,
             server_key,
             db,
             config,

@@ -94,14 +94,31 @@ pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// Starts one delivery task per appservice that has a URL.
+/// Starts one delivery task per appservice that has a URL, each under its lease
+/// (`appservice:<id>`): with several instances, one delivers at a time. An appservice on a
+/// WebSocket is delivered by the instance its socket is connected to: only that one competes.
 pub fn spawn_all(state: &AppState, stop: &watch::Receiver<bool>) -> Vec<tokio::task::JoinHandle<anyhow::Result<()>>> {
     state
         .appservices
         .all()
         .iter()
         .filter(|r| r.delivers())
-        .map(|r| tokio::spawn(run(state.clone(), r.clone(), stop.clone())))
+        .map(|r| {
+            let gate: Option<Box<dyn Fn() -> bool + Send + Sync>> = if r.websocket {
+                let (s, id) = (state.clone(), r.id.clone());
+                Some(Box::new(move || s.appservice_sockets.is_connected(&id)))
+            } else {
+                None
+            };
+            let (s, reg) = (state.clone(), r.clone());
+            tokio::spawn(crate::cluster::lease::run(
+                state.clone(),
+                format!("appservice:{}", r.id),
+                stop.clone(),
+                gate,
+                move |stop| run(s.clone(), reg.clone(), stop),
+            ))
+        })
         .collect()
 }
 
@@ -216,8 +233,7 @@ pub async fn run(state: AppState, reg: Arc<Registration>, mut stop: watch::Recei
             _ = events.changed() => {}
             _ = waker.notified() => {}
             _ = stop.wait_for(|s| *s) => return Ok(()),
-            // Another instance's events (several instances per database are not supported yet,
-            // but a slow look costs little).
+            // A slow look costs little (ephemeral data queued by another path).
             _ = tokio::time::sleep(Duration::from_secs(5)) => {}
         }
     }

@@ -101,6 +101,11 @@ impl Sockets {
         self.live.lock().entry(appservice.to_owned()).or_insert_with(|| watch::Sender::new(None)).clone()
     }
 
+    /// Whether the appservice's socket is connected to this instance.
+    pub fn is_connected(&self, appservice: &str) -> bool {
+        self.live.lock().get(appservice).is_some_and(|s| s.borrow().is_some())
+    }
+
     /// Closes every connection (`server_shutting_down`) and refuses new ones.
     pub fn shut_down(&self) {
         self.shutdown.send_replace(true);

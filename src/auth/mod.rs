@@ -59,6 +59,7 @@ pub struct AuthService {
     /// Devices whose `last_seen` was written recently, so it is written at most every 5 minutes.
     seen: moka::sync::Cache<(Arc<str>, Arc<str>), ()>,
     access_token_lifetime_ms: i64,
+    cluster: Arc<crate::cluster::Cluster>,
 }
 
 /// Tokens handed to a client at login, registration or refresh.
@@ -70,8 +71,9 @@ pub struct IssuedTokens {
 }
 
 impl AuthService {
-    pub fn new(cache_ttl: Duration, access_token_lifetime: Duration) -> Self {
+    pub fn new(cache_ttl: Duration, access_token_lifetime: Duration, cluster: Arc<crate::cluster::Cluster>) -> Self {
         Self {
+            cluster,
             cache: moka::future::Cache::builder().max_capacity(100_000).time_to_live(cache_ttl).build(),
             seen: moka::sync::Cache::builder().max_capacity(100_000).time_to_live(Duration::from_secs(300)).build(),
             access_token_lifetime_ms: access_token_lifetime.as_millis() as i64,
@@ -110,17 +112,24 @@ impl AuthService {
         Ok(session)
     }
 
-    /// Forgets revoked tokens in this process.
+    /// Forgets revoked tokens, in this process and in every other live instance (which have
+    /// confirmed it when this returns, or did not answer in time: see `cluster`).
     pub async fn evict(&self, hashes: &[Vec<u8>]) {
+        self.evict_local(hashes).await;
+        self.cluster.tokens_revoked(hashes).await;
+    }
+
+    pub async fn evict_one(&self, hash: &TokenHash) {
+        self.evict(&[hash.to_vec()]).await;
+    }
+
+    /// Forgets revoked tokens in this process only.
+    pub async fn evict_local(&self, hashes: &[Vec<u8>]) {
         for h in hashes {
             if let Ok(h) = <TokenHash>::try_from(h.as_slice()) {
                 self.cache.invalidate(&h).await;
             }
         }
-    }
-
-    pub async fn evict_one(&self, hash: &TokenHash) {
-        self.cache.invalidate(hash).await;
     }
 
     /// True the first time a device is seen in a 5-minute window (then `last_seen` is written).

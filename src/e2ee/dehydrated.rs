@@ -100,9 +100,9 @@ pub async fn put(state: &AppState, user: &str, body: &Value) -> ApiResult<String
     let pos = super::record_device_list_change(&mut tx, user).await?;
     tx.commit().await?;
     if let Some(old) = &old {
-        state.sync.invalidate_key_counts(user, Some(old));
+        crate::cluster::key_counts_changed(state, user, Some(old));
     }
-    state.sync.invalidate_key_counts(user, Some(device_id));
+    crate::cluster::key_counts_changed(state, user, Some(device_id));
     device_list_committed(state, user, pos);
     tracing::debug!(user, device_id, replaced = ?old, "dehydrated device stored");
     Ok(device_id.to_owned())
@@ -125,7 +125,7 @@ pub async fn delete(state: &AppState, user: &str) -> ApiResult<String> {
         .ok_or_else(|| Error::not_found("No dehydrated device available"))?;
     let pos = super::record_device_list_change(&mut tx, user).await?;
     tx.commit().await?;
-    state.sync.invalidate_key_counts(user, Some(&device_id));
+    crate::cluster::key_counts_changed(state, user, Some(&device_id));
     device_list_committed(state, user, pos);
     Ok(device_id)
 }

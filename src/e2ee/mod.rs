@@ -71,8 +71,13 @@ pub async fn record_device_list_change(conn: &mut sqlx::PgConnection, user: &str
 /// user and their room-mates.
 pub fn device_list_committed(state: &AppState, user: &str, pos: i64) {
     state.sync.device_list_heads.raise(&user.to_owned(), pos);
-    crate::state::advance(&state.device_list_stream, pos);
+    crate::cluster::advance(state, &state.device_list_stream, pos);
     crate::appservice::sender::device_list_changed(state, user);
+    device_list_woken(state, user);
+}
+
+/// Wakes the user and their room-mates after a change of the user's devices.
+pub fn device_list_woken(state: &AppState, user: &str) {
     state.sync.wake_user(user);
     match state.sync.cached_joined_rooms(user) {
         Some(rooms) => rooms.into_iter().for_each(|r| state.sync.wake_room(r)),
@@ -86,7 +91,7 @@ pub async fn devices_changed(state: &AppState, user: &str) -> ApiResult<()> {
     let mut tx = state.db.begin().await?;
     let pos = record_device_list_change(&mut tx, user).await?;
     tx.commit().await?;
-    state.sync.invalidate_key_counts(user, None);
+    crate::cluster::key_counts_changed(state, user, None);
     device_list_committed(state, user, pos);
     Ok(())
 }
@@ -134,7 +139,7 @@ pub async fn upload_keys(state: &AppState, user: &str, device: &str, body: &Valu
     let pos = if changed { Some(record_device_list_change(&mut tx, user).await?) } else { None };
     let counts = storage::e2ee::one_time_key_counts(&mut *tx, user, device).await?;
     tx.commit().await?;
-    state.sync.invalidate_key_counts(user, Some(device));
+    crate::cluster::key_counts_changed(state, user, Some(device));
     if let Some(pos) = pos {
         device_list_committed(state, user, pos);
     }
@@ -322,7 +327,7 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
         let fallback = storage::e2ee::claim_fallback_keys(&mut tx, &missing).await?;
         tx.commit().await?;
         for (u, d, a, k, v) in claimed.into_iter().chain(fallback) {
-            state.sync.invalidate_key_counts(&u, Some(&d));
+            crate::cluster::key_counts_changed(state, &u, Some(&d));
             let dev = out.entry(u).or_default().entry(d).or_insert_with(|| json!({}));
             dev[format!("{a}:{k}")] = v;
         }
@@ -681,7 +686,7 @@ pub async fn send_to_device(
     tx.commit().await?;
     crate::appservice::sender::to_device_sent(state, sender, event_type, &rows);
     if pos > 0 {
-        crate::state::advance(&state.to_device_stream, pos);
+        crate::cluster::advance(state, &state.to_device_stream, pos);
         let users: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
         for u in users {
             state.sync.to_device_heads.raise(&u.to_owned(), pos);

@@ -40,6 +40,13 @@ pub struct Metrics {
     latency: Family<EndpointLabels, Histogram>,
     db_connections: Gauge,
     db_idle: Gauge,
+    cluster_instances: Gauge,
+    leases: Family<LeaseLabels, Gauge>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseLabels {
+    pub lease: String,
 }
 
 impl Default for Metrics {
@@ -67,12 +74,32 @@ impl Metrics {
             "Push gateway deliveries by outcome (delivered, rejected, refused, failed) and retried attempts",
             push_deliveries.clone(),
         );
-        Self { registry, requests, push_deliveries, latency, db_connections, db_idle }
+        let cluster_instances = Gauge::default();
+        let leases = Family::<LeaseLabels, Gauge>::default();
+        registry.register(
+            "cluster_instances",
+            "Live instances on this database, this one included",
+            cluster_instances.clone(),
+        );
+        registry.register(
+            "leases_held",
+            "Singleton duties whose lease this instance holds (1) or not (0)",
+            leases.clone(),
+        );
+        Self { registry, requests, push_deliveries, latency, db_connections, db_idle, cluster_instances, leases }
     }
 
     /// Counts a push delivery outcome (see `push::gateway::Outcome`) or a retried attempt.
     pub fn push_delivery(&self, outcome: &str) {
         self.push_deliveries.get_or_create(&OutcomeLabels { outcome: outcome.to_owned() }).inc();
+    }
+
+    pub fn set_cluster_instances(&self, n: i64) {
+        self.cluster_instances.set(n);
+    }
+
+    pub fn lease_held(&self, lease: &str, held: bool) {
+        self.leases.get_or_create(&LeaseLabels { lease: lease.to_owned() }).set(i64::from(held));
     }
 
     /// The text exposition, with the pool gauges refreshed.

@@ -131,6 +131,8 @@ pub struct Appended {
     pub event_id: OwnedEventId,
     pub event_nid: i64,
     pub stream: i64,
+    /// The stream position of the room's last event before this one (read under the lock).
+    pub prev_stream: i64,
     /// The event as stored (what the sync cache and push evaluation work from).
     pub row: storage::events::EventRow,
     /// Its content, already parsed.
@@ -345,6 +347,12 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Atte
             return Attempt::Unattributed(e.into());
         }
     }
+    if let Some(marker) = &state.config.testing.stall_commit_containing
+        && appended.iter().any(|a| a.content.to_string().contains(marker.as_str()))
+    {
+        // Fault injection (tests only): a slow writer, positions taken, not yet committed.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    }
     let jobs = {
         use futures_util::FutureExt;
         let eval = std::panic::AssertUnwindSafe(crate::push::eval::record_batch(state, &mut tx, room, &appended));
@@ -361,7 +369,7 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Atte
         }
     };
     if let Err(e) = tx.commit().await {
-        state.sync.invalidate_room(room.nid);
+        crate::cluster::room_invalidated(state, room.nid);
         return Attempt::Aborted(e.into());
     }
     committed(state, room, writer, &appended);
@@ -369,15 +377,24 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Atte
     Attempt::Committed(results)
 }
 
+/// Takes the room's lock for the rest of the transaction, and the shared event-writers lock:
+/// every transaction that takes event stream positions holds it first, which is how the
+/// cross-instance watermark knows which positions may still commit (`cluster`, migration 0028).
 pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(ROOM_LOCK_NAMESPACE + room_nid).execute(conn).await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock($2)")
+        .bind(crate::cluster::EVENT_WRITERS_LOCK)
+        .bind(ROOM_LOCK_NAMESPACE + room_nid)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
 /// Called after a transaction that appended `events` to `room` committed: updates the sync
 /// cache, then moves the event stream watermark (which wakes the syncs waiting for the room).
 pub fn committed(state: &AppState, room: &Room, writer: crate::sync::cache::Writer<'_>, events: &[Appended]) {
-    state.sync.committed(&state.config.server_name, room, events);
+    let previous = events.first().map_or(0, |a| a.prev_stream);
+    state.sync.committed(&state.config.server_name, room, previous, events);
+    state.cluster.committed();
     writer.finish(events.iter().map(|a| a.stream).max().unwrap_or(0));
 }
 
@@ -410,7 +427,7 @@ pub async fn append(
             extremities.len()
         )));
     }
-    let (prev_nid, prev_id, prev_depth, state_before) = extremities[0].clone();
+    let (prev_nid, prev_id, prev_depth, state_before, prev_stream) = extremities[0].clone();
 
     let kind = TimelineEventType::from(ev.kind.as_str());
     let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| Error::bad_json(e.to_string()))?;
@@ -548,7 +565,7 @@ pub async fn append(
         state_before,
         state_after,
     };
-    Ok(Appended { event_id, event_nid, stream, row, content: ev.content })
+    Ok(Appended { event_id, event_nid, stream, prev_stream, row, content: ev.content })
 }
 
 /// Records a state event: a new state group (delta on the state before), current state, and the

@@ -251,7 +251,7 @@ async fn purge_room(state: &AppState, room_nid: i64, cutoff: i64, batch: i64) ->
         // The next read reloads the room from the database. A read that loaded it just before
         // the commit may still cache purged events: they are expired, and every read path hides
         // expired events.
-        state.sync.invalidate_room(room_nid);
+        crate::cluster::room_invalidated(state, room_nid);
         events += deleted;
         media += purge_media(state, attached.into_iter().collect()).await?;
         if (expired.len() as i64) < batch {

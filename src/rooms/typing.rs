@@ -1,10 +1,13 @@
 //! Typing notifications: ephemeral, so kept in memory only (a restart forgets them, which is
 //! what clients expect of a state that expires within seconds anyway). With several instances
-//! sharing a database, each instance only knows the typing of its own clients.
+//! sharing a database, every change is also sent to the other instances (`cluster`, over
+//! `LISTEN/NOTIFY`), which apply it to their own copy ([`Typing::apply_remote`]).
 //!
 //! Every change (start, stop, expiry) takes the next value of an in-memory stream counter and
 //! records it on the room, so sync can ask "did this room's typing set change since X" and
-//! long-polls can wait on [`Typing::subscribe`].
+//! long-polls can wait on [`Typing::subscribe`]. The counter follows the wall clock in
+//! milliseconds (and always increases), so that a sync token handed out by one instance means
+//! about the same moment to another.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -53,7 +56,7 @@ impl Shared {
     fn bump(&self, room_nid: i64, room: &mut RoomTyping) -> u64 {
         let mut pos = 0;
         self.stream.send_modify(|p| {
-            *p += 1;
+            *p = (*p + 1).max(crate::cluster::typing_clock());
             pos = *p;
         });
         room.position = pos;
@@ -101,6 +104,18 @@ impl Typing {
             }
         });
         pos
+    }
+
+    /// Applies another instance's change: `user_id` typing for `remaining` more, or stopped.
+    pub fn apply_remote(&self, room_nid: i64, user_id: &str, remaining: Option<Duration>) {
+        match remaining {
+            Some(d) if !d.is_zero() => {
+                self.start(room_nid, user_id, d);
+            }
+            _ => {
+                self.stop(room_nid, user_id);
+            }
+        }
     }
 
     /// Marks `user_id` as no longer typing. Returns the new stream position, or `None` if they
@@ -167,6 +182,9 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(typing.typing_users(1), ["@a:x"]);
         assert!(typing.typing_users(2).is_empty());
-        assert_eq!(typing.current_position(), before + 2, "each expired room is one change");
+        // Each expired room is one change, at a position above every earlier one.
+        assert!(typing.current_position() >= before + 2);
+        assert!(typing.room_position(1) > before && typing.room_position(2) > before);
+        assert_ne!(typing.room_position(1), typing.room_position(2));
     }
 }

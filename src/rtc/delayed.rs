@@ -144,7 +144,7 @@ pub async fn schedule(state: &AppState, s: Schedule<'_>) -> ApiResult<String> {
         }
         return Err(Error::internal());
     }
-    state.rtc.wake.notify_one();
+    crate::cluster::delayed_changed(state);
     Ok(delay_id)
 }
 
@@ -186,7 +186,7 @@ pub async fn manage(state: &AppState, delay_id: &str, action: Action) -> ApiResu
     match action {
         Action::Restart => {
             if store::restart(&state.db, delay_id, now_ms()).await?.is_some() {
-                state.rtc.wake.notify_one();
+                crate::cluster::delayed_changed(state);
                 return Ok(());
             }
             Err(not_found())

@@ -120,9 +120,14 @@ pub async fn by_ids(db: impl PgExecutor<'_>, ids: &[String]) -> sqlx::Result<Vec
 }
 
 /// Forward extremities of a room: (event_nid, event_id, depth, state_after).
-pub async fn extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<Vec<(i64, String, i64, Option<i64>)>> {
+/// The room's forward extremities: (event number, ID, depth, state after, stream position).
+#[allow(clippy::type_complexity)]
+pub async fn extremities(
+    conn: &mut PgConnection,
+    room_nid: i64,
+) -> sqlx::Result<Vec<(i64, String, i64, Option<i64>, i64)>> {
     sqlx::query_as(
-        "SELECT e.event_nid, e.event_id, e.depth, e.state_after
+        "SELECT e.event_nid, e.event_id, e.depth, e.state_after, e.stream_ordering
          FROM room_extremities x JOIN events e ON e.event_nid = ANY(x.event_nids)
          WHERE x.room_nid = $1 ORDER BY e.depth, e.stream_ordering",
     )

@@ -7,6 +7,7 @@
 pub mod account_data;
 pub mod appservice;
 pub mod backup;
+pub mod cluster;
 pub mod dehydrated;
 pub mod delayed_events;
 pub mod devices;

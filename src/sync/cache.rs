@@ -257,6 +257,9 @@ struct Writers {
     max_seen: i64,
     /// Rooms with events above the watermark, to wake once it passes them: (position, room).
     pending_wakes: Vec<(i64, i64)>,
+    /// Other instances are alive: the watermark is moved by the cluster's poller
+    /// ([`SyncCaches::advance_events`]), which accounts for their writers too.
+    multi: bool,
 }
 
 /// A writer of the event stream; finish it after commit (dropping it counts as a rollback).
@@ -352,6 +355,9 @@ impl SyncCaches {
             let mut w = self.writers.lock();
             w.active.remove(&id);
             w.max_seen = w.max_seen.max(max_pos);
+            if w.multi {
+                return;
+            }
             let safe = w.active.values().next().copied().unwrap_or(w.max_seen).min(w.max_seen);
             let mut wake = Vec::new();
             w.pending_wakes.retain(|(pos, room)| {
@@ -365,6 +371,41 @@ impl SyncCaches {
             (safe, wake)
         };
         crate::state::advance(stream, safe);
+        for room in wake {
+            self.wake_room(room);
+        }
+    }
+
+    /// Switches between the in-process watermark (alone) and the cluster's (`multi`). Back to
+    /// alone, the in-process one continues from `known`, the position the cluster reached.
+    pub fn set_multi(&self, multi: bool, known: i64) {
+        let mut w = self.writers.lock();
+        w.multi = multi;
+        w.max_seen = w.max_seen.max(known);
+    }
+
+    /// Multi mode: every event up to `pos` has committed and the heads of the `rooms` that
+    /// gained events were raised; moves the watermark and wakes those rooms' members.
+    pub fn advance_events(
+        &self,
+        stream: &tokio::sync::watch::Sender<i64>,
+        pos: i64,
+        rooms: impl IntoIterator<Item = i64>,
+    ) {
+        let mut wake: std::collections::HashSet<i64> = rooms.into_iter().collect();
+        {
+            let mut w = self.writers.lock();
+            w.max_seen = w.max_seen.max(pos);
+            w.pending_wakes.retain(|(p, room)| {
+                if *p <= pos {
+                    wake.insert(*room);
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        crate::state::advance(stream, pos);
         for room in wake {
             self.wake_room(room);
         }
@@ -425,13 +466,14 @@ impl SyncCaches {
 
     /// Applies committed events to the cached entries (before the watermark moves past them) and
     /// queues the wake-up of whoever they concern.
-    pub fn committed(&self, server_name: &str, room: &Room, events: &[Appended]) {
+    /// `previous` is the stream position of the room's last event before the batch, as read
+    /// under the room's lock (0 for a new room).
+    pub fn committed(&self, server_name: &str, room: &Room, previous: i64, events: &[Appended]) {
         let Some(last) = events.iter().map(|a| a.stream).max() else { return };
-        // Commits of one room are serialised, so the head before this batch is the room's
-        // previous event: an entry that holds it can take the batch; one that does not (it was
-        // loaded from a snapshot taken before a commit it then missed) stays behind and catches
-        // up from the database when next read.
-        let previous = self.room_heads.get(&room.nid);
+        // Commits of one room are serialised (by the database lock, across instances too), so
+        // an entry holding every event up to the room's previous one can take the batch; one
+        // that does not (loaded from a snapshot taken before a commit it then missed, or behind
+        // another instance's commit) stays behind and catches up from the database when read.
         self.room_heads.raise(&room.nid, last);
         if let Some(entry) = self.rooms.get(&room.nid) {
             let mut e = entry.write();

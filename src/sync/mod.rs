@@ -52,7 +52,8 @@ pub struct SyncRequest {
 /// Reads the current positions of every stream at start-up, so that watermarks and the heads'
 /// floors start where the database is.
 pub async fn init(state: &AppState) -> anyhow::Result<()> {
-    let events = storage::events::current_stream_position(&state.db).await?;
+    // Not the highest committed position: another instance may still commit a lower one.
+    let events = crate::cluster::settled_event_position(&state.db).await?;
     let account_data = storage::account_data::current_stream_position(&state.db).await?;
     let receipts = storage::receipts::current_stream_position(&state.db).await?;
     let presence = storage::presence::current_stream_position(&state.db).await?;
@@ -92,14 +93,14 @@ pub fn current_token(state: &AppState) -> SyncToken {
 /// Records an account data change of `user` (after commit) and wakes their syncs.
 pub fn account_data_changed(state: &AppState, user: &str, pos: i64) {
     state.sync.account_data_heads.raise(&user.to_owned(), pos);
-    crate::state::advance(&state.account_data_stream, pos);
+    crate::cluster::advance(state, &state.account_data_stream, pos);
     state.sync.wake_user(user);
 }
 
 /// Records a receipt in a room (after commit) and wakes the room's members.
 pub fn receipt_changed(state: &AppState, room_nid: i64, pos: i64) {
     state.sync.receipt_heads.raise(&room_nid, pos);
-    crate::state::advance(&state.receipt_stream, pos);
+    crate::cluster::advance(state, &state.receipt_stream, pos);
     state.sync.wake_room(room_nid);
 }
 
@@ -107,7 +108,12 @@ pub fn receipt_changed(state: &AppState, room_nid: i64, pos: i64) {
 /// members of their joined rooms (everyone, when their rooms are not cached).
 pub fn presence_changed(state: &AppState, user: &str, pos: i64) {
     state.sync.presence_heads.raise(&user.to_owned(), pos);
-    crate::state::advance(&state.presence_stream, pos);
+    crate::cluster::advance(state, &state.presence_stream, pos);
+    presence_woken(state, user);
+}
+
+/// Wakes those who may see a presence change of `user`.
+pub fn presence_woken(state: &AppState, user: &str) {
     state.sync.wake_user(user);
     match state.sync.cached_joined_rooms(user) {
         Some(rooms) => {
@@ -205,7 +211,7 @@ async fn set_presence(state: &AppState, user: &str, presence: &str) -> ApiResult
     } else {
         // Only the activity time moved: recorded, but not worth waking anyone.
         state.sync.presence_heads.raise(&user.to_owned(), pos);
-        crate::state::advance(&state.presence_stream, pos);
+        crate::cluster::advance(state, &state.presence_stream, pos);
     }
     Ok(())
 }

@@ -182,9 +182,35 @@ impl TestServer {
         }
     }
 
+    /// Another instance on this server's database (same configuration, its own listeners),
+    /// adjusted by `adjust`. Stop it before this one (which drops the database).
+    pub async fn peer(&self, adjust: impl FnOnce(&mut Config)) -> Self {
+        let mut config = self.config.clone();
+        config.listen.client = "127.0.0.1:0".parse().unwrap();
+        config.listen.metrics = Some("127.0.0.1:0".parse().unwrap());
+        config.listen.federation = None;
+        adjust(&mut config);
+        let state = server::prepare(config.clone()).await.expect("peer prepares");
+        let running = server::start(state).await.expect("peer starts");
+        Self {
+            base: format!("http://{}", running.client_addr),
+            metrics: format!("http://{}", running.metrics_addr.expect("metrics listener")),
+            federation: None,
+            config,
+            db_name: String::new(),
+            running: Some(running),
+            http: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            media_dir: self.media_dir.clone(),
+        }
+    }
+
     pub async fn stop(mut self) {
         if let Some(r) = self.running.take() {
             r.shutdown().await.expect("clean shutdown");
+        }
+        if self.db_name.is_empty() {
+            // A peer: the first instance owns the database and the media directory.
+            return;
         }
         drop_database(&self.db_name).await;
         if self.media_dir.starts_with(std::env::temp_dir()) {

@@ -7,6 +7,7 @@ mod appservice_ws;
 mod authz;
 mod bench_bots;
 mod cli;
+mod cluster;
 mod common;
 mod dehydrated;
 mod devices_profile;

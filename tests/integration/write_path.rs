@@ -234,6 +234,28 @@ impl Process {
         }
     }
 
+    /// Another process on the same database, with `extra` added to the environment.
+    pub(crate) fn peer(&self, extra: &[(&str, &str)]) -> Self {
+        let mut env = self.extra_env.clone();
+        env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        Self {
+            db_url: self.db_url.clone(),
+            db_name: self.db_name.clone(),
+            port: crate::cli::free_port(),
+            extra_env: env,
+            http: self.http.clone(),
+        }
+    }
+
+    /// The same process with `extra` added to its environment.
+    pub(crate) fn with_env(mut self, extra: &[(&str, &str)]) -> Self {
+        self.extra_env.extend(extra.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+        self
+    }
+
+    /// A peer is done (the first process owns the database).
+    pub(crate) fn finish_peer(self) {}
+
     pub(crate) fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }

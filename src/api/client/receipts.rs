@@ -162,8 +162,9 @@ pub async fn typing(
     if body.typing {
         let timeout = body.timeout.map(Duration::from_millis).unwrap_or(typing::DEFAULT_TIMEOUT);
         state.typing.start(room.nid, &user_id, timeout);
-    } else {
-        state.typing.stop(room.nid, &user_id);
+        crate::cluster::typing_changed(&state, room.nid, &user_id, Some(timeout.min(typing::MAX_TIMEOUT)));
+    } else if state.typing.stop(room.nid, &user_id).is_some() {
+        crate::cluster::typing_changed(&state, room.nid, &user_id, None);
     }
     Ok(axum::Json(json!({})))
 }
