@@ -343,6 +343,12 @@ pub async fn user_exists(state: &crate::state::AppState, user_id: &str) -> sqlx:
 /// that the appservice can act as it at once.
 pub async fn ensure_senders(state: &crate::state::AppState) -> anyhow::Result<()> {
     for reg in state.appservices.all() {
+        // Its position from now (an appservice registered today does not receive the server's
+        // history), recorded at start-up rather than when its delivery task first runs: that
+        // task waits for its lease, and events sent meanwhile are the appservice's.
+        if reg.delivers() {
+            crate::storage::appservice::position(&state.db, &reg.id, *state.event_stream.borrow()).await?;
+        }
         if crate::storage::users::exists(&state.db, &reg.sender).await? {
             continue;
         }

@@ -26,7 +26,7 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -36,7 +36,9 @@ use serde_json::{Value, json};
 #[derive(Parser)]
 #[command(name = "parvis-bench", about = "Load generator for Matrix homeservers")]
 struct Cli {
-    /// Base URL of the homeserver (loopback in tests).
+    /// Base URL of the homeserver (loopback in tests). Several instances of one server:
+    /// comma-separated URLs; requests are spread over them in turn, as a load balancer without
+    /// stickiness would.
     #[arg(long, default_value = "http://127.0.0.1:8008")]
     url: String,
     /// Shared secret for /_synapse/admin/v1/register.
@@ -45,9 +47,10 @@ struct Cli {
     /// Print results as JSON.
     #[arg(long)]
     json: bool,
-    /// PID of the server process, to report its CPU time and memory.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// PID of the server process, to report its CPU time and memory (comma-separated for several
+    /// instances: summed).
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
     /// PostgreSQL URL of the server's database, to count transactions per request.
     #[arg(long)]
     pg_url: Option<String>,
@@ -276,12 +279,20 @@ impl Report {
 
 struct Target {
     http: reqwest::Client,
-    url: String,
+    urls: Vec<String>,
+    next_url: AtomicUsize,
     secret: Option<String>,
     /// Distinguishes this run's users from earlier runs' on the same server.
     run_id: String,
-    server_pid: Option<u32>,
+    server_pids: Vec<u32>,
     pool: Option<sqlx::PgPool>,
+}
+
+impl Target {
+    /// The next instance's base URL (round-robin).
+    fn url(&self) -> &str {
+        &self.urls[self.next_url.fetch_add(1, Ordering::Relaxed) % self.urls.len()]
+    }
 }
 
 /// Resource counters sampled around the measured phase of a scenario (not its set-up).
@@ -303,16 +314,16 @@ impl Probe {
             None => None,
         };
         Self {
-            proc: t.server_pid.and_then(proc_stats),
-            pg_cpu: t.server_pid.map(|_| postgres_cpu()),
+            proc: procs_stats(&t.server_pids),
+            pg_cpu: (!t.server_pids.is_empty()).then(postgres_cpu),
             tx,
             client_cpu: proc_stats(std::process::id()).map(|p| p.0),
         }
     }
 
     async fn finish(self, t: &Target, report: &mut Report) {
-        if let (Some(pid), Some((cpu0, _, _))) = (t.server_pid, self.proc)
-            && let Some((cpu1, rss, hwm)) = proc_stats(pid)
+        if let Some((cpu0, _, _)) = self.proc
+            && let Some((cpu1, rss, hwm)) = procs_stats(&t.server_pids)
         {
             report.extra.insert("server_cpu_s".into(), json!(round(cpu1 - cpu0)));
             report.extra.insert(
@@ -362,12 +373,12 @@ impl Target {
     async fn register(&self, localpart: &str) -> anyhow::Result<String> {
         let secret = self.secret.as_deref().context("--shared-secret is required to create users")?;
         let nonce: Value =
-            self.http.get(format!("{}/_synapse/admin/v1/register", self.url)).send().await?.json().await?;
+            self.http.get(format!("{}/_synapse/admin/v1/register", self.url())).send().await?.json().await?;
         let nonce = nonce["nonce"].as_str().context("no nonce (is shared-secret registration enabled?)")?;
         let mac = parvis::api::admin::register::compute_mac(secret, nonce, localpart, PASSWORD, false, None);
         let resp = self
             .http
-            .post(format!("{}/_synapse/admin/v1/register", self.url))
+            .post(format!("{}/_synapse/admin/v1/register", self.url()))
             .json(&json!({ "nonce": nonce, "username": localpart, "password": PASSWORD, "admin": false, "mac": mac }))
             .send()
             .await?;
@@ -400,7 +411,7 @@ impl Target {
     async fn login_device(&self, name: &str) -> anyhow::Result<String> {
         let resp = self
             .http
-            .post(format!("{}/_matrix/client/v3/login", self.url))
+            .post(format!("{}/_matrix/client/v3/login", self.url()))
             .json(&json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": name }, "password": PASSWORD }))
             .send()
             .await?;
@@ -413,7 +424,7 @@ impl Target {
     }
 
     async fn get(&self, path: &str, token: &str) -> anyhow::Result<Value> {
-        let resp = self.http.get(format!("{}{path}", self.url)).bearer_auth(token).send().await?;
+        let resp = self.http.get(format!("{}{path}", self.url())).bearer_auth(token).send().await?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -593,7 +604,7 @@ async fn login(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
             let name = &names[i as usize % names.len()];
             let r = t
                 .http
-                .post(format!("{}/_matrix/client/v3/login", t.url))
+                .post(format!("{}/_matrix/client/v3/login", t.url()))
                 .json(&json!({ "type": "m.login.password", "identifier": { "type": "m.id.user", "user": name }, "password": PASSWORD }))
                 .send()
                 .await;
@@ -613,7 +624,7 @@ async fn whoami(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
         let (t, tokens) = (target.clone(), tokens.clone());
         async move {
             let token = &tokens[i as usize % tokens.len()];
-            let r = t.http.get(format!("{}/_matrix/client/v3/account/whoami", t.url)).bearer_auth(token).send().await;
+            let r = t.http.get(format!("{}/_matrix/client/v3/account/whoami", t.url())).bearer_auth(token).send().await;
             match r {
                 Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
                 _ => false,
@@ -626,7 +637,7 @@ async fn whoami(target: Arc<Target>, load: Load) -> anyhow::Result<Report> {
 impl Target {
     async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Value) -> anyhow::Result<Value> {
         let resp =
-            self.http.request(method, format!("{}{path}", self.url)).bearer_auth(token).json(&body).send().await?;
+            self.http.request(method, format!("{}{path}", self.url())).bearer_auth(token).json(&body).send().await?;
         let status = resp.status();
         let v: Value = resp.json().await.unwrap_or(Value::Null);
         if !status.is_success() {
@@ -699,7 +710,7 @@ impl Target {
         filter: Option<&str>,
         timeout_ms: u64,
     ) -> anyhow::Result<Value> {
-        let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", self.url);
+        let mut url = format!("{}/_matrix/client/v3/sync?timeout={timeout_ms}", self.url());
         if let Some(s) = since {
             url.push_str(&format!("&since={}", enc(s)));
         }
@@ -905,7 +916,7 @@ async fn initial_sync(target: Arc<Target>, rooms: usize, events: usize, repeat: 
         let probe = Probe::start(&target).await;
         for (i, token) in devices.iter().enumerate() {
             let t0 = Instant::now();
-            let mut url = format!("{}/_matrix/client/v3/sync", target.url);
+            let mut url = format!("{}/_matrix/client/v3/sync", target.url());
             if let Some(f) = filter {
                 url.push_str(&format!("?filter={}", enc(f)));
             }
@@ -1437,6 +1448,14 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
 }
 
 /// CPU time (seconds) and memory of a process, from /proc.
+/// CPU seconds, RSS and peak RSS (KiB) summed over `pids` (None if any cannot be read).
+fn procs_stats(pids: &[u32]) -> Option<(f64, u64, u64)> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().try_fold((0.0, 0, 0), |(c, r, h), p| proc_stats(*p).map(|(c1, r1, h1)| (c + c1, r + r1, h + h1)))
+}
+
 fn proc_stats(pid: u32) -> Option<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;
@@ -1505,10 +1524,12 @@ fn print(report: &Report, as_json: bool) {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     PROGRESS.store(cli.progress || (!cli.no_progress && std::io::stderr().is_terminal()), Ordering::Relaxed);
-    let url = cli.url.trim_end_matches('/').to_owned();
-    let parsed = url::Url::parse(&url).context("invalid --url")?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        bail!("--url must be http(s)");
+    let urls: Vec<String> = cli.url.split(',').map(|u| u.trim().trim_end_matches('/').to_owned()).collect();
+    for url in &urls {
+        let parsed = url::Url::parse(url).context("invalid --url")?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            bail!("--url must be http(s)");
+        }
     }
     let pool = match &cli.pg_url {
         Some(u) => Some(sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(u).await.context("--pg-url")?),
@@ -1516,10 +1537,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let target = Arc::new(Target {
         http: reqwest::Client::builder().pool_max_idle_per_host(16_384).timeout(Duration::from_secs(60)).build()?,
-        url,
+        urls,
+        next_url: AtomicUsize::new(0),
         secret: cli.shared_secret,
         run_id: format!("{:x}", rand::random::<u32>()),
-        server_pid: cli.server_pid,
+        server_pids: cli.server_pid,
         pool,
     });
     let reports = match cli.scenario {
@@ -1606,7 +1628,7 @@ async fn media(target: Arc<Target>, load: Load, size_kb: usize, images: usize) -
     async fn upload(t: &Target, token: &str, content_type: &str, data: bytes::Bytes) -> Option<String> {
         let r = t
             .http
-            .post(format!("{}/_matrix/media/v3/upload", t.url))
+            .post(format!("{}/_matrix/media/v3/upload", t.url()))
             .bearer_auth(token)
             .header("content-type", content_type)
             .body(data)
@@ -1646,7 +1668,7 @@ async fn media(target: Arc<Target>, load: Load, size_kb: usize, images: usize) -
     let mut down_report = drive(&target, "download", load, move |i| {
         let (t, tk, ids) = (t.clone(), tk.clone(), ids2.clone());
         async move {
-            let url = format!("{}/_matrix/client/v1/media/download/{}", t.url, ids[i as usize % ids.len()]);
+            let url = format!("{}/_matrix/client/v1/media/download/{}", t.url(), ids[i as usize % ids.len()]);
             match t.http.get(url).bearer_auth(&tk[i as usize % tk.len()]).send().await {
                 Ok(r) if r.status().is_success() => r.bytes().await.is_ok_and(|b| b.len() == size),
                 _ => false,
@@ -1678,7 +1700,7 @@ async fn media(target: Arc<Target>, load: Load, size_kb: usize, images: usize) -
             async move {
                 let url = format!(
                     "{}/_matrix/client/v1/media/thumbnail/{}?width=320&height=240&method=scale",
-                    t.url,
+                    t.url(),
                     ph[i as usize % ph.len()]
                 );
                 match t.http.get(url).bearer_auth(&tk[i as usize % tk.len()]).send().await {
@@ -2058,7 +2080,7 @@ async fn sliding_sync(target: Arc<Target>, rooms: usize, repeat: usize) -> anyho
         let t = target.clone();
         let me = me.clone();
         async move {
-            let mut url = format!("{}{PATH}?timeout=0", t.url);
+            let mut url = format!("{}{PATH}?timeout=0", t.url());
             if let Some(p) = pos {
                 url.push_str(&format!("&pos={}", enc(&p)));
             }

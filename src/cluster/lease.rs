@@ -24,6 +24,8 @@ use crate::state::AppState;
 
 /// The advisory lock class of leases (the first of the two 32-bit keys).
 const LEASE_CLASS: i32 = 0x5061_7278;
+/// How often a closed gate is looked at again.
+const GATE_POLL: Duration = Duration::from_millis(20);
 
 /// The second key of a lease: the first 4 bytes of the SHA-256 of its name.
 pub fn key(name: &str) -> i32 {
@@ -57,10 +59,14 @@ where
         if *stop.borrow() {
             return Ok(());
         }
-        let got = if open() { try_acquire(&state, &name, &mut conn).await } else { false };
+        let gate_open = open();
+        let got = gate_open && try_acquire(&state, &name, &mut conn).await;
         if !got {
+            // A closed gate is an in-memory check: look again soon, so that the duty starts as
+            // soon as it opens (an appservice's socket connects).
+            let wait = if gate_open { retry } else { GATE_POLL };
             tokio::select! {
-                _ = tokio::time::sleep(retry) => continue,
+                _ = tokio::time::sleep(wait) => continue,
                 _ = stop.wait_for(|s| *s) => return Ok(()),
             }
         }
