@@ -6,6 +6,7 @@ pub mod auth;
 pub mod config;
 pub mod e2ee;
 pub mod error;
+pub mod federation;
 pub mod glob;
 pub mod http;
 pub mod keys;

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod directory;
 pub mod e2ee;
 pub mod events;
+pub mod federation;
 pub mod filters;
 pub mod media;
 pub mod meta;
