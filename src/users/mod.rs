@@ -9,13 +9,15 @@ use crate::error::{ApiResult, Error};
 use crate::state::AppState;
 use crate::storage;
 
+/// Whether a user ID belongs to this server: its server part (everything after the first colon,
+/// since localparts have none; any form of server name, with or without a port) is a valid
+/// server name and exactly `server_name`.
+pub fn is_local(user_id: &str, server_name: &str) -> bool {
+    crate::federation::names::server_of(user_id).is_some_and(|s| s.as_str() == server_name)
+}
+
 /// Checks a localpart requested for a *new* account against the spec's grammar for user IDs
 /// (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`) and the 255-byte limit on the full user ID.
-/// Whether a user ID belongs to this server: its server part (everything after the first colon,
-/// since localparts have none; it may carry a port) is exactly `server_name`.
-pub fn is_local(user_id: &str, server_name: &str) -> bool {
-    user_id.split_once(':').is_some_and(|(_, server)| server == server_name)
-}
 
 pub fn validate_new_localpart(localpart: &str, server_name: &str) -> ApiResult<()> {
     if localpart.is_empty() {
@@ -177,6 +179,12 @@ mod tests {
         assert!(is_local("@a:[::1]:8448", "[::1]:8448"));
         assert!(!is_local("@a:autre.ville.fr", "ville.fr"));
         assert!(!is_local("nocolon", "ville.fr"));
+        assert!(is_local("@a:1.2.3.4:8448", "1.2.3.4:8448"));
+        assert!(is_local("@a:1.2.3.4", "1.2.3.4"));
+        assert!(!is_local("@a:1.2.3.4:8448", "1.2.3.4"));
+        assert!(is_local("@a:[2001:db8::1]", "[2001:db8::1]"));
+        assert!(!is_local("@a:[::1]:8448", "[::1]"));
+        assert!(!is_local("@a:ville.fr:bad", "ville.fr:bad"));
     }
 
     #[test]
