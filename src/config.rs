@@ -144,9 +144,10 @@ impl Config {
                 return Err((key, format!("cannot read {}: {e}", p.display())));
             }
         }
-        for (key, list) in
-            [("federation.allowed_servers", &f.allowed_servers), ("federation.trusted_key_servers", &f.trusted_key_servers)]
-        {
+        for (key, list) in [
+            ("federation.allowed_servers", &f.allowed_servers),
+            ("federation.trusted_key_servers", &f.trusted_key_servers),
+        ] {
             for name in list {
                 if ruma::ServerName::parse(name).is_err() {
                     return Err((key, format!("`{name}` is not a valid server name")));

@@ -227,6 +227,10 @@ impl FromRequest<AppState> for Signed {
         let body = crate::http::extract::read_body(req, state.config.limits.max_request_body_bytes).await?;
         let (origin, content) = verify_request(state, &method, &uri, &headers, &body).await?;
         tracing::Span::current().record("user", origin.as_str());
+        // The server's one U+0000 policy (see `http::extract`), for remote servers too.
+        if content.as_ref().is_some_and(crate::http::extract::json_has_nul) {
+            return Err(Error::bad_json(crate::http::extract::NUL_MESSAGE));
+        }
         Ok(Signed { origin, content })
     }
 }
@@ -271,8 +275,8 @@ mod tests {
         assert_eq!(x.origin, "[::1]:8448");
         assert_eq!(x.destination, "127.0.0.1:9000");
         // Escapes inside quoted strings.
-        let x = parse_x_matrix(&h(&format!(r#"origin="a\.fr",destination="b.fr",key="ed25519:k",sig="{SIG}""#)))
-            .unwrap();
+        let x =
+            parse_x_matrix(&h(&format!(r#"origin="a\.fr",destination="b.fr",key="ed25519:k",sig="{SIG}""#))).unwrap();
         assert_eq!(x.origin, "a.fr");
     }
 

@@ -115,6 +115,9 @@ impl Federation {
         let dest = c.discovery.resolve(&c.well_known, destination).await;
         let url = format!("https://{}{path_and_query}", dest.authority);
         let mut req = c.http.request(method.clone(), &url);
+        if let Some(host) = &dest.host_header {
+            req = req.header(header::HOST, host);
+        }
         if let Some(b) = body {
             req = req.json(b);
         }

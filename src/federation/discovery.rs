@@ -40,11 +40,14 @@ pub struct Destination {
     /// Where to connect when it is not the authority itself (authority without a port): an SRV
     /// target, or the host on port 8448.
     pub connect: Option<(String, u16)>,
+    /// The `Host` header when it is not the authority: an IP literal without a port is
+    /// contacted on port 8448, but its `Host` is the bare literal, as the spec says.
+    pub host_header: Option<String>,
 }
 
 impl Destination {
     fn direct(authority: String) -> Self {
-        Self { authority, connect: None }
+        Self { authority, connect: None, host_header: None }
     }
 
     /// The URL host (without port).
@@ -70,7 +73,11 @@ pub enum Step {
 /// Steps 1 and 2 of the spec (also for a delegated name, steps 3.1 and 3.2).
 pub fn first_step(name: &ServerName) -> Step {
     if name.is_ip_literal() {
-        return Step::Done(Destination::direct(format!("{}:{}", name.host(), name.port().unwrap_or(DEFAULT_PORT))));
+        let mut d = Destination::direct(format!("{}:{}", name.host(), name.port().unwrap_or(DEFAULT_PORT)));
+        if name.port().is_none() {
+            d.host_header = Some(name.host().to_owned());
+        }
+        return Step::Done(d);
     }
     if name.port().is_some() {
         return Step::Done(Destination::direct(name.as_str().to_owned()));
@@ -217,10 +224,10 @@ impl Discovery {
     async fn srv_or_default(&self, host: String) -> Destination {
         for service in ["_matrix-fed._tcp", "_matrix._tcp"] {
             if let Some(target) = self.srv(&format!("{service}.{host}.")).await {
-                return Destination { authority: host, connect: Some(target) };
+                return Destination { authority: host, connect: Some(target), host_header: None };
             }
         }
-        Destination { connect: Some((host.clone(), DEFAULT_PORT)), authority: host }
+        Destination { connect: Some((host.clone(), DEFAULT_PORT)), authority: host, host_header: None }
     }
 
     async fn srv(&self, query: &str) -> Option<(String, u16)> {
@@ -242,9 +249,7 @@ impl Discovery {
             .answers()
             .iter()
             .filter_map(|r| match &r.data {
-                hickory_resolver::proto::rr::RData::SRV(s) => {
-                    Some((s.priority, s.weight, s.port, s.target.to_utf8()))
-                }
+                hickory_resolver::proto::rr::RData::SRV(s) => Some((s.priority, s.weight, s.port, s.target.to_utf8())),
                 _ => None,
             })
             .collect();
@@ -295,14 +300,17 @@ mod tests {
     }
 
     fn done(authority: &str) -> Step {
-        Step::Done(Destination { authority: authority.into(), connect: None })
+        Step::Done(Destination { authority: authority.into(), connect: None, host_header: None })
     }
 
     #[test]
     fn literals_and_explicit_ports_need_no_lookup() {
-        assert_eq!(step("1.2.3.4"), done("1.2.3.4:8448"));
+        let bare = |a: &str, h: &str| {
+            Step::Done(Destination { authority: a.into(), connect: None, host_header: Some(h.into()) })
+        };
+        assert_eq!(step("1.2.3.4"), bare("1.2.3.4:8448", "1.2.3.4"));
         assert_eq!(step("1.2.3.4:9000"), done("1.2.3.4:9000"));
-        assert_eq!(step("[::1]"), done("[::1]:8448"));
+        assert_eq!(step("[::1]"), bare("[::1]:8448", "[::1]"));
         assert_eq!(step("[2001:db8::1]:443"), done("[2001:db8::1]:443"));
         assert_eq!(step("ville.fr:8448"), done("ville.fr:8448"));
         assert_eq!(step("127.0.0.1:40000"), done("127.0.0.1:40000"));
@@ -315,6 +323,7 @@ mod tests {
         let d = |a: &str, c: Option<(&str, u16)>| Destination {
             authority: a.into(),
             connect: c.map(|(h, p)| (h.to_owned(), p)),
+            host_header: None,
         };
         assert_eq!(d("ville.fr:8448", None).host(), "ville.fr");
         assert_eq!(d("[::1]:8448", None).host(), "[::1]");

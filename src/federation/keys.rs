@@ -130,11 +130,17 @@ pub fn verify_key_response(server: &ServerName, v: &Value) -> Result<VerifiedKey
             continue;
         }
         let b64 = k.get("key").and_then(Value::as_str).ok_or_else(|| format!("old key {id} has no `key`"))?;
-        let expired_ts = k.get("expired_ts").and_then(Value::as_i64).ok_or_else(|| format!("old key {id}: expired_ts"))?;
+        let expired_ts =
+            k.get("expired_ts").and_then(Value::as_i64).ok_or_else(|| format!("old key {id}: expired_ts"))?;
         if decode_public_key(b64).is_none() || !valid_key_id(id) {
             return Err(format!("invalid old key {id}"));
         }
-        keys.push(RemoteKey { key_id: id.clone(), public_key: b64.to_owned(), valid_until_ts, expired_ts: Some(expired_ts) });
+        keys.push(RemoteKey {
+            key_id: id.clone(),
+            public_key: b64.to_owned(),
+            valid_until_ts,
+            expired_ts: Some(expired_ts),
+        });
     }
     let sigs = v
         .get("signatures")
@@ -356,7 +362,8 @@ pub fn parse_query(body: &Value) -> ApiResult<Vec<(OwnedServerName, i64)>> {
     let now = now_ms();
     let mut out = BTreeMap::new();
     for (name, criteria) in servers {
-        let server = ServerName::parse(name).map_err(|_| Error::invalid_param(format!("Invalid server name {name}")))?;
+        let server =
+            ServerName::parse(name).map_err(|_| Error::invalid_param(format!("Invalid server name {name}")))?;
         let criteria = criteria.as_object().ok_or_else(|| Error::bad_json("key criteria must be an object"))?;
         if criteria.len() > MAX_KEYS {
             return Err(Error::invalid_param(format!("At most {MAX_KEYS} key IDs per server")));
@@ -366,7 +373,8 @@ pub fn parse_query(body: &Value) -> ApiResult<Vec<(OwnedServerName, i64)>> {
             match c.get("minimum_valid_until_ts") {
                 None | Some(Value::Null) => {}
                 Some(t) => {
-                    min = min.max(t.as_i64().ok_or_else(|| Error::bad_json("minimum_valid_until_ts must be an integer"))?)
+                    min =
+                        min.max(t.as_i64().ok_or_else(|| Error::bad_json("minimum_valid_until_ts must be an integer"))?)
                 }
             }
         }

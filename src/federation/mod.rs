@@ -33,8 +33,7 @@ pub struct Federation {
 
 impl Federation {
     pub fn new(config: &Config, key: &ServerKey) -> anyhow::Result<Self> {
-        let server_name = ServerName::parse(&config.server_name)
-            .map_err(|e| anyhow::anyhow!("server_name: {e}"))?;
+        let server_name = ServerName::parse(&config.server_name).map_err(|e| anyhow::anyhow!("server_name: {e}"))?;
         let allowed = (!config.federation.allowed_servers.is_empty())
             .then(|| config.federation.allowed_servers.iter().cloned().collect());
         Ok(Self {

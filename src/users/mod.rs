@@ -18,7 +18,6 @@ pub fn is_local(user_id: &str, server_name: &str) -> bool {
 
 /// Checks a localpart requested for a *new* account against the spec's grammar for user IDs
 /// (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`) and the 255-byte limit on the full user ID.
-
 pub fn validate_new_localpart(localpart: &str, server_name: &str) -> ApiResult<()> {
     if localpart.is_empty() {
         return Err(Error::invalid_username("User ID cannot be empty"));

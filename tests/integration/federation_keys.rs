@@ -123,8 +123,8 @@ async fn federation_foundation_over_tls() {
     let b = start(dir.path(), "b", &trusted, &trusted, |c| c.federation.trusted_key_servers = vec![a_name]).await;
     let d = start(dir.path(), "d", &trusted, &trusted, |_| {}).await;
     // E has a certificate of a CA nobody trusts, and federates with nobody real.
-    let e = start(dir.path(), "e", &rogue, &trusted, |c| c.federation.allowed_servers = vec!["127.0.0.1:1".into()])
-        .await;
+    let e =
+        start(dir.path(), "e", &rogue, &trusted, |c| c.federation.allowed_servers = vec!["127.0.0.1:1".into()]).await;
     let (sa, sb, sd, se) = (a.server.state(), b.server.state(), d.server.state(), e.server.state());
 
     // --- version (unauthenticated) and unknown endpoints
@@ -166,11 +166,12 @@ async fn federation_foundation_over_tls() {
     assert_eq!(st, StatusCode::OK, "{q}");
     assert_eq!(q["server_keys"][0]["server_name"], b.name.as_str());
     // The notary answers for itself too; a bad server name is a 400.
-    let (_, q) = send(&http, &a, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(a.name.as_str())), None, None)
-        .await;
+    let (_, q) =
+        send(&http, &a, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(a.name.as_str())), None, None).await;
     assert_eq!(q["server_keys"][0]["server_name"], a.name.as_str());
-    let r = send(&http, &a, Method::POST, "/_matrix/key/v2/query", None, Some(&json!({"server_keys": {"bad name!": {}}})))
-        .await;
+    let r =
+        send(&http, &a, Method::POST, "/_matrix/key/v2/query", None, Some(&json!({"server_keys": {"bad name!": {}}})))
+            .await;
     assert_matrix_err(&r, 400, "M_INVALID_PARAM");
 
     // --- B fetches its own keys through the notary A (A's key fetched directly by B)
@@ -256,6 +257,10 @@ async fn federation_foundation_over_tls() {
     assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
     let r = send(&http, &b, Method::GET, &profile_uri, Some(&h), Some(&json!({"a": 1}))).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
+    // A signed body with U+0000: the server's NUL policy applies to other servers too.
+    let nul = json!({"a": "x\u{0}y"});
+    let h = auth::sign_request(signer_a, &Method::GET, &profile_uri, &b.name, Some(&nul)).unwrap();
+    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), Some(&nul)).await, 400, "M_BAD_JSON");
     // Hostile headers: never a 500.
     for bad in [
         "X-Matrix".to_owned(),
