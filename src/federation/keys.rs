@@ -199,13 +199,20 @@ pub async fn fetch_direct(state: &AppState, server: &ServerName) -> Result<Verif
 }
 
 /// Fetches `server`'s keys through a notary: the answer must be the server's self-signed
-/// response, also signed by the notary (whose own keys are fetched directly).
+/// response, also signed by the notary (whose own keys are fetched directly). Naming the wanted
+/// key matters: Synapse as a notary fetches only keys asked for by ID (otherwise it answers from
+/// its cache), and requires `minimum_valid_until_ts` with each.
 pub async fn fetch_via_notary(
     state: &AppState,
     notary: &ServerName,
     server: &ServerName,
+    key_id: Option<&str>,
 ) -> Result<VerifiedKeys, String> {
-    let body = json!({ "server_keys": { server.as_str(): {} } });
+    let criteria = match key_id {
+        Some(id) => json!({ id: { "minimum_valid_until_ts": now_ms() } }),
+        None => json!({}),
+    };
+    let body = json!({ "server_keys": { server.as_str(): criteria } });
     let v = state
         .federation
         .request(Method::POST, notary, "/_matrix/key/v2/query", Some(&body), false, MAX_NOTARY_RESPONSE_BYTES)
@@ -297,7 +304,7 @@ pub async fn request_key(state: &AppState, server: &ServerName, key_id: &str) ->
         if *notary == *server {
             continue;
         }
-        match fetch_via_notary(state, &notary, server).await {
+        match fetch_via_notary(state, &notary, server, Some(key_id)).await {
             Ok(_) => {
                 if let Some(k) = cached_key(state, server, key_id, now).await {
                     return Some(k);

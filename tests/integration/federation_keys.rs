@@ -175,7 +175,7 @@ async fn federation_foundation_over_tls() {
     assert_matrix_err(&r, 400, "M_INVALID_PARAM");
 
     // --- B fetches its own keys through the notary A (A's key fetched directly by B)
-    keys::fetch_via_notary(sb, &a.name, &b.name).await.expect("through the notary");
+    keys::fetch_via_notary(sb, &a.name, &b.name, None).await.expect("through the notary");
 
     // --- keys through a notary when the server itself is gone: A knows D's keys, D stops,
     // B (trusting A as notary) still gets them.
@@ -328,4 +328,157 @@ async fn plain_http_federation_listener_serves_keys() {
     let r = s.http.get(format!("{base}/_matrix/federation/v1/query/profile?user_id=%40a%3Alocalhost")).send().await;
     assert_eq!(r.unwrap().status(), StatusCode::UNAUTHORIZED);
     s.stop().await;
+}
+
+/// The Python of a virtualenv with Synapse: `PARVIS_TEST_SYNAPSE_PYTHON`, else
+/// `${XDG_CACHE_HOME:-~/.cache}/parvis-bench/synapse-venv/bin/python`.
+fn synapse_python() -> Option<PathBuf> {
+    let path = match std::env::var("PARVIS_TEST_SYNAPSE_PYTHON") {
+        Ok(p) if !p.is_empty() => PathBuf::from(p),
+        _ => std::env::var("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache"))
+            .join("parvis-bench/synapse-venv/bin/python"),
+    };
+    let ok = std::process::Command::new(&path)
+        .args(["-c", "import synapse"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(path)
+}
+
+/// Interop with a real Synapse, both ways, over TLS with the test CA: Synapse, as a notary,
+/// fetches and serves Parvis's keys; Parvis fetches Synapse's keys; Parvis's signed request is
+/// accepted by Synapse (an unsigned one is not); Synapse's signed profile query is accepted by
+/// Parvis. Skipped (with a message) when no Synapse is installed.
+#[tokio::test]
+async fn synapse_interop_keys_and_signatures() {
+    let Some(python) = synapse_python() else {
+        eprintln!(
+            "skipped: no Synapse. Install it with `python3 -m venv ~/.cache/parvis-bench/synapse-venv && \
+             ~/.cache/parvis-bench/synapse-venv/bin/pip install matrix-synapse` (or set PARVIS_TEST_SYNAPSE_PYTHON)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let http = https_client(&[&ca]);
+    let a = start(dir.path(), "parvis", &ca, &ca, |_| {}).await;
+    let sa = a.server.state();
+
+    // Synapse on 127.0.0.1:<port>, TLS with a certificate of the same CA.
+    let port = free_port();
+    let synapse_name = ServerName::parse(format!("127.0.0.1:{port}")).unwrap();
+    let (cert, key) = ca.issue(dir.path(), "synapse");
+    let d = dir.path().display();
+    let config = format!(
+        r#"server_name: "{synapse_name}"
+pid_file: "{d}/synapse.pid"
+report_stats: false
+listeners:
+  - port: {port}
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    tls: true
+    resources:
+      - names: [client, federation]
+tls_certificate_path: "{cert}"
+tls_private_key_path: "{key}"
+database:
+  name: sqlite3
+  args:
+    database: "{d}/synapse.db"
+media_store_path: "{d}/media"
+signing_key_path: "{d}/synapse.signing.key"
+trusted_key_servers: []
+suppress_key_server_warning: true
+federation_custom_ca_list: ["{ca}"]
+# Synapse blocks IP-literal server names in its blocklist whatever the allowlist says: empty it.
+ip_range_blacklist: []
+ip_range_whitelist: ["127.0.0.0/8"]
+registration_shared_secret: "not-used"
+rc_federation: {{window_size: 1000, sleep_limit: 1000, sleep_delay: 1, reject_limit: 1000, concurrent: 100}}
+"#,
+        cert = cert.display(),
+        key = key.display(),
+        ca = ca.pem.display(),
+    );
+    let config_path = dir.path().join("homeserver.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let status = tokio::process::Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(&config_path)
+        .arg("--generate-keys")
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "synapse --generate-keys failed");
+    let log = std::fs::File::create(dir.path().join("synapse.log")).unwrap();
+    let mut synapse = tokio::process::Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(&config_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let s = Fed { server: TestServer::start().await, name: synapse_name.clone() };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        if http.get(format!("https://{synapse_name}/_matrix/federation/v1/version")).send().await.is_ok() {
+            break;
+        }
+        let log = std::fs::read_to_string(dir.path().join("synapse.log")).unwrap_or_default();
+        assert!(std::time::Instant::now() < deadline, "Synapse did not start:\n{log}");
+        assert!(synapse.try_wait().unwrap().is_none(), "Synapse exited:\n{log}");
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let synapse_log = || std::fs::read_to_string(dir.path().join("synapse.log")).unwrap_or_default();
+
+    // Synapse as a notary for Parvis: it fetched our keys over TLS, accepted them, and serves
+    // them with our signature and its own.
+    // (Synapse fetches only keys it is asked for by ID; without IDs it answers from its cache.)
+    let criteria = json!({ "minimum_valid_until_ts": parvis::storage::now_ms() });
+    let body = json!({ "server_keys": { a.name.as_str(): { sa.federation.signer.key_id.clone(): criteria } } });
+    let (st, q) = send(&http, &s, Method::POST, "/_matrix/key/v2/query", None, Some(&body)).await;
+    assert_eq!(st, StatusCode::OK, "{q}\n{}", synapse_log());
+    let entry = q["server_keys"].as_array().and_then(|l| l.first()).unwrap_or_else(|| panic!("{q}\n{}", synapse_log()));
+    keys::verify_key_response(&a.name, entry).expect("our self-signature, through Synapse");
+    assert!(entry["signatures"][synapse_name.as_str()].is_object(), "{entry}");
+
+    // Parvis fetches Synapse's keys directly.
+    keys::fetch_direct(sa, &synapse_name).await.expect("Synapse's keys verify");
+
+    // Parvis's signed request passes Synapse's X-Matrix check (404: no such user); unsigned: 401.
+    let uri = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&format!("@nobody:{synapse_name}")));
+    match sa.federation.request(Method::GET, &synapse_name, &uri, None, true, 65_536).await {
+        Err(FedError::Status { status: 404, body }) => assert_eq!(body["errcode"], "M_NOT_FOUND"),
+        other => panic!("signed request to Synapse: {other:?}\n{}", synapse_log()),
+    }
+    match sa.federation.request(Method::GET, &synapse_name, &uri, None, false, 65_536).await {
+        Err(FedError::Status { status: 401, .. }) => {}
+        other => panic!("unsigned request to Synapse: {other:?}"),
+    }
+
+    // Synapse's signed profile query to Parvis (a client asks Synapse for a Parvis profile).
+    let alice = a.server.register("alice", false).await;
+    let (st, _) = a
+        .server
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+            Some(&alice.token),
+            json!({"displayname": "Alice de Parvis"}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, p) =
+        send(&http, &s, Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None, None).await;
+    assert_eq!(st, StatusCode::OK, "{p}\n{}", synapse_log());
+    assert_eq!(p["displayname"], "Alice de Parvis");
+
+    synapse.kill().await.ok();
+    s.server.stop().await;
+    a.server.stop().await;
 }
