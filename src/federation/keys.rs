@@ -343,10 +343,13 @@ async fn notary_one(state: &AppState, server: &ServerName, min_valid: i64) -> Op
     let cached = storage::federation::response(&state.db, server.as_str()).await.ok().flatten();
     let text = match cached {
         Some((text, valid_until)) if valid_until >= min_valid => text,
+        // A server that just failed is not asked again (a query cannot make us hammer it).
+        stale if fed.keys.failed.contains_key(server.as_str()) => stale?.0,
         stale => match fetch_direct(state, server).await {
             Ok(v) => v.canonical,
             Err(e) => {
                 tracing::info!(%server, error = %e, "notary: key fetch failed");
+                fed.keys.failed.insert(server.to_string(), ());
                 stale?.0
             }
         },
