@@ -1452,4 +1452,49 @@ mod tests {
         let e = Config::from_toml_and_env("server_name = \"bad name!\"\n", "my.toml", vec![]).unwrap_err().to_string();
         assert!(e.contains("server_name") && e.contains("my.toml"), "{e}");
     }
+
+    #[test]
+    fn federation_keys_are_checked_and_overridable() {
+        // Off unless the listener is set; on by default with it.
+        let c = Config::from_toml_and_env("", "f.toml", vec![]).unwrap();
+        assert!(!c.federation_enabled());
+        let c = Config::from_toml_and_env(
+            "server_name = \"[::1]:8448\"\n[listen]\nfederation = \"127.0.0.1:8448\"\n",
+            "f.toml",
+            env(&[
+                ("PARVIS__FEDERATION__VERIFY_CERTIFICATES", "false"),
+                ("PARVIS__FEDERATION__ALLOWED_SERVERS", r#"["ville-a.fr", "1.2.3.4:8448", "[::1]"]"#),
+            ]),
+        )
+        .unwrap();
+        assert!(c.federation_enabled());
+        assert!(!c.federation.verify_certificates);
+        assert_eq!(c.federation.allowed_servers, ["ville-a.fr", "1.2.3.4:8448", "[::1]"]);
+        let c = Config::from_toml_and_env(
+            "[listen]\nfederation = \"127.0.0.1:8448\"\n[federation]\nenabled = false\n",
+            "f.toml",
+            vec![],
+        )
+        .unwrap();
+        assert!(!c.federation_enabled());
+
+        for (toml, env_vars, key) in [
+            ("[federation]\nenabled = true\n", vec![], "federation.enabled"),
+            ("[federation]\ntls_certificate = \"/etc/hostname\"\n", vec![], "federation.tls_private_key"),
+            ("[federation]\ntls_private_key = \"/etc/hostname\"\n", vec![], "federation.tls_certificate"),
+            ("[federation]\nca_file = \"/nonexistent/ca.pem\"\n", vec![], "federation.ca_file"),
+            ("[federation]\nallowed_servers = [\"bad name!\"]\n", vec![], "federation.allowed_servers"),
+            (
+                "",
+                vec![("PARVIS__FEDERATION__TRUSTED_KEY_SERVERS", r#"["a.fr:99999"]"#)],
+                "federation.trusted_key_servers",
+            ),
+            ("[federation]\nkey_validity_secs = 1\n", vec![], "federation.key_validity_secs"),
+            ("[federation]\nrequest_timeout_secs = 0\n", vec![], "federation.request_timeout_secs"),
+            ("[federation]\nverify_certificate = false\n", vec![], "federation.verify_certificate"),
+        ] {
+            let e = Config::from_toml_and_env(toml, "f.toml", env(&env_vars)).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
+    }
 }

@@ -271,7 +271,10 @@ async fn fetch_well_known(client: &reqwest::Client, host: &str) -> Result<(Owned
 
 /// The HTTP client's DNS resolver: a host with a connect override (an SRV target or port 8448)
 /// resolves to the target's addresses on the target's port; any other name resolves normally
-/// (its port then comes from the URL).
+/// (its port then comes from the URL). The resolver sees only the host name, so a host both
+/// delegated without a port (`example.org`, SRV) and named with an explicit port
+/// (`example.org:8448`) by another server name resolves to the SRV target's addresses for both
+/// (the explicit port still wins); federation never needs that combination in practice.
 #[derive(Clone)]
 pub struct OverrideResolver {
     overrides: Arc<moka::sync::Cache<String, (String, u16)>>,
