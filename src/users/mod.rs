@@ -206,5 +206,13 @@ mod tests {
         assert_eq!(parse_login_user("@alice:other", "hs").unwrap_err().errcode, "M_FORBIDDEN");
         assert!(parse_login_user("@alice", "hs").is_err());
         assert!(parse_login_user("", "hs").is_err());
+        // Server names with ports and IP literals.
+        for server in ["[::1]:8448", "1.2.3.4:8448", "1.2.3.4", "[2001:db8::1]", "ville.fr:8448"] {
+            let (id, local) = parse_login_user(&format!("@Alice:{server}"), server).unwrap();
+            assert_eq!((id.as_str(), local.as_str()), (format!("@alice:{server}").as_str(), "alice"));
+            assert!(is_local(&id, server));
+            assert_eq!(parse_login_user(&format!("@alice:{server}"), "hs").unwrap_err().errcode, "M_FORBIDDEN");
+        }
+        assert_eq!(parse_login_user("@alice:[::1]:8448", "[::1]").unwrap_err().errcode, "M_FORBIDDEN");
     }
 }

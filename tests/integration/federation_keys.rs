@@ -482,3 +482,36 @@ rc_federation: {{window_size: 1000, sleep_limit: 1000, sleep_delay: 1, reject_li
     s.server.stop().await;
     a.server.stop().await;
 }
+
+/// A server whose name is an IPv6 or IPv4 literal with a port: user IDs, aliases, profiles and
+/// the login forms all work with it.
+#[tokio::test]
+async fn ip_literal_server_names_in_ids() {
+    for name in ["[::1]:8448", "10.1.2.3:8448"] {
+        let s = TestServer::start_with(|c| c.server_name = name.into()).await;
+        let alice = s.register("alice", false).await;
+        assert_eq!(alice.user_id, format!("@alice:{name}"));
+        let (st, _) = s
+            .put(
+                &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+                Some(&alice.token),
+                json!({"displayname": "Alice"}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::OK);
+        let (st, p) = s.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
+        assert_eq!((st, p["displayname"].as_str()), (StatusCode::OK, Some("Alice")));
+        let room = crate::common::create(&s, &alice, json!({ "room_alias_name": "salon" })).await;
+        let alias = format!("#salon:{name}");
+        let (st, a) = s.get(&format!("/_matrix/client/v3/directory/room/{}", enc(&alias)), None).await;
+        assert_eq!(st, StatusCode::OK, "{a}");
+        assert_eq!(a["room_id"], room.as_str());
+        // A full user ID with the literal logs in; the same localpart on another port does not.
+        let (st, _) = s.login(&format!("@alice:{name}"), crate::common::PASSWORD, json!({})).await;
+        assert_eq!(st, StatusCode::OK);
+        let other = name.replace("8448", "8449");
+        let (st, _) = s.login(&format!("@alice:{other}"), crate::common::PASSWORD, json!({})).await;
+        assert_eq!(st, StatusCode::FORBIDDEN);
+        s.stop().await;
+    }
+}
