@@ -66,6 +66,107 @@ pub struct Config {
     pub server_notices: ServerNoticesConfig,
     /// Bot accounts (`user_type: bot`).
     pub bots: BotsConfig,
+    /// Federation with other Matrix servers (the server-server API, `listen.federation`).
+    pub federation: FederationConfig,
+}
+
+/// Federation (issue 13). Only the foundation exists so far: server keys, the notary, `X-Matrix`
+/// request authentication, server discovery and the outgoing client (see README, "Federation").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FederationConfig {
+    /// Federate at all. Unset: on when `listen.federation` is set. Off: the federation listener
+    /// serves only `openid/userinfo`, and no other server is ever contacted.
+    pub enabled: Option<bool>,
+    /// PEM certificate chain of the federation listener. With `tls_private_key`, the listener
+    /// speaks TLS; without both, plain HTTP (for deployments behind a TLS-terminating proxy).
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM PKCS#8 private key of `tls_certificate`.
+    pub tls_private_key: Option<PathBuf>,
+    /// Extra CA certificates (PEM bundle) trusted for outgoing requests, besides the system roots
+    /// (a town's private PKI).
+    pub ca_file: Option<PathBuf>,
+    /// Verify the certificates of the servers we contact. Turn off only for tests.
+    pub verify_certificates: bool,
+    /// Empty: open federation. Otherwise only these server names may send us requests or be
+    /// contacted (a closed federation). Our own name is always allowed.
+    pub allowed_servers: Vec<String>,
+    /// Notary servers asked for a server's keys when it cannot be reached directly.
+    pub trusted_key_servers: Vec<String>,
+    /// How long our published server keys are valid (`valid_until_ts`), in seconds.
+    pub key_validity_secs: u64,
+    /// Timeout of one outgoing federation request, connection included, in seconds.
+    pub request_timeout_secs: u64,
+    /// Largest response body accepted from another server, in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: None,
+            tls_certificate: None,
+            tls_private_key: None,
+            ca_file: None,
+            verify_certificates: true,
+            allowed_servers: Vec::new(),
+            trusted_key_servers: Vec::new(),
+            key_validity_secs: 86_400,
+            request_timeout_secs: 30,
+            max_response_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Whether this server federates: `federation.enabled`, by default on when the federation
+    /// listener is configured.
+    pub fn federation_enabled(&self) -> bool {
+        self.listen.federation.is_some() && self.federation.enabled.unwrap_or(true)
+    }
+
+    fn validate_federation(&self) -> Result<(), (&'static str, String)> {
+        let f = &self.federation;
+        if f.enabled == Some(true) && self.listen.federation.is_none() {
+            return Err(("federation.enabled", "needs `listen.federation` (the federation listener)".into()));
+        }
+        match (&f.tls_certificate, &f.tls_private_key) {
+            (Some(_), None) => return Err(("federation.tls_private_key", "must be set with tls_certificate".into())),
+            (None, Some(_)) => return Err(("federation.tls_certificate", "must be set with tls_private_key".into())),
+            _ => {}
+        }
+        for (key, path) in [
+            ("federation.tls_certificate", &f.tls_certificate),
+            ("federation.tls_private_key", &f.tls_private_key),
+            ("federation.ca_file", &f.ca_file),
+        ] {
+            if let Some(p) = path
+                && let Err(e) = std::fs::metadata(p)
+            {
+                return Err((key, format!("cannot read {}: {e}", p.display())));
+            }
+        }
+        for (key, list) in [
+            ("federation.allowed_servers", &f.allowed_servers),
+            ("federation.trusted_key_servers", &f.trusted_key_servers),
+        ] {
+            for name in list {
+                if ruma::ServerName::parse(name).is_err() {
+                    return Err((key, format!("`{name}` is not a valid server name")));
+                }
+            }
+        }
+        if !(60..=7 * 86_400).contains(&f.key_validity_secs) {
+            return Err(("federation.key_validity_secs", "must be between 60 and 604800 (7 days)".into()));
+        }
+        if !(1..=600).contains(&f.request_timeout_secs) {
+            return Err(("federation.request_timeout_secs", "must be between 1 and 600".into()));
+        }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&f.max_response_bytes) {
+            return Err(("federation.max_response_bytes", "must be between 65536 and 1073741824".into()));
+        }
+        Ok(())
+    }
 }
 
 /// Fault injection, for tests of the write path's failure handling. Both are off (`None`) unless
@@ -302,8 +403,8 @@ pub struct ListenConfig {
     pub metrics: Option<SocketAddr>,
     /// Reverse proxies whose `X-Forwarded-For` header is trusted for the client's address.
     pub trusted_proxies: Vec<std::net::IpAddr>,
-    /// Address of the federation listener; unset disables it. Until federation exists it serves
-    /// only `GET /_matrix/federation/v1/openid/userinfo` (Jitsi's verification service asks it).
+    /// Address of the federation listener; unset disables it (and federation with it). It also
+    /// serves `GET /_matrix/federation/v1/openid/userinfo` (Jitsi's verification service asks it).
     pub federation: Option<SocketAddr>,
 }
 
@@ -465,6 +566,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             server_notices: ServerNoticesConfig::default(),
             bots: BotsConfig::default(),
+            federation: FederationConfig::default(),
         }
     }
 }
@@ -922,6 +1024,7 @@ impl Config {
         self.oauth.validate()?;
         self.validate_rtc()?;
         self.validate_bots()?;
+        self.validate_federation()?;
         Ok(())
     }
 
@@ -1037,6 +1140,10 @@ impl Config {
         c.listen.federation = Some(c.listen.client);
         c.jitsi.domain = Some(String::new());
         c.server_notices.system_mxid_localpart = Some(String::new());
+        c.federation.enabled = Some(true);
+        c.federation.tls_certificate = Some(PathBuf::new());
+        c.federation.tls_private_key = Some(PathBuf::new());
+        c.federation.ca_file = Some(PathBuf::new());
         c
     }
 
@@ -1384,5 +1491,50 @@ mod tests {
 
         let e = Config::from_toml_and_env("server_name = \"bad name!\"\n", "my.toml", vec![]).unwrap_err().to_string();
         assert!(e.contains("server_name") && e.contains("my.toml"), "{e}");
+    }
+
+    #[test]
+    fn federation_keys_are_checked_and_overridable() {
+        // Off unless the listener is set; on by default with it.
+        let c = Config::from_toml_and_env("", "f.toml", vec![]).unwrap();
+        assert!(!c.federation_enabled());
+        let c = Config::from_toml_and_env(
+            "server_name = \"[::1]:8448\"\n[listen]\nfederation = \"127.0.0.1:8448\"\n",
+            "f.toml",
+            env(&[
+                ("PARVIS__FEDERATION__VERIFY_CERTIFICATES", "false"),
+                ("PARVIS__FEDERATION__ALLOWED_SERVERS", r#"["ville-a.fr", "1.2.3.4:8448", "[::1]"]"#),
+            ]),
+        )
+        .unwrap();
+        assert!(c.federation_enabled());
+        assert!(!c.federation.verify_certificates);
+        assert_eq!(c.federation.allowed_servers, ["ville-a.fr", "1.2.3.4:8448", "[::1]"]);
+        let c = Config::from_toml_and_env(
+            "[listen]\nfederation = \"127.0.0.1:8448\"\n[federation]\nenabled = false\n",
+            "f.toml",
+            vec![],
+        )
+        .unwrap();
+        assert!(!c.federation_enabled());
+
+        for (toml, env_vars, key) in [
+            ("[federation]\nenabled = true\n", vec![], "federation.enabled"),
+            ("[federation]\ntls_certificate = \"/etc/hostname\"\n", vec![], "federation.tls_private_key"),
+            ("[federation]\ntls_private_key = \"/etc/hostname\"\n", vec![], "federation.tls_certificate"),
+            ("[federation]\nca_file = \"/nonexistent/ca.pem\"\n", vec![], "federation.ca_file"),
+            ("[federation]\nallowed_servers = [\"bad name!\"]\n", vec![], "federation.allowed_servers"),
+            (
+                "",
+                vec![("PARVIS__FEDERATION__TRUSTED_KEY_SERVERS", r#"["a.fr:99999"]"#)],
+                "federation.trusted_key_servers",
+            ),
+            ("[federation]\nkey_validity_secs = 1\n", vec![], "federation.key_validity_secs"),
+            ("[federation]\nrequest_timeout_secs = 0\n", vec![], "federation.request_timeout_secs"),
+            ("[federation]\nverify_certificate = false\n", vec![], "federation.verify_certificate"),
+        ] {
+            let e = Config::from_toml_and_env(toml, "f.toml", env(&env_vars)).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}: {e}");
+        }
     }
 }

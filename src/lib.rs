@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod e2ee;
 pub mod error;
+pub mod federation;
 pub mod glob;
 pub mod http;
 pub mod keys;

@@ -120,8 +120,16 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
     if let Some(addr) = state.config.listen.federation {
         let l = TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         federation_addr = Some(l.local_addr()?);
-        let app = crate::http::with_layers(crate::api::federation::router(), state.clone());
-        tasks.push(serve(l, app, stop_rx.clone()));
+        let app = crate::http::with_layers(crate::api::federation::router(state.federation.enabled), state.clone());
+        let f = &state.config.federation;
+        match (&f.tls_certificate, &f.tls_private_key) {
+            (Some(cert), Some(key)) => {
+                let tls = crate::federation::tls::server_config(cert, key)?;
+                let l = crate::federation::tls::TlsListener::new(l, tls)?;
+                tasks.push(serve_tls(l, app, stop_rx.clone()));
+            }
+            _ => tasks.push(serve(l, app, stop_rx.clone())),
+        }
     }
     // Per instance: its own temporary files and export jobs.
     tasks.push(tokio::spawn(crate::media::housekeeping(state.clone(), stop_rx.clone())));
@@ -199,6 +207,23 @@ async fn maintenance(state: AppState, stop: watch::Receiver<bool>) -> anyhow::Re
         retention,
     )?;
     Ok(())
+}
+
+fn serve_tls(
+    listener: crate::federation::tls::TlsListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<anyhow::Result<()>> {
+    tokio::spawn(async move {
+        // `tap_io` gives the listener axum's `ConnectInfo<SocketAddr>` support.
+        let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
+        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            .context("federation HTTPS server failed")
+    })
 }
 
 /// Periodic clean-up of short-lived rows.

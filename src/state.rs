@@ -80,6 +80,8 @@ pub struct Inner {
     pub webhooks: crate::webhooks::Webhooks,
     /// The other instances on this database, and what this one tells them.
     pub cluster: Arc<crate::cluster::Cluster>,
+    /// Federation: our signing identity, the outgoing client, discovery and the key cache.
+    pub federation: crate::federation::Federation,
 }
 
 /// Raises a stream watermark to `pos` (never lowers it) and wakes its watchers (sync).
@@ -123,6 +125,7 @@ impl AppState {
         let appservice_http =
             crate::appservice::sender::http_client(Duration::from_secs(config.appservices.request_timeout_secs))?;
         let webhooks = crate::webhooks::Webhooks::new(&config.webhooks);
+        let federation = crate::federation::Federation::new(&config, &server_key)?;
         let event_signer = ruma::signatures::Ed25519KeyPair::from_der(&server_key.pkcs8_der()?, version)
             .map_err(|e| anyhow::anyhow!("signing key unusable: {e}"))?;
         Ok(Self(Arc::new(Inner {
@@ -158,6 +161,7 @@ impl AppState {
             appservice_http,
             webhooks,
             cluster,
+            federation,
             server_key,
             db,
             config,

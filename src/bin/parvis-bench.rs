@@ -1447,7 +1447,6 @@ async fn mixed(target: Arc<Target>, args: MixedArgs, strict: bool) -> anyhow::Re
     Ok(reports)
 }
 
-/// CPU time (seconds) and memory of a process, from /proc.
 /// CPU seconds, RSS and peak RSS (KiB) summed over `pids` (None if any cannot be read).
 fn procs_stats(pids: &[u32]) -> Option<(f64, u64, u64)> {
     if pids.is_empty() {
@@ -1456,6 +1455,7 @@ fn procs_stats(pids: &[u32]) -> Option<(f64, u64, u64)> {
     pids.iter().try_fold((0.0, 0, 0), |(c, r, h), p| proc_stats(*p).map(|(c1, r1, h1)| (c + c1, r + r1, h + h1)))
 }
 
+/// CPU time (seconds) and memory of a process, from /proc.
 fn proc_stats(pid: u32) -> Option<(f64, u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after = stat.rsplit_once(')')?.1;

@@ -122,6 +122,29 @@ struct Frontier {
     candidates: Vec<(i64, Vec<String>)>,
 }
 
+impl Frontier {
+    /// Records the frontier just read (`events`, with the `writers` in flight) and returns the
+    /// highest position now safe: that of the newest candidate none of whose writers is still in
+    /// flight (older candidates are then safe too: a writer still running now was running when
+    /// they were read, so it would be among their writers as well).
+    fn resolve(&mut self, events: i64, writers: &[String]) -> Option<i64> {
+        self.candidates.push((events, writers.to_vec()));
+        let current: HashSet<&String> = writers.iter().collect();
+        let safe = self.candidates.iter().rposition(|(_, w)| w.iter().all(|x| !current.contains(x)));
+        let pos = safe.map(|i| self.candidates[i].0);
+        if let Some(i) = safe {
+            self.candidates.drain(..=i);
+        }
+        // Bounded: under a continuous load the oldest unresolved candidates are superseded by
+        // newer ones holding the same writers.
+        if self.candidates.len() > 64 {
+            let n = self.candidates.len() - 64;
+            self.candidates.drain(..n);
+        }
+        pos
+    }
+}
+
 /// This instance's view of the cluster.
 pub struct Cluster {
     pub instance_id: String,
@@ -562,26 +585,7 @@ pub async fn poll_once(state: &AppState) -> anyhow::Result<bool> {
     let f = storage::cluster::frontier(&state.db).await?;
     let c = &state.cluster;
     // The event stream: the highest candidate none of whose writers is still in flight.
-    let safe_events = {
-        let mut fr = c.frontier.lock();
-        fr.candidates.push((f.events, f.writers.clone()));
-        let current: HashSet<&String> = f.writers.iter().collect();
-        let mut safe = None;
-        for (i, (pos, writers)) in fr.candidates.iter().enumerate() {
-            if writers.iter().all(|w| !current.contains(w)) {
-                safe = Some((i, *pos));
-            }
-        }
-        if let Some((i, _)) = safe {
-            fr.candidates.drain(..=i);
-        }
-        // Bounded: under a continuous load the oldest unresolved candidates are superseded.
-        if fr.candidates.len() > 64 {
-            let n = fr.candidates.len() - 64;
-            fr.candidates.drain(..n);
-        }
-        safe.map(|(_, p)| p)
-    };
+    let safe_events = c.frontier.lock().resolve(f.events, &f.writers);
     let known = *c.known.lock();
     let mut next = known;
 
@@ -745,6 +749,36 @@ pub fn typing_clock() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn w(ids: &[&str]) -> Vec<String> {
+        ids.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn frontier_waits_for_the_writers_in_flight_when_it_was_read() {
+        let mut f = Frontier::default();
+        // Nobody in flight: safe at once.
+        assert_eq!(f.resolve(10, &[]), Some(10));
+        // A writer in flight holds 20 back, and 30 read while it still runs.
+        assert_eq!(f.resolve(20, &w(&["3/1"])), None);
+        assert_eq!(f.resolve(30, &w(&["3/1", "4/7"])), None);
+        // 3/1 finished, 4/7 still runs: 20 is safe, 30 is not.
+        assert_eq!(f.resolve(35, &w(&["4/7"])), Some(20));
+        // 4/7 finished and a new writer started: 30 and 35 are safe, 40 waits.
+        assert_eq!(f.resolve(40, &w(&["5/2"])), Some(35));
+        assert_eq!(f.resolve(41, &[]), Some(41));
+        assert!(f.candidates.is_empty());
+    }
+
+    #[test]
+    fn frontier_candidates_stay_bounded_under_a_continuous_writer() {
+        let mut f = Frontier::default();
+        for i in 0..1000 {
+            assert_eq!(f.resolve(i, &w(&["9/9"])), None);
+        }
+        assert!(f.candidates.len() <= 64);
+        assert_eq!(f.resolve(2000, &[]), Some(2000));
+    }
 
     #[test]
     fn messages_round_trip_and_stay_small() {

@@ -14,6 +14,7 @@ pub mod devices;
 pub mod directory;
 pub mod e2ee;
 pub mod events;
+pub mod federation;
 pub mod filters;
 pub mod media;
 pub mod meta;

@@ -9,14 +9,15 @@ use crate::error::{ApiResult, Error};
 use crate::state::AppState;
 use crate::storage;
 
-/// Checks a localpart requested for a *new* account against the spec's grammar for user IDs
-/// (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`) and the 255-byte limit on the full user ID.
 /// Whether a user ID belongs to this server: its server part (everything after the first colon,
-/// since localparts have none; it may carry a port) is exactly `server_name`.
+/// since localparts have none; any form of server name, with or without a port) is a valid
+/// server name and exactly `server_name`.
 pub fn is_local(user_id: &str, server_name: &str) -> bool {
-    user_id.split_once(':').is_some_and(|(_, server)| server == server_name)
+    crate::federation::names::server_of(user_id).is_some_and(|s| s.as_str() == server_name)
 }
 
+/// Checks a localpart requested for a *new* account against the spec's grammar for user IDs
+/// (`a-z`, `0-9`, `.`, `_`, `=`, `-`, `/`, `+`) and the 255-byte limit on the full user ID.
 pub fn validate_new_localpart(localpart: &str, server_name: &str) -> ApiResult<()> {
     if localpart.is_empty() {
         return Err(Error::invalid_username("User ID cannot be empty"));
@@ -177,6 +178,12 @@ mod tests {
         assert!(is_local("@a:[::1]:8448", "[::1]:8448"));
         assert!(!is_local("@a:autre.ville.fr", "ville.fr"));
         assert!(!is_local("nocolon", "ville.fr"));
+        assert!(is_local("@a:1.2.3.4:8448", "1.2.3.4:8448"));
+        assert!(is_local("@a:1.2.3.4", "1.2.3.4"));
+        assert!(!is_local("@a:1.2.3.4:8448", "1.2.3.4"));
+        assert!(is_local("@a:[2001:db8::1]", "[2001:db8::1]"));
+        assert!(!is_local("@a:[::1]:8448", "[::1]"));
+        assert!(!is_local("@a:ville.fr:bad", "ville.fr:bad"));
     }
 
     #[test]
@@ -199,5 +206,13 @@ mod tests {
         assert_eq!(parse_login_user("@alice:other", "hs").unwrap_err().errcode, "M_FORBIDDEN");
         assert!(parse_login_user("@alice", "hs").is_err());
         assert!(parse_login_user("", "hs").is_err());
+        // Server names with ports and IP literals.
+        for server in ["[::1]:8448", "1.2.3.4:8448", "1.2.3.4", "[2001:db8::1]", "ville.fr:8448"] {
+            let (id, local) = parse_login_user(&format!("@Alice:{server}"), server).unwrap();
+            assert_eq!((id.as_str(), local.as_str()), (format!("@alice:{server}").as_str(), "alice"));
+            assert!(is_local(&id, server));
+            assert_eq!(parse_login_user(&format!("@alice:{server}"), "hs").unwrap_err().errcode, "M_FORBIDDEN");
+        }
+        assert_eq!(parse_login_user("@alice:[::1]:8448", "[::1]").unwrap_err().errcode, "M_FORBIDDEN");
     }
 }

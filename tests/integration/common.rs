@@ -133,6 +133,11 @@ pub fn test_config(db_url: &str) -> Config {
     c
 }
 
+/// `https` when the federation listener has a certificate, else `http`.
+fn federation_scheme(config: &Config) -> &'static str {
+    if config.federation.tls_certificate.is_some() { "https" } else { "http" }
+}
+
 pub fn rate(per_second: f64, burst: u32) -> RateLimit {
     RateLimit { per_second, burst }
 }
@@ -172,7 +177,7 @@ impl TestServer {
         Self {
             base: format!("http://{}", running.client_addr),
             metrics: format!("http://{}", running.metrics_addr.expect("metrics listener")),
-            federation: running.federation_addr.map(|a| format!("http://{a}")),
+            federation: running.federation_addr.map(|a| format!("{}://{a}", federation_scheme(&config))),
             config,
 
             db_name,
@@ -229,7 +234,7 @@ impl TestServer {
         let running = server::start(state).await.expect("server starts");
         self.base = format!("http://{}", running.client_addr);
         self.metrics = format!("http://{}", running.metrics_addr.expect("metrics listener"));
-        self.federation = running.federation_addr.map(|a| format!("http://{a}"));
+        self.federation = running.federation_addr.map(|a| format!("{}://{a}", federation_scheme(&self.config)));
         self.running = Some(running);
     }
 

@@ -78,8 +78,8 @@ async fn jitsi_verification_flow() {
         401,
         "M_UNKNOWN_TOKEN",
     );
-    // The federation listener serves nothing else (yet).
-    for path in ["/_matrix/federation/v1/version", "/_matrix/client/versions", "/_matrix/key/v2/server"] {
+    // The federation listener serves no client API (federation itself: federation_keys.rs).
+    for path in ["/_matrix/client/versions", "/_matrix/federation/v1/state/x"] {
         assert_err(&raw_get(&s, &format!("{fed}{path}")).await, 404, "M_UNRECOGNIZED");
     }
 

@@ -16,6 +16,7 @@ mod e2ee;
 mod element;
 mod ephemeral;
 mod errors_limits;
+mod federation_keys;
 mod filters;
 mod hardening_accounts;
 mod hardening_input;
