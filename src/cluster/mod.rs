@@ -145,6 +145,11 @@ impl Frontier {
     }
 }
 
+/// A token revocation sent to the peers: those who have not confirmed it yet, and the waiter.
+type PendingEviction = (HashSet<String>, Option<oneshot::Sender<()>>);
+/// Token hashes to evict from this instance's cache, and who to tell when done.
+pub type EvictionRequest = (Vec<Vec<u8>>, oneshot::Sender<()>);
+
 /// This instance's view of the cluster.
 pub struct Cluster {
     pub instance_id: String,
@@ -158,11 +163,11 @@ pub struct Cluster {
     acks: Mutex<HashSet<String>>,
     acked: Notify,
     next_id: AtomicU64,
-    evictions: Mutex<HashMap<u64, (HashSet<String>, Option<oneshot::Sender<()>>)>>,
+    evictions: Mutex<HashMap<u64, PendingEviction>>,
     known: Mutex<Known>,
     frontier: Mutex<Frontier>,
     /// Token evictions received from peers, applied by the listener through this hook.
-    evict_hook: Mutex<Option<mpsc::UnboundedSender<(Vec<Vec<u8>>, oneshot::Sender<()>)>>>,
+    evict_hook: Mutex<Option<mpsc::UnboundedSender<EvictionRequest>>>,
     /// Set once the stream positions are initialised ([`ready`]): before that, switching to
     /// multi mode only sets the flag.
     ready: AtomicBool,
@@ -261,7 +266,7 @@ impl Cluster {
 
     /// The channel on which the listener hands evictions received from peers to the auth
     /// service (set once at start-up).
-    pub fn set_evict_hook(&self, tx: mpsc::UnboundedSender<(Vec<Vec<u8>>, oneshot::Sender<()>)>) {
+    pub fn set_evict_hook(&self, tx: mpsc::UnboundedSender<EvictionRequest>) {
         *self.evict_hook.lock() = Some(tx);
     }
 
@@ -729,7 +734,7 @@ pub fn delayed_changed(state: &AppState) {
 /// Applies token evictions received from peers (the listener hands them over; the auth service
 /// is not reachable from the cluster's construction).
 pub fn spawn_evictions(state: &AppState) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Vec<Vec<u8>>, oneshot::Sender<()>)>();
+    let (tx, mut rx) = mpsc::unbounded_channel::<EvictionRequest>();
     state.cluster.set_evict_hook(tx);
     let s = state.clone();
     tokio::spawn(async move {
