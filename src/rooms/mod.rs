@@ -291,9 +291,6 @@ async fn send_inner(
     // Whoever gets the writer drains the queue; our own send may already have been taken by the
     // previous writer, in which case there is little or nothing left to do.
     let mut guard = queue.writer.clone().lock_owned().await;
-    // Let the tasks that are ready to run (requests about to queue their sends) run first, so
-    // that they join this batch rather than wait for the next one.
-    tokio::task::yield_now().await;
     let batch: Vec<Pending> = {
         let mut p = queue.pending.lock();
         let n = p.len().min(MAX_BATCH);
