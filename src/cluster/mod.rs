@@ -445,6 +445,9 @@ async fn listen_loop(state: AppState, mut listener: PgListener, mut stop: watch:
                 tracing::warn!("cluster listener reconnecting");
                 state.cluster.poll.notify_one();
             }
+            // The pool is closing (shutdown, or the end of a CLI command): let its connection go,
+            // or closing the pool would wait for it forever.
+            Err(sqlx::Error::PoolClosed) => return,
             Err(e) => {
                 tracing::warn!(error = %e, "cluster listener failed; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;

@@ -624,7 +624,13 @@ async fn record(
     for (user, stream) in &joins {
         storage::push::clear_before(&mut *conn, room.nid, user, *stream).await?;
     }
-    storage::push::insert_actions(conn, room.nid, now_ms(), &rows).await?;
+    // Only users with an HTTP pusher need a delivery job. A pusher registered while this
+    // transaction runs (after the statement's snapshot) starts at the position of its user's
+    // newest notification already committed, so it still gets these events, from the periodic
+    // `gateway::resume` rather than right after the commit.
+    let with_pushers: HashSet<String> =
+        storage::push::insert_actions(conn, room.nid, now_ms(), &rows).await?.into_iter().collect();
+    jobs.retain(|j| with_pushers.contains(&j.user_id));
     // A redaction can blank a display name or the room name without a new state group.
     match events.last().and_then(|a| a.row.state_after) {
         Some(group) if !events.iter().any(|a| a.row.event_type == "m.room.redaction") => {

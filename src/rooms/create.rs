@@ -5,7 +5,7 @@ use ruma::RoomId;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{NewEvent, Room, append, committed, lock_room, rules_for, sign};
+use super::{Head, NewEvent, Room, append, committed, rules_for, sign};
 use crate::error::{ApiResult, Error};
 use crate::state::AppState;
 use crate::storage::{self, now_ms};
@@ -132,9 +132,15 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
 
     let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = state.db.begin().await?;
-    let room_nid = storage::rooms::insert(&mut tx, room_id.as_str(), &version, creator).await?;
-    lock_room(&mut tx, room_nid).await?;
-    let (create_nid, _) = storage::events::insert(
+    // The first statement assigns the transaction its ID (the cross-instance watermark, issue
+    // 20, needs the writer's xid assigned before it takes stream positions). The room needs no
+    // lock: no other transaction can see it before this one commits, and once it is visible
+    // every writer takes the room lock (`rooms::lock_room`, a row lock on the `room_extremities`
+    // row inserted below).
+    let (room_nid, _xid) = storage::rooms::insert(&mut tx, room_id.as_str(), &version, creator).await?;
+    // Before its first stream position: the event writers' lock (see `cluster`).
+    storage::events::lock_event_writers(&mut tx).await?;
+    let (create_nid, create_stream) = storage::events::insert(
         &mut tx,
         &storage::events::NewEventRow {
             event_id: create_id.as_str(),
@@ -241,9 +247,10 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
         let p = storage::profiles::get(&mut *tx, u).await?.unwrap_or_default();
         events.push(NewEvent::state("m.room.member", u, member_content("invite", &p, req.is_direct)));
     }
+    let mut head = Head::new(create_nid, create_id.to_string(), 1, create_stream, Some(group));
     let mut appended = Vec::with_capacity(events.len());
     for ev in events {
-        appended.push(append(state, &mut tx, &room, creator, ev, None).await?);
+        appended.push(append(state, &mut tx, &room, &mut head, creator, ev, None).await?);
     }
     if let Some(a) = &alias {
         storage::rooms::insert_alias(&mut *tx, a, room_nid, creator).await?;

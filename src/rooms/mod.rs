@@ -3,9 +3,11 @@
 //! transaction (event, edges, state group, current state, memberships, extremities, txn) →
 //! notify.
 //!
-//! Writes to one room are serialised by a transaction-level advisory lock keyed by the room
-//! (so several Parvis processes sharing a database stay correct) plus an in-process mutex (so
-//! concurrent requests of one process queue in memory rather than holding pool connections).
+//! Writes to one room are serialised by a row lock on the room's `room_extremities` row (so
+//! several Parvis processes sharing a database stay correct; see [`lock_room`]) plus an
+//! in-process mutex (so concurrent requests of one process queue in memory rather than holding
+//! pool connections). The mutex also guards what the writer knows of the room's head
+//! ([`Head`]), which spares the head and auth-state lookups while no other process writes.
 
 pub mod client;
 pub mod create;
@@ -37,9 +39,6 @@ pub const SUPPORTED_VERSIONS: &[&str] = &["6", "7", "8", "9", "10", "11", "12"];
 
 /// Internal marker: the client transaction was committed by a concurrent request.
 const DUPLICATE_TXN: &str = "PARVIS_DUPLICATE_TXN";
-
-/// Namespace for room advisory locks (the room nid is added to it).
-const ROOM_LOCK_NAMESPACE: i64 = 0x5061_7276_0000_0000;
 
 /// A room as the engine needs it.
 #[derive(Debug, Clone)]
@@ -155,11 +154,97 @@ impl Pending {
 }
 
 /// Per-room write queue: sends are queued, and whoever holds the room's writer lock appends
-/// everything queued in one transaction (group commit: one fsync for many events).
+/// everything queued in one transaction (group commit: one fsync for many events). The writer
+/// lock holds the room's [`Head`] as this process last committed it.
 #[derive(Default)]
 pub struct RoomQueue {
     pending: parking_lot::Mutex<Vec<Pending>>,
-    writer: Arc<tokio::sync::Mutex<()>>,
+    writer: Arc<tokio::sync::Mutex<Option<Head>>>,
+}
+
+/// A room's head as of one event: what appending the next event needs (its `prev_events`,
+/// depth and state group) and the current state entries the authorization rules asked for so
+/// far (`None`: no such state), all as they were right after that event.
+///
+/// Kept by the room's writer between transactions and used only after the room lock returned
+/// exactly this event as the room's single forward extremity ([`lock_room`]): every append moves
+/// the extremity to a new event, so an unchanged extremity means that nothing was appended since
+/// (by this process or another one) and the state entries are current. Otherwise it is loaded
+/// again under the lock ([`Head::load`]). It is only ever built from the database under the lock
+/// or advanced by the events of a transaction that then committed.
+#[derive(Debug, Clone)]
+pub struct Head {
+    pub event_nid: i64,
+    pub event_id: String,
+    pub depth: i64,
+    /// The head event's stream position (the sync cache applies a batch only on top of it).
+    pub stream: i64,
+    pub state_after: Option<i64>,
+    state: HashMap<(String, String), Option<AuthEntry>>,
+}
+
+/// A current state event as the authorization rules need it.
+#[derive(Debug, Clone)]
+struct AuthEntry {
+    event_nid: i64,
+    event_type: String,
+    pdu: Arc<Pdu>,
+}
+
+/// Most state entries a [`Head`] keeps between transactions (it starts over past that).
+const HEAD_STATE_CAP: usize = 1024;
+
+impl Head {
+    /// The head right after `event` (whose state group is `state_after`), nothing looked up yet.
+    pub fn new(event_nid: i64, event_id: String, depth: i64, stream: i64, state_after: Option<i64>) -> Self {
+        Self { event_nid, event_id, depth, stream, state_after, state: HashMap::new() }
+    }
+
+    /// Reads the head from the database; the caller holds the room lock.
+    pub async fn load(conn: &mut PgConnection, room: &Room) -> ApiResult<Self> {
+        let mut extremities = storage::events::extremities(conn, room.nid).await?;
+        if extremities.len() != 1 {
+            // Only federation can fork a room's DAG; merging forks needs state resolution, which
+            // arrives with federation. Locally created rooms always have a single head.
+            return Err(Error::from(anyhow::anyhow!(
+                "room {} has {} forward extremities; merging is not supported yet",
+                room.room_id,
+                extremities.len()
+            )));
+        }
+        let (event_nid, event_id, depth, state_after, stream) = extremities.remove(0);
+        Ok(Self::new(event_nid, event_id, depth, stream, state_after))
+    }
+
+    /// Whether the room lock's view of the extremities is this head.
+    fn is(&self, extremities: &[i64]) -> bool {
+        extremities == [self.event_nid]
+    }
+
+    /// The current state entries for `keys`, reading those not known yet in one query.
+    async fn auth_state(
+        &mut self,
+        conn: &mut PgConnection,
+        room_nid: i64,
+        keys: &[(String, String)],
+    ) -> ApiResult<Vec<AuthEntry>> {
+        let missing: Vec<(String, String)> = keys.iter().filter(|k| !self.state.contains_key(*k)).cloned().collect();
+        if !missing.is_empty() {
+            let rows = storage::rooms::current_state_for(&mut *conn, room_nid, &missing).await?;
+            for k in missing {
+                self.state.insert(k, None);
+            }
+            for row in rows {
+                let pdu = Pdu::parse(&row.event_id, &row.json).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+                let key = (row.event_type.clone(), row.state_key.unwrap_or_default());
+                self.state.insert(
+                    key,
+                    Some(AuthEntry { event_nid: row.event_nid, event_type: row.event_type, pdu: Arc::new(pdu) }),
+                );
+            }
+        }
+        Ok(keys.iter().filter_map(|k| self.state.get(k).cloned().flatten()).collect())
+    }
 }
 
 /// The write queues of the rooms of this process (the database lock is the authority).
@@ -209,7 +294,7 @@ async fn send_inner(
     });
     // Whoever gets the writer drains the queue; our own send may already have been taken by the
     // previous writer, in which case there is little or nothing left to do.
-    let guard = queue.writer.clone().lock_owned().await;
+    let mut guard = queue.writer.clone().lock_owned().await;
     let batch: Vec<Pending> = {
         let mut p = queue.pending.lock();
         let n = p.len().min(MAX_BATCH);
@@ -219,7 +304,7 @@ async fn send_inner(
         // A task of its own: a client hanging up must not abort the others' events.
         let (state, room) = (state.clone(), room.clone());
         let _ = tokio::spawn(async move {
-            write_batch(&state, &room, batch).await;
+            write_batch(&state, &room, batch, &mut guard).await;
             drop(guard);
         })
         .await;
@@ -246,9 +331,12 @@ async fn send_inner(
 ///
 /// Rejections (4xx) are decided before the event writes anything and leave the transaction
 /// usable for the rest of the batch.
-async fn write_batch(state: &AppState, room: &Room, mut batch: Vec<Pending>) {
+///
+/// `head` is the room's head as this process last committed it (see [`Head`]); it is taken for
+/// the attempt and put back only after a commit, so a failed attempt leaves none.
+async fn write_batch(state: &AppState, room: &Room, mut batch: Vec<Pending>, head: &mut Option<Head>) {
     loop {
-        match attempt_batch(state, room, &batch).await {
+        match attempt_batch(state, room, &batch, head).await {
             Attempt::Committed(results) => {
                 for (p, result) in batch.into_iter().zip(results) {
                     let _ = p.reply.send(result);
@@ -268,7 +356,7 @@ async fn write_batch(state: &AppState, room: &Room, mut batch: Vec<Pending>) {
                 tracing::error!(room_id = %room.room_id, size = batch.len(), error = %e.message,
                     "room write batch failed; retrying its events one by one");
                 for p in batch {
-                    Box::pin(write_batch(state, room, vec![p])).await;
+                    Box::pin(write_batch(state, room, vec![p], head)).await;
                 }
                 return;
             }
@@ -297,21 +385,31 @@ enum Attempt {
 
 /// One transaction over a batch (see [`write_batch`]). Dropping the transaction or the stream
 /// writer on an early return rolls both back.
-async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Attempt {
+async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending], cached: &mut Option<Head>) -> Attempt {
     tracing::debug!(room = %room.room_id, size = batch.len(), "room write batch");
     let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = match state.db.begin().await {
         Ok(tx) => tx,
         Err(e) => return Attempt::Aborted(e.into()),
     };
-    if let Err(e) = lock_room(&mut tx, room.nid).await {
-        return Attempt::Aborted(e.into());
-    }
+    let lock = match lock_room(&mut tx, room.nid).await {
+        Ok(lock) => lock,
+        Err(e) => return Attempt::Aborted(e.into()),
+    };
+    // The head this process committed last, if nothing was appended since (by anyone).
+    let mut head = match cached.take().filter(|h| h.is(&lock.extremities)) {
+        Some(h) => h,
+        None => match Head::load(&mut tx, room).await {
+            Ok(h) => h,
+            Err(e) => return Attempt::Aborted(e),
+        },
+    };
     let mut results = Vec::with_capacity(batch.len());
     let mut appended: Vec<Appended> = Vec::new();
     for (i, p) in batch.iter().enumerate() {
         let txn = p.txn();
-        let appending = std::panic::AssertUnwindSafe(append(state, &mut tx, room, &p.sender, p.ev.clone(), txn));
+        let appending =
+            std::panic::AssertUnwindSafe(append(state, &mut tx, room, &mut head, &p.sender, p.ev.clone(), txn));
         // A panic (a bug, or a library tripping on hostile content) fails its own event only.
         let Ok(outcome) = futures_util::FutureExt::catch_unwind(appending).await else {
             tracing::error!(room_id = %room.room_id, sender = %p.sender, "appending an event panicked");
@@ -372,21 +470,32 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending]) -> Atte
         crate::cluster::room_invalidated(state, room.nid);
         return Attempt::Aborted(e.into());
     }
+    if head.state.len() > HEAD_STATE_CAP {
+        head.state.clear();
+    }
+    *cached = Some(head);
     committed(state, room, writer, &appended);
     crate::push::gateway::dispatch(state, jobs);
     Attempt::Committed(results)
 }
 
-/// Takes the room's lock for the rest of the transaction, and the shared event-writers lock:
-/// every transaction that takes event stream positions holds it first, which is how the
-/// cross-instance watermark knows which positions may still commit (`cluster`, migration 0028).
-pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<()> {
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1), pg_advisory_xact_lock($2)")
-        .bind(crate::cluster::EVENT_WRITERS_LOCK)
-        .bind(ROOM_LOCK_NAMESPACE + room_nid)
-        .execute(conn)
-        .await?;
-    Ok(())
+/// A room's write lock, held until the end of the transaction.
+#[derive(Debug)]
+pub struct RoomLock {
+    /// The transaction's ID (`pg_current_xact_id()`), assigned by the lock.
+    pub xid: i64,
+    /// The room's forward extremities as of the lock (event nids).
+    pub extremities: Vec<i64>,
+}
+
+/// Takes a room's write lock: a row lock (`FOR NO KEY UPDATE`) on its `room_extremities` row,
+/// which every append updates. Every writer of a room's events takes it first (a room being
+/// created is invisible to others until its transaction commits, so `createRoom` needs none).
+/// It is the first statement of the transaction and assigns the transaction its ID before any
+/// stream position is taken (see `storage::events::lock_extremities`).
+pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<RoomLock> {
+    let (xid, extremities) = storage::events::lock_extremities(conn, room_nid).await?;
+    Ok(RoomLock { xid, extremities })
 }
 
 /// Called after a transaction that appended `events` to `room` committed: updates the sync
@@ -407,31 +516,22 @@ fn parse_user(user: &str) -> ApiResult<&UserId> {
 }
 
 /// Builds, signs, authorises and persists one event at the head of a room, inside the caller's
-/// transaction (which must hold the room lock).
+/// transaction (which must hold the room lock), and moves `head` to it. On an error the
+/// transaction may hold part of the event and `head` must not be kept.
 pub async fn append(
     state: &AppState,
     conn: &mut PgConnection,
     room: &Room,
+    head: &mut Head,
     sender: &str,
     ev: NewEvent,
     txn: Txn<'_>,
 ) -> ApiResult<Appended> {
     let sender_id = parse_user(sender)?;
-    let extremities = storage::events::extremities(conn, room.nid).await?;
-    if extremities.len() != 1 {
-        // Only federation can fork a room's DAG; merging forks needs state resolution, which
-        // arrives with federation. Locally created rooms always have a single head.
-        return Err(Error::from(anyhow::anyhow!(
-            "room {} has {} forward extremities; merging is not supported yet",
-            room.room_id,
-            extremities.len()
-        )));
-    }
-    let (prev_nid, prev_id, prev_depth, state_before, prev_stream) = extremities[0].clone();
-
     let kind = TimelineEventType::from(ev.kind.as_str());
     let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| Error::bad_json(e.to_string()))?;
-    let mut keys: Vec<(String, String)> = ruma::state_res::auth_types_for_event(
+    let mut keys: Vec<(String, String)> = Vec::new();
+    let needed = ruma::state_res::auth_types_for_event(
         &kind,
         sender_id,
         ev.state_key.as_deref(),
@@ -441,29 +541,33 @@ pub async fn append(
     .map_err(forbidden)?
     .into_iter()
     .map(|(t, k)| (t.to_string(), k))
-    .collect();
-    keys.push(("m.room.create".into(), String::new()));
-    let rows = storage::rooms::current_state_for(&mut *conn, room.nid, &keys).await?;
+    .chain(std::iter::once(("m.room.create".to_owned(), String::new())));
+    for key in needed {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    let entries = head.auth_state(conn, room.nid, &keys).await?;
 
     let mut by_key: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();
     let mut by_id: HashMap<OwnedEventId, Arc<Pdu>> = HashMap::new();
     let mut auth_nids = Vec::new();
     let mut auth_ids = Vec::new();
-    for row in &rows {
-        let pdu = Arc::new(Pdu::parse(&row.event_id, &row.json).map_err(|e| Error::from(anyhow::anyhow!(e)))?);
-        let is_create = row.event_type == "m.room.create";
+    for entry in &entries {
+        let is_create = entry.event_type == "m.room.create";
         if !(is_create && room.rules.authorization.room_create_event_id_as_room_id) {
-            auth_nids.push(row.event_nid);
-            auth_ids.push(row.event_id.clone());
+            auth_nids.push(entry.event_nid);
+            auth_ids.push(entry.pdu.event_id.as_str());
         }
         by_key.insert(
-            (StateEventType::from(row.event_type.as_str()), row.state_key.clone().unwrap_or_default()),
-            pdu.clone(),
+            (StateEventType::from(entry.event_type.as_str()), entry.pdu.state_key.clone().unwrap_or_default()),
+            entry.pdu.clone(),
         );
-        by_id.insert(pdu.event_id.clone(), pdu);
+        by_id.insert(entry.pdu.event_id.clone(), entry.pdu.clone());
     }
 
-    let depth = (prev_depth + 1).min(9_007_199_254_740_991);
+    let state_before = head.state_after;
+    let depth = (head.depth + 1).min(9_007_199_254_740_991);
     let mut value = json!({
         "type": ev.kind,
         "room_id": room.room_id,
@@ -471,7 +575,7 @@ pub async fn append(
         "content": ev.content,
         "origin_server_ts": now_ms(),
         "depth": depth,
-        "prev_events": [prev_id],
+        "prev_events": [head.event_id],
         "auth_events": auth_ids,
     });
     if let Some(sk) = &ev.state_key {
@@ -499,18 +603,15 @@ pub async fn append(
     )
     .map_err(forbidden)?;
 
-    // The client transaction first: if it was already recorded, nothing of this event is written.
-    if let Some(t) = txn
-        && !storage::events::insert_txn(&mut *conn, sender, t.device, t.scope, t.id, event_id.as_str()).await?
-    {
-        return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
-    }
     let relation = ev.content.get("m.relates_to");
     let rel_type = relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str);
     let relates_to = relation.and_then(|r| r.get("event_id")).and_then(Value::as_str);
     let search_config = crate::search::text_config(&state.config.search.language);
     let search = crate::search::searchable(&ev.kind, &ev.content).map(|(k, t)| (k, t, search_config.as_str()));
-    let (event_nid, stream) = storage::events::insert(
+    let origin_server_ts = u64::from(pdu.origin_server_ts.get()) as i64;
+    // One statement: the client transaction first (if it was already recorded, nothing of this
+    // event is written), the event, its search row and edges, and the room's extremity.
+    let written = storage::events::append(
         conn,
         &storage::events::NewEventRow {
             event_id: event_id.as_str(),
@@ -519,7 +620,7 @@ pub async fn append(
             event_type: &ev.kind,
             state_key: ev.state_key.as_deref(),
             sender,
-            origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+            origin_server_ts,
             json: &json_text,
             state_before,
             state_after: if ev.state_key.is_some() { None } else { state_before },
@@ -529,24 +630,44 @@ pub async fn append(
             txn: txn.map(|t| (t.device, t.id)),
             search,
         },
+        txn.map(|t| (sender, t.device, t.scope, t.id)),
+        std::slice::from_ref(&head.event_id),
+        &auth_nids,
+        &[head.event_nid],
     )
     .await?;
+    let Some((event_nid, stream)) = written else {
+        return Err(Error::new(axum::http::StatusCode::CONFLICT, DUPLICATE_TXN, "duplicate transaction"));
+    };
     if let Some(marker) = &state.config.testing.fail_append_containing
         && ev.content.to_string().contains(marker.as_str())
     {
         // Fault injection (tests only): a real database error after the event's row was written.
         sqlx::query("SELECT 1 / 0").execute(&mut *conn).await?;
     }
-    storage::events::insert_edges(conn, event_nid, &[prev_id], &auth_nids).await?;
     let state_after = match &ev.state_key {
         Some(sk) => {
             Some(apply_state(conn, room.nid, event_nid, stream, state_before, &ev.kind, sk, &ev.content).await?)
         }
         None => state_before,
     };
-    storage::events::replace_extremities(conn, room.nid, &[prev_nid], event_nid).await?;
     if let Some(target) = &ev.redacts {
         storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
+    }
+    let prev_stream = head.stream;
+    *head = Head {
+        event_nid,
+        event_id: event_id.to_string(),
+        depth,
+        stream,
+        state_after,
+        state: std::mem::take(&mut head.state),
+    };
+    if let Some(sk) = &ev.state_key {
+        head.state.insert(
+            (ev.kind.clone(), sk.clone()),
+            Some(AuthEntry { event_nid, event_type: ev.kind.clone(), pdu: Arc::new(pdu) }),
+        );
     }
     let row = storage::events::EventRow {
         event_nid,
@@ -557,7 +678,7 @@ pub async fn append(
         event_type: ev.kind,
         state_key: ev.state_key,
         sender: sender.to_owned(),
-        origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+        origin_server_ts,
         json: json_text,
         redacted_by: None,
         txn_device: txn.map(|t| t.device.to_owned()),

@@ -84,18 +84,116 @@ pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Resul
     .await
 }
 
-/// Records the prev and auth edges of an event (one round trip).
-pub async fn insert_edges(conn: &mut PgConnection, event_nid: i64, prev: &[String], auth: &[i64]) -> sqlx::Result<()> {
-    sqlx::query(
-        "WITH p AS (INSERT INTO event_edges (event_nid, prev_event_id) SELECT $1, p FROM UNNEST($2::text[]) p)
-         INSERT INTO event_auth (event_nid, auth_event_nid) SELECT $1, a FROM UNNEST($3::bigint[]) a",
+/// A client transaction as `event_txns` keys it: `(user, device, scope, txn_id)`.
+pub type TxnKey<'a> = (&'a str, &'a str, &'a str, &'a str);
+
+/// Appends an event at the head of its room in one statement: the client transaction row
+/// first (a duplicate writes nothing: `None`), then the event with the next stream position, its
+/// full-text row, its prev and auth edges, and the room's forward extremities (`replaces` taken
+/// out, the event put in). Returns (event_nid, stream_ordering).
+///
+/// `e.txn` must be the device and ID of `txn` when there is one.
+pub async fn append(
+    conn: &mut PgConnection,
+    e: &NewEventRow<'_>,
+    txn: Option<TxnKey<'_>>,
+    prev: &[String],
+    auth: &[i64],
+    replaces: &[i64],
+) -> sqlx::Result<Option<(i64, i64)>> {
+    // Every CTE sees the same snapshot; `ev` inserts only if `t` did (or there is no
+    // transaction), and everything else hangs off `ev`, so a duplicate leaves no row at all.
+    sqlx::query_as(
+        "WITH t AS (
+             INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts)
+             SELECT $6, $19, $20, $15, $1, $21 WHERE $20::text IS NOT NULL
+             ON CONFLICT DO NOTHING
+             RETURNING 1),
+         ev AS (
+             INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
+                                 origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
+                                 txn_device, txn_id)
+             SELECT $1, $2, nextval('event_stream_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15
+             WHERE $20::text IS NULL OR EXISTS (SELECT 1 FROM t)
+             RETURNING event_nid, stream_ordering),
+         search AS (
+             INSERT INTO event_search (event_nid, room_nid, stream_ordering, key, sender, event_type, vector)
+             SELECT ev.event_nid, $2, ev.stream_ordering, $16, $6, $4, to_tsvector($18::regconfig, $17)
+             FROM ev WHERE $16::text IS NOT NULL),
+         prev AS (
+             INSERT INTO event_edges (event_nid, prev_event_id)
+             SELECT ev.event_nid, p FROM ev, UNNEST($22::text[]) p),
+         auth AS (
+             INSERT INTO event_auth (event_nid, auth_event_nid)
+             SELECT ev.event_nid, a FROM ev, UNNEST($23::bigint[]) a),
+         head AS (
+             UPDATE room_extremities x
+             SET event_nids = ARRAY(SELECT n FROM unnest(x.event_nids) n WHERE n <> ALL($24)) || ev.event_nid
+             FROM ev WHERE x.room_nid = $2)
+         SELECT event_nid, stream_ordering FROM ev",
     )
-    .bind(event_nid)
+    .bind(e.event_id)
+    .bind(e.room_nid)
+    .bind(e.depth)
+    .bind(e.event_type)
+    .bind(e.state_key)
+    .bind(e.sender)
+    .bind(e.origin_server_ts)
+    .bind(e.json)
+    .bind(e.state_before)
+    .bind(e.state_after)
+    .bind(e.redacts)
+    .bind(e.rel_type)
+    .bind(e.relates_to)
+    .bind(e.txn.map(|t| t.0))
+    .bind(e.txn.map(|t| t.1))
+    .bind(e.search.map(|s| s.0))
+    .bind(e.search.map(|s| s.1))
+    .bind(e.search.map_or("simple", |s| s.2))
+    .bind(txn.map(|t| t.1))
+    .bind(txn.map(|t| t.2))
+    .bind(now_ms())
     .bind(prev)
     .bind(auth)
-    .execute(conn)
-    .await?;
+    .bind(replaces)
+    .fetch_optional(conn)
+    .await
+}
+
+/// Takes a room's write lock, a row lock on its `room_extremities` row, and returns the
+/// transaction's ID and the room's forward extremities as of the lock (the row as the previous
+/// holder committed it); `RowNotFound` if the room has no such row. One statement.
+/// The shared event-writers lock, for a transaction that takes event stream positions without
+/// taking a room lock first (`createRoom`: its room is invisible to others until it commits).
+pub async fn lock_event_writers(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(crate::cluster::EVENT_WRITERS_LOCK)
+        .execute(conn)
+        .await?;
     Ok(())
+}
+
+pub async fn lock_extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<(i64, Vec<i64>)> {
+    // The cross-instance watermark (issue 20) needs every writer of event stream positions to
+    // hold the shared event-writers lock before it takes one (`cluster`, migration 0028): taken
+    // here, in the first statement, with the transaction's ID assigned; after the room's row
+    // lock (`w` reads `x`), so that a writer queued behind another one of the same room does not
+    // hold the watermark back while it waits.
+    // A row lock (unlike a read in the same statement as an advisory lock, whose snapshot predates
+    // the wait) returns the newest committed version of the row.
+    let row: Option<(i64, Option<Vec<i64>>)> = sqlx::query_as(
+        "WITH x AS (SELECT event_nids FROM room_extremities WHERE room_nid = $1 FOR NO KEY UPDATE),
+              w AS (SELECT pg_advisory_xact_lock_shared($2) FROM x)
+         SELECT pg_current_xact_id()::text::bigint, (SELECT event_nids FROM x) FROM w",
+    )
+    .bind(room_nid)
+    .bind(crate::cluster::EVENT_WRITERS_LOCK)
+    .fetch_optional(conn)
+    .await?;
+    match row {
+        Some((xid, Some(nids))) => Ok((xid, nids)),
+        _ => Err(sqlx::Error::RowNotFound),
+    }
 }
 
 pub async fn by_id(db: impl PgExecutor<'_>, event_id: &str) -> sqlx::Result<Option<EventRow>> {
@@ -136,21 +234,6 @@ pub async fn extremities(
     .await
 }
 
-/// Replaces the given extremities by the new event (one round trip).
-pub async fn replace_extremities(conn: &mut PgConnection, room_nid: i64, old: &[i64], new: i64) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE room_extremities
-         SET event_nids = ARRAY(SELECT x FROM unnest(event_nids) x WHERE x <> ALL($2)) || $3::bigint
-         WHERE room_nid = $1",
-    )
-    .bind(room_nid)
-    .bind(old)
-    .bind(new)
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// The event a client transaction produced. A transaction is identified by the user, the
 /// device, the request's path without the transaction ID (`scope`) and the transaction ID.
 pub async fn txn_event(
@@ -169,32 +252,6 @@ pub async fn txn_event(
     .bind(txn_id)
     .fetch_optional(db)
     .await
-}
-
-/// Records a client transaction; `false` if the same transaction was recorded meanwhile.
-pub async fn insert_txn(
-    db: impl PgExecutor<'_>,
-    user_id: &str,
-    device_id: &str,
-    scope: &str,
-    txn_id: &str,
-    event_id: &str,
-) -> sqlx::Result<bool> {
-    let inserted = sqlx::query(
-        "INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts)
-         VALUES ($1, $2, $3, $4, $5, $6)
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(user_id)
-    .bind(device_id)
-    .bind(scope)
-    .bind(txn_id)
-    .bind(event_id)
-    .bind(now_ms())
-    .execute(db)
-    .await?
-    .rows_affected();
-    Ok(inserted == 1)
 }
 
 pub async fn mark_redacted(conn: &mut PgConnection, target: &str, room_nid: i64, by: &str) -> sqlx::Result<()> {

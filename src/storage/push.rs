@@ -32,7 +32,6 @@ pub struct NewPushAction {
     pub actions: Value,
 }
 
-/// Inserts the push actions of a batch of events of one room, in one statement.
 /// Drops a user's notifications in a room from before stream position `before` (when they join).
 pub async fn clear_before(conn: &mut PgConnection, room_nid: i64, user_id: &str, before: i64) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM event_push_actions WHERE user_id = $1 AND room_nid = $2 AND stream_ordering < $3")
@@ -44,14 +43,16 @@ pub async fn clear_before(conn: &mut PgConnection, room_nid: i64, user_id: &str,
     Ok(())
 }
 
+/// Inserts the push actions of a batch of events of one room, in one statement, which also
+/// returns those of the rows' users who have an HTTP pusher (as of the statement's snapshot).
 pub async fn insert_actions(
     conn: &mut PgConnection,
     room_nid: i64,
     ts: i64,
     rows: &[NewPushAction],
-) -> sqlx::Result<()> {
+) -> sqlx::Result<Vec<String>> {
     if rows.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let mut users = Vec::with_capacity(rows.len());
     let mut event_nids = Vec::with_capacity(rows.len());
@@ -69,13 +70,17 @@ pub async fn insert_actions(
         highlight.push(r.highlight);
         actions.push(r.actions.to_string());
     }
-    sqlx::query(
-        "INSERT INTO event_push_actions
-             (user_id, room_nid, event_nid, stream_ordering, thread_id, notify, highlight, actions, ts)
-         SELECT u, $1, e, s, t, n, h, a::jsonb, $2
-         FROM UNNEST($3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bool[], $8::bool[], $9::text[])
-              AS x(u, e, s, t, n, h, a)
-         ON CONFLICT DO NOTHING",
+    // The users with HTTP pushers come back from the same statement: the delivery path then
+    // needs no query for a batch that notifies no such user.
+    sqlx::query_scalar(
+        "WITH ins AS (
+             INSERT INTO event_push_actions
+                 (user_id, room_nid, event_nid, stream_ordering, thread_id, notify, highlight, actions, ts)
+             SELECT u, $1, e, s, t, n, h, a::jsonb, $2
+             FROM UNNEST($3::text[], $4::bigint[], $5::bigint[], $6::text[], $7::bool[], $8::bool[], $9::text[])
+                  AS x(u, e, s, t, n, h, a)
+             ON CONFLICT DO NOTHING)
+         SELECT DISTINCT user_id FROM pushers WHERE user_id = ANY($3) AND kind = 'http'",
     )
     .bind(room_nid)
     .bind(ts)
@@ -86,9 +91,8 @@ pub async fn insert_actions(
     .bind(&notify)
     .bind(&highlight)
     .bind(&actions)
-    .execute(conn)
-    .await?;
-    Ok(())
+    .fetch_all(conn)
+    .await
 }
 
 /// A state event push evaluation needs (members, power levels, create, name, canonical alias).

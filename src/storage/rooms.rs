@@ -15,9 +15,11 @@ pub struct RoomRow {
     pub current_state_group: Option<i64>,
 }
 
-pub async fn insert(conn: &mut PgConnection, room_id: &str, version: &str, creator: &str) -> sqlx::Result<i64> {
-    sqlx::query_scalar(
-        "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4) RETURNING room_nid",
+/// Inserts a room; returns its nid and the transaction's ID (`pg_current_xact_id()`).
+pub async fn insert(conn: &mut PgConnection, room_id: &str, version: &str, creator: &str) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)
+         RETURNING room_nid, pg_current_xact_id()::text::bigint",
     )
     .bind(room_id)
     .bind(version)

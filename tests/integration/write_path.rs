@@ -12,9 +12,6 @@ use sqlx::Connection;
 
 use crate::common::*;
 
-/// `rooms::ROOM_LOCK_NAMESPACE`: the advisory lock a room's writer takes.
-const ROOM_LOCK_NAMESPACE: i64 = 0x5061_7276_0000_0000;
-
 fn send_path(room: &str, txn: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room))
 }
@@ -57,12 +54,19 @@ impl HeldRoom {
             .fetch_one(&mut conn)
             .await
             .unwrap();
-        sqlx::query("SELECT pg_advisory_lock($1)").bind(ROOM_LOCK_NAMESPACE + nid).execute(&mut conn).await.unwrap();
+        // The room lock (`rooms::lock_room`): a row lock on the room's extremities row, held by an
+        // open transaction.
+        sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+        sqlx::query("SELECT 1 FROM room_extremities WHERE room_nid = $1 FOR NO KEY UPDATE")
+            .bind(nid)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
         Self(conn)
     }
 
     async fn release(mut self) {
-        sqlx::query("SELECT pg_advisory_unlock_all()").execute(&mut self.0).await.unwrap();
+        sqlx::query("ROLLBACK").execute(&mut self.0).await.unwrap();
         self.0.close().await.unwrap();
     }
 }
@@ -518,4 +522,67 @@ async fn push_deliveries_survive_a_restart() {
         panic!("delivered twice: {v}");
     }
     server.finish().await;
+}
+
+/// Two server processes on one database write the same room in turn: each appends on the head the
+/// other committed and authorises against the state the other changed (its own cached head and
+/// auth state are used only while nobody else appended).
+#[tokio::test]
+async fn a_room_written_by_two_instances_stays_one_chain() {
+    let a = TestServer::start().await;
+    let alice = a.register("alice", false).await;
+    let bob = a.register("bob", false).await;
+    let room = create(&a, &alice, json!({ "preset": "public_chat" })).await;
+    let (st, v) = a.post(&format!("/_matrix/client/v3/join/{}", enc(&room)), Some(&bob.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let msg = |body: &str| json!({ "msgtype": "m.text", "body": body });
+    for (i, u) in [&alice, &bob, &alice].into_iter().enumerate() {
+        let (st, v) = a.put(&send_path(&room, &format!("a{i}")), Some(&u.token), msg("on a")).await;
+        assert_eq!(st, StatusCode::OK, "{v}");
+    }
+
+    // A second instance: same database, same configuration.
+    let b = parvis::server::start(parvis::server::prepare(a.state().config.clone()).await.unwrap()).await.unwrap();
+    let b_base = format!("http://{}", b.client_addr);
+    let pl_path = format!("/_matrix/client/v3/rooms/{}/state/m.room.power_levels/", enc(&room));
+    let (st, mut pl) = a.get(&pl_path, Some(&alice.token)).await;
+    assert_eq!(st, StatusCode::OK, "{pl}");
+    pl["events_default"] = json!(50);
+    let r = a.http.put(format!("{b_base}{pl_path}")).bearer_auth(&alice.token).json(&pl).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", r.text().await.unwrap());
+
+    // The first instance sees the new power levels: Bob may no longer send.
+    let (st, v) = a.put(&send_path(&room, "after-pl"), Some(&bob.token), msg("refused")).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
+    let (st, v) = a.put(&send_path(&room, "a-last"), Some(&alice.token), msg("on a again")).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let r = a
+        .http
+        .put(format!("{b_base}{}", send_path(&room, "b-last")))
+        .bearer_auth(&alice.token)
+        .json(&msg("on b again"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+
+    // One chain: a single extremity, every event's prev_events is the event before it.
+    let mut conn = sqlx::PgConnection::connect(&a.state().config.database.url).await.unwrap();
+    let (extremities, events, linked): (i32, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT cardinality(x.event_nids) FROM room_extremities x WHERE x.room_nid = r.room_nid),
+                (SELECT count(*) FROM events e WHERE e.room_nid = r.room_nid),
+                (SELECT count(*) FROM events e JOIN event_edges g ON g.event_nid = e.event_nid
+                 JOIN events p ON p.event_id = g.prev_event_id AND p.depth = e.depth - 1
+                 WHERE e.room_nid = r.room_nid)
+         FROM rooms r WHERE r.room_id = $1",
+    )
+    .bind(&room)
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(extremities, 1);
+    assert_eq!(linked, events - 1, "every event but the create event follows the one before it");
+    conn.close().await.unwrap();
+    b.shutdown().await.unwrap();
+    a.stop().await;
 }
