@@ -60,6 +60,10 @@ where
             return Ok(());
         }
         let gate_open = open();
+        if !gate_open && conn.is_none() {
+            // Connected ahead, so that taking the lease when the gate opens is one statement.
+            conn = connect(&state, &name).await;
+        }
         let got = gate_open && try_acquire(&state, &name, &mut conn).await;
         if !got {
             // A closed gate is an in-memory check: look again soon, so that the duty starts as
@@ -135,14 +139,7 @@ where
 /// Tries the lease on `conn` (opened if needed). A broken connection is dropped.
 async fn try_acquire(state: &AppState, name: &str, conn: &mut Option<PgConnection>) -> bool {
     if conn.is_none() {
-        let opts = state.db.connect_options();
-        match PgConnection::connect_with(&opts).await {
-            Ok(c) => *conn = Some(c),
-            Err(e) => {
-                tracing::warn!(lease = %name, error = %e, "cannot open a lease connection");
-                return false;
-            }
-        }
+        *conn = connect(state, name).await;
     }
     let Some(c) = conn.as_mut() else { return false };
     let got: Result<bool, _> = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, $2)")
@@ -156,6 +153,16 @@ async fn try_acquire(state: &AppState, name: &str, conn: &mut Option<PgConnectio
             tracing::warn!(lease = %name, error = %e, "cannot try a lease");
             *conn = None;
             false
+        }
+    }
+}
+
+async fn connect(state: &AppState, name: &str) -> Option<PgConnection> {
+    match PgConnection::connect_with(&state.db.connect_options()).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(lease = %name, error = %e, "cannot open a lease connection");
+            None
         }
     }
 }

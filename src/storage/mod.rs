@@ -96,8 +96,14 @@ pub async fn create_database_if_missing(url: &str) -> anyhow::Result<()> {
 
 /// Opens the connection pool.
 pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<PgPool> {
-    let opts = PgConnectOptions::from_str(&cfg.url)
-        .context("invalid database URL")?
+    let mut opts = PgConnectOptions::from_str(&cfg.url).context("invalid database URL")?;
+    if loopback_without_sslmode(&cfg.url) {
+        // TLS to a database on the same host protects nothing and costs CPU on both sides of
+        // every statement (20-30 % of PostgreSQL's CPU per message sent, docs/benchmarks.md);
+        // an explicit `sslmode` in the URL is always obeyed.
+        opts = opts.ssl_mode(sqlx::postgres::PgSslMode::Disable);
+    }
+    let opts = opts
         .application_name("parvis")
         .log_slow_statements(log::LevelFilter::Warn, Duration::from_millis(500))
         .log_statements(log::LevelFilter::Trace);
@@ -118,6 +124,25 @@ pub async fn connect(cfg: &DatabaseConfig) -> anyhow::Result<PgPool> {
         .connect_with(opts)
         .await
         .with_context(|| format!("cannot connect to database {}", redact_url(&cfg.url)))
+}
+
+/// Whether `url` names a database on this host (a loopback address, `localhost`, or a Unix
+/// socket) and leaves `sslmode` to the default.
+fn loopback_without_sslmode(url: &str) -> bool {
+    let Ok(u) = url::Url::parse(url) else { return false };
+    if u.query_pairs().any(|(k, _)| k == "sslmode" || k == "ssl-mode") {
+        return false;
+    }
+    if u.query_pairs().any(|(k, _)| k == "host") {
+        // `?host=/run/postgresql`: a Unix socket.
+        return u.query_pairs().any(|(k, v)| k == "host" && v.starts_with('/'));
+    }
+    match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => true,
+    }
 }
 
 /// Turns Nagle's algorithm off on this process's TCP connections to `port` (the database).
@@ -186,5 +211,20 @@ pub fn redact_url(url: &str) -> String {
             u.to_string()
         }
         _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tls_is_left_out_only_for_this_host_without_an_explicit_sslmode() {
+        use super::loopback_without_sslmode as l;
+        assert!(l("postgres://postgres@127.0.0.1:5432/parvis"));
+        assert!(l("postgres://u:p@localhost/parvis"));
+        assert!(l("postgres://u@[::1]:5432/parvis"));
+        assert!(l("postgres:///parvis?host=/run/postgresql"));
+        assert!(!l("postgres://u@127.0.0.1/parvis?sslmode=require"));
+        assert!(!l("postgres://u@db.ville.fr/parvis"));
+        assert!(!l("postgres://u@10.0.0.5/parvis"));
     }
 }

@@ -63,6 +63,17 @@ async fn connect(s: &TestServer, token: Option<&str>) -> Result<Ws, tokio_tungst
 async fn connected(s: &TestServer) -> Ws {
     let mut ws = connect(s, Some(AS_TOKEN)).await.expect("websocket connects");
     assert_eq!(next(&mut ws).await, json!({"status": "connected"}));
+    // The instance the socket is connected to takes the appservice's delivery lease (a moment
+    // later): the tests' timelines start once it holds it.
+    let start = Instant::now();
+    loop {
+        let text = s.http.get(format!("{}/metrics", s.metrics)).send().await.unwrap().text().await.unwrap();
+        if text.contains("parvis_leases_held{lease=\"appservice:testbridge\"} 1") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the delivery lease was not taken");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     ws
 }
 
