@@ -138,7 +138,10 @@ fn loopback_without_sslmode(url: &str) -> bool {
         return u.query_pairs().any(|(k, v)| k == "host" && v.starts_with('/'));
     }
     match u.host() {
-        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        // `postgres:` is not a special scheme: an IPv4 address is an opaque host name here.
+        Some(url::Host::Domain(d)) => {
+            d.eq_ignore_ascii_case("localhost") || d.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+        }
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => true,
