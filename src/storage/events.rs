@@ -47,9 +47,34 @@ pub struct NewEventRow<'a> {
 }
 
 /// Inserts an event with the next stream position. Returns (event_nid, stream_ordering).
+/// A statement whose parameters `$1`-`$18` are an event row's columns.
+type EventQuery<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+
+/// Binds `e` as `$1`-`$18`, in the order both [`insert`] and [`append`] number them.
+fn bind_row<'q, O>(q: EventQuery<'q, O>, e: &NewEventRow<'q>) -> EventQuery<'q, O> {
+    q.bind(e.event_id)
+        .bind(e.room_nid)
+        .bind(e.depth)
+        .bind(e.event_type)
+        .bind(e.state_key)
+        .bind(e.sender)
+        .bind(e.origin_server_ts)
+        .bind(e.json)
+        .bind(e.state_before)
+        .bind(e.state_after)
+        .bind(e.redacts)
+        .bind(e.rel_type)
+        .bind(e.relates_to)
+        .bind(e.txn.map(|t| t.0))
+        .bind(e.txn.map(|t| t.1))
+        .bind(e.search.map(|s| s.0))
+        .bind(e.search.map(|s| s.1))
+        .bind(e.search.map_or("simple", |s| s.2))
+}
+
 pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Result<(i64, i64)> {
     // The full-text index row goes in with the event, in the same statement.
-    sqlx::query_as(
+    let q = sqlx::query_as(
         "WITH ev AS (
              INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
                                  origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
@@ -61,27 +86,8 @@ pub async fn insert(conn: &mut PgConnection, e: &NewEventRow<'_>) -> sqlx::Resul
              SELECT ev.event_nid, $2, ev.stream_ordering, $16, $6, $4, to_tsvector($18::regconfig, $17)
              FROM ev WHERE $16::text IS NOT NULL)
          SELECT event_nid, stream_ordering FROM ev",
-    )
-    .bind(e.event_id)
-    .bind(e.room_nid)
-    .bind(e.depth)
-    .bind(e.event_type)
-    .bind(e.state_key)
-    .bind(e.sender)
-    .bind(e.origin_server_ts)
-    .bind(e.json)
-    .bind(e.state_before)
-    .bind(e.state_after)
-    .bind(e.redacts)
-    .bind(e.rel_type)
-    .bind(e.relates_to)
-    .bind(e.txn.map(|t| t.0))
-    .bind(e.txn.map(|t| t.1))
-    .bind(e.search.map(|s| s.0))
-    .bind(e.search.map(|s| s.1))
-    .bind(e.search.map_or("simple", |s| s.2))
-    .fetch_one(conn)
-    .await
+    );
+    bind_row(q, e).fetch_one(conn).await
 }
 
 /// A client transaction as `event_txns` keys it: `(user, device, scope, txn_id)`.
@@ -103,7 +109,7 @@ pub async fn append(
 ) -> sqlx::Result<Option<(i64, i64)>> {
     // Every CTE sees the same snapshot; `ev` inserts only if `t` did (or there is no
     // transaction), and everything else hangs off `ev`, so a duplicate leaves no row at all.
-    sqlx::query_as(
+    let q = sqlx::query_as(
         "WITH t AS (
              INSERT INTO event_txns (user_id, device_id, scope, txn_id, event_id, created_ts)
              SELECT $6, $19, $20, $15, $1, $21 WHERE $20::text IS NOT NULL
@@ -131,33 +137,16 @@ pub async fn append(
              SET event_nids = ARRAY(SELECT n FROM unnest(x.event_nids) n WHERE n <> ALL($24)) || ev.event_nid
              FROM ev WHERE x.room_nid = $2)
          SELECT event_nid, stream_ordering FROM ev",
-    )
-    .bind(e.event_id)
-    .bind(e.room_nid)
-    .bind(e.depth)
-    .bind(e.event_type)
-    .bind(e.state_key)
-    .bind(e.sender)
-    .bind(e.origin_server_ts)
-    .bind(e.json)
-    .bind(e.state_before)
-    .bind(e.state_after)
-    .bind(e.redacts)
-    .bind(e.rel_type)
-    .bind(e.relates_to)
-    .bind(e.txn.map(|t| t.0))
-    .bind(e.txn.map(|t| t.1))
-    .bind(e.search.map(|s| s.0))
-    .bind(e.search.map(|s| s.1))
-    .bind(e.search.map_or("simple", |s| s.2))
-    .bind(txn.map(|t| t.1))
-    .bind(txn.map(|t| t.2))
-    .bind(now_ms())
-    .bind(prev)
-    .bind(auth)
-    .bind(replaces)
-    .fetch_optional(conn)
-    .await
+    );
+    bind_row(q, e)
+        .bind(txn.map(|t| t.1))
+        .bind(txn.map(|t| t.2))
+        .bind(now_ms())
+        .bind(prev)
+        .bind(auth)
+        .bind(replaces)
+        .fetch_optional(conn)
+        .await
 }
 
 /// Takes a room's write lock, a row lock on its `room_extremities` row, and returns the
