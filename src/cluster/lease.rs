@@ -167,19 +167,6 @@ async fn connect(state: &AppState, name: &str) -> Option<PgConnection> {
     }
 }
 
-/// Who holds a lease now, for tests and the admin: true if any session holds it.
-pub async fn is_held(db: &sqlx::PgPool, name: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-             AND classid = $1::int::oid AND objid = $2::int::oid AND objsubid = 2)",
-    )
-    .bind(LEASE_CLASS)
-    .bind(key(name))
-    .fetch_one(db)
-    .await
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

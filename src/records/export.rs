@@ -150,7 +150,9 @@ pub async fn export_user(
     let started = now_ms();
     let archive =
         Archive::create(&partial, &archive::spill_path(&partial), super::zip_time(started)).await.map_err(io_err)?;
-    let upto = storage::events::current_stream_position(&state.db).await?;
+    // The safe watermark, not the highest committed position: a lower one may still commit
+    // (on another instance too), and the export would silently miss it.
+    let upto = crate::cluster::settled_event_position(&state.db).await?;
     let mut ex = Exporter {
         state,
         user,

@@ -132,12 +132,11 @@ pub async fn create_room(state: &AppState, creator: &str, req: CreateRoomRequest
 
     let writer = state.sync.begin_write(&state.event_stream);
     let mut tx = state.db.begin().await?;
-    // The first statement assigns the transaction its ID (the cross-instance watermark, issue
-    // 20, needs the writer's xid assigned before it takes stream positions). The room needs no
-    // lock: no other transaction can see it before this one commits, and once it is visible
+    // The room needs no lock: no other transaction can see it before this one commits, and
+    // once it is visible
     // every writer takes the room lock (`rooms::lock_room`, a row lock on the `room_extremities`
     // row inserted below).
-    let (room_nid, _xid) = storage::rooms::insert(&mut tx, room_id.as_str(), &version, creator).await?;
+    let room_nid = storage::rooms::insert(&mut tx, room_id.as_str(), &version, creator).await?;
     // Before its first stream position: the event writers' lock (see `cluster`).
     storage::events::lock_event_writers(&mut tx).await?;
     let (create_nid, create_stream) = storage::events::insert(

@@ -482,8 +482,6 @@ async fn attempt_batch(state: &AppState, room: &Room, batch: &[Pending], cached:
 /// A room's write lock, held until the end of the transaction.
 #[derive(Debug)]
 pub struct RoomLock {
-    /// The transaction's ID (`pg_current_xact_id()`), assigned by the lock.
-    pub xid: i64,
     /// The room's forward extremities as of the lock (event nids).
     pub extremities: Vec<i64>,
 }
@@ -491,11 +489,11 @@ pub struct RoomLock {
 /// Takes a room's write lock: a row lock (`FOR NO KEY UPDATE`) on its `room_extremities` row,
 /// which every append updates. Every writer of a room's events takes it first (a room being
 /// created is invisible to others until its transaction commits, so `createRoom` needs none).
-/// It is the first statement of the transaction and assigns the transaction its ID before any
-/// stream position is taken (see `storage::events::lock_extremities`).
+/// The same statement takes the shared event-writers lock, before any stream position is taken
+/// (see `storage::events::lock_extremities`).
 pub async fn lock_room(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<RoomLock> {
-    let (xid, extremities) = storage::events::lock_extremities(conn, room_nid).await?;
-    Ok(RoomLock { xid, extremities })
+    let extremities = storage::events::lock_extremities(conn, room_nid).await?;
+    Ok(RoomLock { extremities })
 }
 
 /// Called after a transaction that appended `events` to `room` committed: updates the sync

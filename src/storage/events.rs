@@ -162,25 +162,25 @@ pub async fn lock_event_writers(conn: &mut PgConnection) -> sqlx::Result<()> {
     Ok(())
 }
 
-pub async fn lock_extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<(i64, Vec<i64>)> {
+pub async fn lock_extremities(conn: &mut PgConnection, room_nid: i64) -> sqlx::Result<Vec<i64>> {
     // The cross-instance watermark (issue 20) needs every writer of event stream positions to
     // hold the shared event-writers lock before it takes one (`cluster`, migration 0028): taken
-    // here, in the first statement, with the transaction's ID assigned; after the room's row
+    // here, in the first statement; after the room's row
     // lock (`w` reads `x`), so that a writer queued behind another one of the same room does not
     // hold the watermark back while it waits.
     // A row lock (unlike a read in the same statement as an advisory lock, whose snapshot predates
     // the wait) returns the newest committed version of the row.
-    let row: Option<(i64, Option<Vec<i64>>)> = sqlx::query_as(
+    let row: Option<(Option<Vec<i64>>,)> = sqlx::query_as(
         "WITH x AS (SELECT event_nids FROM room_extremities WHERE room_nid = $1 FOR NO KEY UPDATE),
               w AS (SELECT pg_advisory_xact_lock_shared($2) FROM x)
-         SELECT pg_current_xact_id()::text::bigint, (SELECT event_nids FROM x) FROM w",
+         SELECT (SELECT event_nids FROM x) FROM w",
     )
     .bind(room_nid)
     .bind(crate::cluster::EVENT_WRITERS_LOCK)
     .fetch_optional(conn)
     .await?;
     match row {
-        Some((xid, Some(nids))) => Ok((xid, nids)),
+        Some((Some(nids),)) => Ok(nids),
         _ => Err(sqlx::Error::RowNotFound),
     }
 }
@@ -486,9 +486,4 @@ pub async fn state_changes_between(
     .bind(before)
     .fetch_all(db)
     .await
-}
-
-/// The highest committed event stream position (0 when empty).
-pub async fn current_stream_position(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
-    sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM events").fetch_one(db).await
 }

@@ -15,11 +15,11 @@ pub struct RoomRow {
     pub current_state_group: Option<i64>,
 }
 
-/// Inserts a room; returns its nid and the transaction's ID (`pg_current_xact_id()`).
-pub async fn insert(conn: &mut PgConnection, room_id: &str, version: &str, creator: &str) -> sqlx::Result<(i64, i64)> {
-    sqlx::query_as(
+/// Inserts a room; returns its nid.
+pub async fn insert(conn: &mut PgConnection, room_id: &str, version: &str, creator: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
         "INSERT INTO rooms (room_id, room_version, creator, created_ts) VALUES ($1, $2, $3, $4)
-         RETURNING room_nid, pg_current_xact_id()::text::bigint",
+         RETURNING room_nid",
     )
     .bind(room_id)
     .bind(version)
