@@ -143,6 +143,7 @@ pub async fn start(state: AppState) -> anyhow::Result<RunningServer> {
         None,
         move |stop| maintenance(s.clone(), stop),
     )));
+    tasks.push(crate::federation::sender::spawn(&state, stop_rx.clone()));
     crate::appservice::ensure_senders(&state).await?;
     tasks.extend(crate::appservice::sender::spawn_all(&state, &stop_rx));
     {

@@ -279,6 +279,40 @@ async fn cached_key(state: &AppState, server: &ServerName, key_id: &str, min_val
     usable(&c).then_some(c.key)
 }
 
+/// The key `key_id` of `server` to verify an event signature made at `origin_ts` with: a key
+/// valid at that time, or an old key that expired after it (the spec's rules for old keys);
+/// fetched when unknown, as [`request_key`] does. Our own current key is known without a fetch.
+pub async fn event_key(state: &AppState, server: &ServerName, key_id: &str, origin_ts: i64) -> Option<VerifyingKey> {
+    let fed = &state.federation;
+    if server == fed.server_name() && key_id == fed.signer.key_id {
+        return decode_public_key(&fed.signer.public_key_base64());
+    }
+    let cache = &fed.keys.keys;
+    let id = (server.to_string(), key_id.to_owned());
+    let usable = |c: &CachedKey| match c.expired_ts {
+        Some(expired) => expired > origin_ts,
+        None => c.valid_until_ts >= origin_ts,
+    };
+    let cached = match cache.get(&id) {
+        Some(c) => Some(c),
+        None => storage::federation::key(&state.db, server.as_str(), key_id).await.ok().flatten().and_then(|row| {
+            let c = CachedKey {
+                key: decode_public_key(&row.public_key)?,
+                valid_until_ts: row.valid_until_ts,
+                expired_ts: row.expired_ts,
+            };
+            cache.insert(id.clone(), c.clone());
+            Some(c)
+        }),
+    };
+    if let Some(c) = cached.filter(|c| usable(c)) {
+        return Some(c.key);
+    }
+    // Unknown, or known but not valid at that time: a fresh fetch may bring a newer validity.
+    request_key(state, server, key_id).await?;
+    cache.get(&id).filter(|c| usable(c)).map(|c| c.key)
+}
+
 /// The key `key_id` of `server` to verify a request with: current and valid now; fetched
 /// (directly, then through the trusted notaries) when unknown or stale. `None` when it cannot
 /// be had; failed fetches are not retried for 30 seconds.

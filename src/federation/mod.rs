@@ -3,11 +3,17 @@
 //! (`discovery`), the outgoing HTTP client (`client`), server names in IDs (`names`) and the TLS
 //! federation listener (`tls`). Handlers are in `api/federation/`.
 
+pub mod acl;
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod edu;
+pub mod inbound;
 pub mod keys;
+pub mod membership;
 pub mod names;
+pub mod pdu;
+pub mod sender;
 pub mod tls;
 
 use std::collections::HashSet;
@@ -29,6 +35,7 @@ pub struct Federation {
     allowed: Option<HashSet<String>>,
     pub client: client::FederationClient,
     pub keys: keys::KeyCache,
+    pub sender: sender::Sender,
 }
 
 impl Federation {
@@ -42,12 +49,18 @@ impl Federation {
             allowed,
             client: client::FederationClient::new(&config.federation)?,
             keys: keys::KeyCache::default(),
+            sender: sender::Sender::default(),
         })
     }
 
     /// Whether `server` may talk to us and be contacted (`federation.allowed_servers`).
     pub fn is_allowed(&self, server: &ServerName) -> bool {
         server == self.signer.server_name || self.allowed.as_ref().is_none_or(|a| a.contains(server.as_str()))
+    }
+
+    /// [`Federation::is_allowed`] for a server name as text (one that does not parse is not).
+    pub fn is_allowed_name(&self, server: &str) -> bool {
+        ServerName::parse(server).is_ok_and(|s| self.is_allowed(&s))
     }
 
     pub fn server_name(&self) -> &ServerName {

@@ -378,3 +378,12 @@ mod tests {
         }
     }
 }
+
+/// The values of a query parameter that may repeat (`via=a&via=b`), decoded; at most 100.
+pub fn query_values(query: Option<&str>, key: &str) -> Vec<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+        .take(100)
+        .collect()
+}

@@ -14,6 +14,8 @@ pub mod create;
 pub mod pdu;
 pub mod receipts;
 pub mod relations;
+pub mod remote;
+pub mod resolve;
 pub mod retention;
 pub mod summary;
 pub mod token;
@@ -136,6 +138,8 @@ pub struct Appended {
     pub row: storage::events::EventRow,
     /// Its content, already parsed.
     pub content: Value,
+    /// The servers it was queued for (woken after the commit).
+    pub destinations: Vec<String>,
 }
 
 /// A send waiting for its room's writer.
@@ -174,13 +178,22 @@ pub struct RoomQueue {
 /// or advanced by the events of a transaction that then committed.
 #[derive(Debug, Clone)]
 pub struct Head {
+    /// The forward extremity (the newest one when the DAG has forked).
     pub event_nid: i64,
     pub event_id: String,
+    /// The other forward extremities, `(nid, ID)`, when the DAG has forked (federation): the next
+    /// event names them all in its `prev_events` and joins the forks.
+    pub others: Vec<(i64, String)>,
     pub depth: i64,
-    /// The head event's stream position (the sync cache applies a batch only on top of it).
+    /// The newest extremity's stream position (the sync cache applies a batch only on top of it).
     pub stream: i64,
+    /// The state after the extremity; where the DAG forked, the resolved state of the
+    /// extremities (the room's current state group).
     pub state_after: Option<i64>,
     state: HashMap<(String, String), Option<AuthEntry>>,
+    /// The other servers with a joined member, which get this room's events (loaded when first
+    /// needed, forgotten after a membership change).
+    servers: Option<Arc<Vec<String>>>,
 }
 
 /// A current state event as the authorization rules need it.
@@ -197,28 +210,63 @@ const HEAD_STATE_CAP: usize = 1024;
 impl Head {
     /// The head right after `event` (whose state group is `state_after`), nothing looked up yet.
     pub fn new(event_nid: i64, event_id: String, depth: i64, stream: i64, state_after: Option<i64>) -> Self {
-        Self { event_nid, event_id, depth, stream, state_after, state: HashMap::new() }
+        Self {
+            event_nid,
+            event_id,
+            others: Vec::new(),
+            depth,
+            stream,
+            state_after,
+            state: HashMap::new(),
+            servers: None,
+        }
     }
 
     /// Reads the head from the database; the caller holds the room lock.
     pub async fn load(conn: &mut PgConnection, room: &Room) -> ApiResult<Self> {
-        let mut extremities = storage::events::extremities(conn, room.nid).await?;
-        if extremities.len() != 1 {
-            // Only federation can fork a room's DAG; merging forks needs state resolution, which
-            // arrives with federation. Locally created rooms always have a single head.
-            return Err(Error::from(anyhow::anyhow!(
-                "room {} has {} forward extremities; merging is not supported yet",
-                room.room_id,
-                extremities.len()
-            )));
+        let extremities = storage::events::extremities(&mut *conn, room.nid).await?;
+        // Ordered by depth, then stream: the last one is the newest.
+        let Some((event_nid, event_id, depth, state_after, _)) = extremities.last().cloned() else {
+            // A room known only through an invite: this server is not in it.
+            return Err(Error::forbidden("This server is not in the room"));
+        };
+        let stream = extremities.iter().map(|e| e.4).max().unwrap_or(0);
+        let mut head = Self::new(event_nid, event_id, depth, stream, state_after);
+        if extremities.len() > 1 {
+            // A forked DAG (federation): the next event joins the forks (at most the spec's 20
+            // `prev_events`, the newest ones) on the resolved state, which `rooms::remote` keeps
+            // as the room's current state.
+            let skip = extremities.len().saturating_sub(20);
+            head.others = extremities[skip..extremities.len() - 1].iter().map(|e| (e.0, e.1.clone())).collect();
+            head.depth = extremities.iter().map(|e| e.2).max().unwrap_or(depth);
+            head.state_after = storage::rooms::by_nid(&mut *conn, room.nid).await?.and_then(|r| r.current_state_group);
         }
-        let (event_nid, event_id, depth, state_after, stream) = extremities.remove(0);
-        Ok(Self::new(event_nid, event_id, depth, stream, state_after))
+        Ok(head)
     }
 
     /// Whether the room lock's view of the extremities is this head.
     fn is(&self, extremities: &[i64]) -> bool {
-        extremities == [self.event_nid]
+        self.others.is_empty() && extremities == [self.event_nid]
+    }
+
+    /// The `prev_events` of the next event.
+    fn prev_ids(&self) -> Vec<String> {
+        self.others.iter().map(|o| o.1.clone()).chain(std::iter::once(self.event_id.clone())).collect()
+    }
+
+    /// The extremities the next event replaces.
+    fn prev_nids(&self) -> Vec<i64> {
+        self.others.iter().map(|o| o.0).chain(std::iter::once(self.event_nid)).collect()
+    }
+
+    /// The other servers in the room (see [`Head::servers`]), read under the room lock.
+    async fn servers(&mut self, conn: &mut PgConnection, room: &Room, own: &str) -> ApiResult<Arc<Vec<String>>> {
+        if let Some(s) = &self.servers {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(storage::remote::joined_servers(conn, room.nid, own).await?);
+        self.servers = Some(s.clone());
+        Ok(s)
     }
 
     /// The current state entries for `keys`, reading those not known yet in one query.
@@ -503,6 +551,9 @@ pub fn committed(state: &AppState, room: &Room, writer: crate::sync::cache::Writ
     state.sync.committed(&state.config.server_name, room, previous, events);
     state.cluster.committed();
     writer.finish(events.iter().map(|a| a.stream).max().unwrap_or(0));
+    for a in events {
+        state.federation.sender.wake_all(&a.destinations);
+    }
 }
 
 fn forbidden(reason: impl std::fmt::Display) -> Error {
@@ -573,7 +624,7 @@ pub async fn append(
         "content": ev.content,
         "origin_server_ts": now_ms(),
         "depth": depth,
-        "prev_events": [head.event_id],
+        "prev_events": head.prev_ids(),
         "auth_events": auth_ids,
     });
     if let Some(sk) = &ev.state_key {
@@ -629,9 +680,9 @@ pub async fn append(
             search,
         },
         txn.map(|t| (sender, t.device, t.scope, t.id)),
-        std::slice::from_ref(&head.event_id),
+        &head.prev_ids(),
         &auth_nids,
-        &[head.event_nid],
+        &head.prev_nids(),
     )
     .await?;
     let Some((event_nid, stream)) = written else {
@@ -652,14 +703,37 @@ pub async fn append(
     if let Some(target) = &ev.redacts {
         storage::events::mark_redacted(conn, target, room.nid, event_id.as_str()).await?;
     }
+    // Federation: the other servers in the room get the event, from an outbox written in this
+    // transaction (durable: a destination that is down gets it when it returns).
+    let mut destinations: Vec<String> = head.servers(conn, room, &state.config.server_name).await?.to_vec();
+    let mut servers = head.servers.take();
+    if ev.kind == "m.room.member" {
+        // A membership change may add or remove a server: loaded again for the next event. The
+        // user it is about hears of it even when it leaves their server without a member.
+        servers = None;
+        let membership = ev.content.get("membership").and_then(Value::as_str);
+        if let Some(target) = ev.state_key.as_deref().and_then(|k| <&UserId>::try_from(k).ok())
+            && membership != Some("invite")
+            && target.server_name().as_str() != state.config.server_name
+            && !destinations.iter().any(|d| d == target.server_name().as_str())
+        {
+            destinations.push(target.server_name().to_string());
+        }
+    }
+    destinations.retain(|d| state.federation.enabled && state.federation.is_allowed_name(d));
+    if !destinations.is_empty() {
+        storage::remote::enqueue(conn, &destinations, event_nid).await?;
+    }
     let prev_stream = head.stream;
     *head = Head {
         event_nid,
         event_id: event_id.to_string(),
+        others: Vec::new(),
         depth,
         stream,
         state_after,
         state: std::mem::take(&mut head.state),
+        servers,
     };
     if let Some(sk) = &ev.state_key {
         head.state.insert(
@@ -684,7 +758,7 @@ pub async fn append(
         state_before,
         state_after,
     };
-    Ok(Appended { event_id, event_nid, stream, prev_stream, row, content: ev.content })
+    Ok(Appended { event_id, event_nid, stream, prev_stream, row, content: ev.content, destinations })
 }
 
 /// Records a state event: a new state group (delta on the state before), current state, and the

@@ -24,7 +24,7 @@ pub struct EventRow {
     pub state_after: Option<i64>,
 }
 
-const COLUMNS: &str = "event_nid, event_id, room_nid, stream_ordering, depth, event_type, state_key, sender, \
+const COLUMNS: &str = "event_nid, event_id, room_nid, COALESCE(stream_ordering, 0) AS stream_ordering, depth, event_type, state_key, sender, \
      origin_server_ts, json, redacted_by, txn_device, txn_id, state_before, state_after";
 
 pub struct NewEventRow<'a> {

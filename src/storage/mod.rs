@@ -27,6 +27,7 @@ pub mod pushers;
 pub mod receipts;
 pub mod records;
 pub mod registration;
+pub mod remote;
 pub mod retention;
 pub mod rooms;
 pub mod search;

@@ -7,7 +7,7 @@ use sqlx::{PgExecutor, PgPool};
 
 use super::events::EventRow;
 
-const EVENT_COLUMNS: &str = "ev.event_nid, ev.event_id, ev.room_nid, ev.stream_ordering, ev.depth, ev.event_type, \
+const EVENT_COLUMNS: &str = "ev.event_nid, ev.event_id, ev.room_nid, COALESCE(ev.stream_ordering, 0) AS stream_ordering, ev.depth, ev.event_type, \
      ev.state_key, ev.sender, ev.origin_server_ts, ev.json, ev.redacted_by, ev.txn_device, ev.txn_id, \
      ev.state_before, ev.state_after";
 

@@ -52,7 +52,7 @@ pub async fn set_public(db: impl PgExecutor<'_>, room_nid: i64, public: bool) ->
     Ok(())
 }
 
-const EVENT_COLUMNS: &str = "e.event_nid, e.event_id, e.room_nid, e.stream_ordering, e.depth, e.event_type, \
+const EVENT_COLUMNS: &str = "e.event_nid, e.event_id, e.room_nid, COALESCE(e.stream_ordering, 0) AS stream_ordering, e.depth, e.event_type, \
      e.state_key, e.sender, e.origin_server_ts, e.json, e.redacted_by, e.txn_device, e.txn_id, e.state_before, e.state_after";
 
 /// Current state events for the given `(type, state_key)` pairs.
@@ -217,6 +217,7 @@ pub async fn membership_history(
     sqlx::query_as(
         "SELECT e.json::jsonb -> 'content' ->> 'membership', e.stream_ordering FROM events e
          WHERE e.room_nid = $1 AND e.event_type = 'm.room.member' AND e.state_key = $2
+           AND e.stream_ordering IS NOT NULL
          ORDER BY e.stream_ordering",
     )
     .bind(room_nid)

@@ -780,6 +780,10 @@ impl Builder<'_> {
 
     /// The stripped state shown with an invite or a knock.
     async fn stripped(&self, m: &UserMembership) -> ApiResult<Vec<Value>> {
+        let sent = match m.membership.as_str() {
+            "invite" => storage::remote::invite_room_state(&self.state.db, m.room_nid, self.user).await?,
+            _ => None,
+        };
         let (_, entry) = self.room_of(m).await?;
         let e = entry.read();
         let mut out = Vec::new();
@@ -795,6 +799,13 @@ impl Builder<'_> {
             if let Some(ev) = e.state.get(&(kind.to_owned(), String::new())) {
                 out.push(stripped_event(ev));
             }
+        }
+        if out.is_empty()
+            && let Some(sent) = &sent
+        {
+            // An invite from another server into a room this server is not in: the stripped
+            // state that server sent is all there is.
+            out.extend(sent.as_array().cloned().unwrap_or_default().into_iter().filter(|v| v.is_object()));
         }
         // The membership event itself (and who sent it, for "X invited you").
         if let Some(ev) = e.state.get(&("m.room.member".to_owned(), self.user.to_owned())) {

@@ -223,6 +223,21 @@ impl TestServer {
         }
     }
 
+    /// Stops the server (gracefully), runs `during` while it is down, and starts it again on the
+    /// same database and configuration.
+    pub async fn restart_after<F: Future<Output = ()>>(&mut self, during: impl FnOnce() -> F) {
+        if let Some(r) = self.running.take() {
+            r.shutdown().await.expect("clean shutdown");
+        }
+        during().await;
+        let state = server::prepare(self.config.clone()).await.expect("server prepares");
+        let running = server::start(state).await.expect("server starts");
+        self.base = format!("http://{}", running.client_addr);
+        self.metrics = format!("http://{}", running.metrics_addr.expect("metrics listener"));
+        self.federation = running.federation_addr.map(|a| format!("{}://{a}", federation_scheme(&self.config)));
+        self.running = Some(running);
+    }
+
     /// Stops the server (gracefully) and starts a new one on the same database and configuration,
     /// after `pause` (time passes while no server runs). Addresses change.
     pub async fn restart(&mut self, pause: Duration) {

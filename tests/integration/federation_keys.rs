@@ -132,7 +132,7 @@ async fn federation_foundation_over_tls() {
     assert_eq!(v.0, StatusCode::OK);
     assert_eq!(v.1["server"]["name"], "Parvis");
     assert!(v.1["server"]["version"].is_string());
-    let r = send(&http, &a, Method::PUT, "/_matrix/federation/v1/send/1", None, Some(&json!({}))).await;
+    let r = send(&http, &a, Method::PUT, "/_matrix/federation/v1/nonexistent/1", None, Some(&json!({}))).await;
     assert_matrix_err(&r, 404, "M_UNRECOGNIZED");
     let r = send(&http, &a, Method::POST, "/_matrix/federation/v1/version", None, Some(&json!({}))).await;
     assert_matrix_err(&r, 405, "M_UNRECOGNIZED");

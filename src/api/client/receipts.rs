@@ -64,6 +64,7 @@ async fn set_receipt(
     // Committed together with the receipts of other requests; wakes the room's syncs.
     if crate::rooms::receipts::record(state, receipt).await?.is_some() && receipt_type != "m.read.private" {
         crate::appservice::sender::receipt_recorded(state, room.nid, user, receipt_type, &ev.event_id, thread_id);
+        crate::federation::edu::receipt_out(state, room, user, &ev.event_id, thread_id).await;
     }
     Ok(())
 }
@@ -163,8 +164,10 @@ pub async fn typing(
         let timeout = body.timeout.map(Duration::from_millis).unwrap_or(typing::DEFAULT_TIMEOUT);
         state.typing.start(room.nid, &user_id, timeout);
         crate::cluster::typing_changed(&state, room.nid, &user_id, Some(timeout.min(typing::MAX_TIMEOUT)));
+        crate::federation::edu::typing_out(&state, &room, &user_id, Some(timeout.min(typing::MAX_TIMEOUT))).await;
     } else if state.typing.stop(room.nid, &user_id).is_some() {
         crate::cluster::typing_changed(&state, room.nid, &user_id, None);
+        crate::federation::edu::typing_out(&state, &room, &user_id, None).await;
     }
     Ok(axum::Json(json!({})))
 }

@@ -1,10 +1,11 @@
 //! Rooms: creation, membership, sending, state, reading the timeline.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::error::{ApiResult, Error};
+use crate::federation::membership;
 use crate::http::extract::{Auth, ClientIp, Json, Path, Query};
 use crate::rooms::client::{format, require_joined};
 use crate::rooms::create::{CreateRoomRequest, create_room as create, member_content};
@@ -38,6 +39,34 @@ pub struct JoinBody {
     reason: Option<String>,
 }
 
+/// For a join: the room ID and the servers named for it when this server is not in the room
+/// (unknown, known only through an invite, or left); `None` for a room joined locally.
+async fn remote_target(
+    state: &AppState,
+    id_or_alias: &str,
+    via: Vec<String>,
+) -> ApiResult<Option<(ruma::OwnedRoomId, Vec<String>)>> {
+    let (room_id, via) = if id_or_alias.starts_with('#') {
+        let alias = ruma::RoomAliasId::parse(id_or_alias).map_err(|_| Error::invalid_param("Invalid room alias"))?;
+        if alias.server_name().as_str() == state.config.server_name {
+            return Ok(None);
+        }
+        let (room_id, mut servers) = membership::resolve_remote_alias(state, &alias).await?;
+        servers.extend(via);
+        (room_id, servers)
+    } else {
+        let room_id = ruma::OwnedRoomId::try_from(id_or_alias)
+            .map_err(|_| Error::invalid_param("Expected a room ID or alias"))?;
+        (room_id, via)
+    };
+    match Room::load(state, room_id.as_str()).await {
+        Ok(room) if membership::server_in_room(state, &room).await? => Ok(None),
+        Ok(_) => Ok(Some((room_id, via))),
+        Err(e) if e.errcode == "M_NOT_FOUND" && state.federation.enabled => Ok(Some((room_id, via))),
+        Err(e) => Err(e),
+    }
+}
+
 /// Resolves a room ID or a local alias.
 async fn resolve_room(state: &AppState, id_or_alias: &str) -> ApiResult<Room> {
     if id_or_alias.starts_with('#') {
@@ -49,7 +78,6 @@ async fn resolve_room(state: &AppState, id_or_alias: &str) -> ApiResult<Room> {
     if !id_or_alias.starts_with('!') {
         return Err(Error::invalid_param("Expected a room ID or alias"));
     }
-    // Remote rooms need federation, which is not implemented yet: unknown rooms are 404.
     Room::load(state, id_or_alias).await
 }
 
@@ -78,8 +106,22 @@ pub async fn join(
     State(state): State<AppState>,
     auth: Auth,
     Path(room_id_or_alias): Path<String>,
+    RawQuery(query): RawQuery,
     Json(body): Json<JoinBody>,
 ) -> ApiResult<axum::Json<Value>> {
+    let mut via = crate::http::extract::query_values(query.as_deref(), "via");
+    via.extend(crate::http::extract::query_values(query.as_deref(), "server_name"));
+    // A room this server is not in (or an alias of another server): joined over federation.
+    if let Some((room_id, via)) = remote_target(&state, &room_id_or_alias, via).await? {
+        let servers = membership::join_servers(&state, &room_id, via, &auth.user_id).await?;
+        let profile = storage::profiles::get(&state.db, &auth.user_id).await?.unwrap_or_default();
+        let mut content = member_content("join", &profile, false);
+        if let Some(r) = body.reason {
+            content["reason"] = json!(r);
+        }
+        let room = membership::join_remote(&state, &room_id, &auth.user_id, &servers, content).await?;
+        return Ok(axum::Json(json!({ "room_id": room.room_id })));
+    }
     let room = resolve_room(&state, &room_id_or_alias).await?;
     if let Some((m, _, _)) = storage::rooms::membership(&state.db, room.nid, &auth.user_id).await?
         && m == "join"
@@ -255,9 +297,10 @@ pub async fn join_by_id(
     state: State<AppState>,
     auth: Auth,
     Path(room_id): Path<String>,
+    query: RawQuery,
     body: Json<JoinBody>,
 ) -> ApiResult<axum::Json<Value>> {
-    join(state, auth, Path(room_id), body).await
+    join(state, auth, Path(room_id), query, body).await
 }
 
 #[derive(Deserialize)]
@@ -267,10 +310,7 @@ pub struct TargetBody {
 }
 
 async fn local_target(state: &AppState, user_id: &str) -> ApiResult<()> {
-    let uid = <&ruma::UserId>::try_from(user_id).map_err(|_| Error::invalid_param("Invalid user_id"))?;
-    if uid.server_name().as_str() != state.config.server_name {
-        return Err(Error::forbidden("Users of other servers need federation, which is not available yet"));
-    }
+    <&ruma::UserId>::try_from(user_id).map_err(|_| Error::invalid_param("Invalid user_id"))?;
     if !crate::appservice::user_exists(state, user_id).await? {
         return Err(Error::not_found("Unknown user"));
     }
@@ -284,6 +324,15 @@ pub async fn invite(
     Json(body): Json<TargetBody>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
+    if !crate::users::is_local(&body.user_id, &state.config.server_name) {
+        <&ruma::UserId>::try_from(body.user_id.as_str()).map_err(|_| Error::invalid_param("Invalid user_id"))?;
+        let mut content = json!({ "membership": "invite" });
+        if let Some(r) = body.reason {
+            content["reason"] = json!(r);
+        }
+        membership::invite_remote(&state, &room, &auth.user_id, &body.user_id, content).await?;
+        return Ok(axum::Json(json!({})));
+    }
     local_target(&state, &body.user_id).await?;
     if storage::users::get(&state.db, &body.user_id).await?.is_some_and(|u| u.deactivated) {
         return Err(Error::forbidden("This account is deactivated and cannot be invited"));
@@ -299,6 +348,15 @@ pub async fn leave(
     Json(body): Json<JoinBody>,
 ) -> ApiResult<axum::Json<Value>> {
     let room = Room::load(&state, &room_id).await?;
+    if !membership::server_in_room(&state, &room).await? {
+        // Rejecting an invite from another server: through the inviter's server.
+        let ruma_id =
+            ruma::OwnedRoomId::try_from(room_id.as_str()).map_err(|_| Error::invalid_param("Invalid room ID"))?;
+        let servers = membership::join_servers(&state, &ruma_id, Vec::new(), &auth.user_id).await?;
+        let Some(server) = servers.first() else { return Err(Error::forbidden("You are not in this room")) };
+        membership::leave_remote(&state, &room, &auth.user_id, server, body.reason).await?;
+        return Ok(axum::Json(json!({})));
+    }
     set_membership(&state, &room, &auth.user_id, &auth.user_id, "leave", body.reason).await?;
     Ok(axum::Json(json!({})))
 }

@@ -12,6 +12,8 @@
 //! With `federation.enabled = false` only `openid/userinfo` is served. Everything else answers
 //! 404 `M_UNRECOGNIZED` (405 for a known path with another method).
 
+mod rooms;
+
 use axum::Router;
 use axum::extract::State;
 use axum::routing::get;
@@ -36,6 +38,7 @@ pub fn router(federation_enabled: bool) -> Router<AppState> {
         .route("/_matrix/key/v2/query", axum::routing::post(query_keys))
         .route("/_matrix/key/v2/query/{server_name}", get(query_server_keys))
         .route("/_matrix/federation/v1/query/profile", get(query_profile))
+        .merge(rooms::router())
 }
 
 #[derive(Deserialize)]

@@ -1,0 +1,484 @@
+//! Rooms across two Parvis servers over TLS (issue 13): join by a remote alias, messages and
+//! state both ways, typing and receipts, an invite to a user of the other server and its
+//! rejection, leave, kick and ban (a banned user cannot rejoin), concurrent state changes that
+//! resolve to the same state on both servers, a server that was down catching up, and hostile
+//! transactions refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::common::{TestServer, User, assert_err, enc};
+
+/// A test CA that issues certificates for 127.0.0.1.
+struct RoomsCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    pem: PathBuf,
+}
+
+impl RoomsCa {
+    fn new(dir: &Path) -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name.push(rcgen::DnType::CommonName, "Parvis rooms test CA");
+        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        let pem = dir.join("rooms-ca.pem");
+        std::fs::write(&pem, issuer.pem()).unwrap();
+        Self { issuer, pem }
+    }
+
+    fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.issuer).unwrap();
+        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        (c, k)
+    }
+}
+
+/// A Parvis named `127.0.0.1:<port>` with its TLS federation listener on that port.
+async fn server(dir: &Path, label: &str, ca: &RoomsCa) -> (TestServer, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (cert, key) = ca.issue(dir, label);
+    let name = format!("127.0.0.1:{port}");
+    let s = TestServer::start_with(|c| {
+        c.server_name = name.clone();
+        c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
+        c.federation.tls_certificate = Some(cert);
+        c.federation.tls_private_key = Some(key);
+        c.federation.ca_file = Some(ca.pem.clone());
+    })
+    .await;
+    (s, name)
+}
+
+/// Polls `check` until it returns `Some`, for at most 20 s.
+async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The bodies of the last messages of a room as `user` sees them.
+async fn bodies(s: &TestServer, u: &User, room: &str) -> Vec<String> {
+    let (st, v) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room)), Some(&u.token)).await;
+    if st != StatusCode::OK {
+        return Vec::new();
+    }
+    v["chunk"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "m.room.message")
+        .filter_map(|e| e["content"]["body"].as_str().map(str::to_owned))
+        .collect()
+}
+
+async fn send_text(s: &TestServer, u: &User, room: &str, body: &str) -> String {
+    let (st, v) = s
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), rand_txn()),
+            Some(&u.token),
+            json!({ "msgtype": "m.text", "body": body }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v["event_id"].as_str().unwrap().to_owned()
+}
+
+fn rand_txn() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("t{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn state_content(s: &TestServer, u: &User, room: &str, kind: &str, key: &str) -> Option<Value> {
+    let (st, v) =
+        s.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key)), Some(&u.token)).await;
+    (st == StatusCode::OK).then_some(v)
+}
+
+async fn membership(s: &TestServer, u: &User, room: &str, who: &str) -> Option<String> {
+    state_content(s, u, room, "m.room.member", who).await.and_then(|v| v["membership"].as_str().map(str::to_owned))
+}
+
+async fn initial_sync(s: &TestServer, u: &User) -> Value {
+    let (st, v) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&u.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    v
+}
+
+#[tokio::test]
+async fn two_parvis_servers_share_a_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = RoomsCa::new(dir.path());
+    let (a, a_name) = server(dir.path(), "a", &ca).await;
+    let (b, _b_name) = server(dir.path(), "b", &ca).await;
+    let alice = a.register("alice", false).await;
+    let bob = b.register("bob", false).await;
+    let carol = b.register("carol", false).await;
+
+    // --- A room on A with an alias; bob joins it from B by that alias.
+    let (st, v) = a
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            json!({ "preset": "public_chat", "room_alias_name": "town", "name": "Mairie" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    send_text(&a, &alice, &room, "before bob").await;
+    let alias = format!("#town:{a_name}");
+    let (st, v) = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["room_id"], room.as_str());
+    // B now has the room's state; A has bob's join.
+    assert_eq!(state_content(&b, &bob, &room, "m.room.name", "").await.unwrap()["name"], "Mairie");
+    assert_eq!(membership(&b, &bob, &room, &alice.user_id).await.as_deref(), Some("join"));
+    eventually("bob's join on A", || async {
+        (membership(&a, &alice, &room, &bob.user_id).await.as_deref() == Some("join")).then_some(())
+    })
+    .await;
+    let sync = initial_sync(&b, &bob).await;
+    assert!(sync["rooms"]["join"][&room].is_object(), "{sync}");
+
+    // --- Messages both ways.
+    send_text(&b, &bob, &room, "hello from B").await;
+    eventually("bob's message on A", || async {
+        bodies(&a, &alice, &room).await.contains(&"hello from B".to_owned()).then_some(())
+    })
+    .await;
+    send_text(&a, &alice, &room, "hello from A").await;
+    eventually("alice's message on B", || async {
+        bodies(&b, &bob, &room).await.contains(&"hello from A".to_owned()).then_some(())
+    })
+    .await;
+    // A burst, in order.
+    for i in 0..10 {
+        send_text(&a, &alice, &room, &format!("burst {i}")).await;
+    }
+    let seen = eventually("the burst on B", || async {
+        let b = bodies(&b, &bob, &room).await;
+        b.contains(&"burst 9".to_owned()).then_some(b)
+    })
+    .await;
+    let burst: Vec<&String> = seen.iter().filter(|b| b.starts_with("burst")).collect();
+    assert_eq!(burst.len(), 10, "{seen:?}");
+    assert_eq!(burst.first().map(|s| s.as_str()), Some("burst 9"), "newest first: {seen:?}");
+
+    // --- State from B reaches A (bob may set the topic in a public room? No: only alice may).
+    let (st, _) = b
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room)),
+            Some(&bob.token),
+            json!({ "topic": "x" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "bob lacks the power to set the topic");
+    let (st, _) = a
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room)),
+            Some(&alice.token),
+            json!({ "topic": "Conseil" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually("the topic on B", || async {
+        (state_content(&b, &bob, &room, "m.room.topic", "").await?["topic"] == "Conseil").then_some(())
+    })
+    .await;
+
+    // --- Typing and receipts.
+    let (st, _) = b
+        .put(
+            &format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room), enc(&bob.user_id)),
+            Some(&bob.token),
+            json!({ "typing": true, "timeout": 20000 }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually("bob typing on A", || async {
+        let s = initial_sync(&a, &alice).await;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        eph.iter()
+            .any(|e| {
+                e["type"] == "m.typing"
+                    && e["content"]["user_ids"].as_array().is_some_and(|u| u.contains(&json!(bob.user_id)))
+            })
+            .then_some(())
+    })
+    .await;
+    let last = send_text(&b, &bob, &room, "read me").await;
+    eventually("bob's message on A", || async {
+        bodies(&a, &alice, &room).await.contains(&"read me".to_owned()).then_some(())
+    })
+    .await;
+    let (st, _) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/receipt/m.read/{}", enc(&room), enc(&last)),
+            Some(&alice.token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually("alice's receipt on B", || async {
+        let s = initial_sync(&b, &bob).await;
+        let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
+        eph.iter()
+            .any(|e| e["type"] == "m.receipt" && e["content"][&last]["m.read"][&alice.user_id].is_object())
+            .then_some(())
+    })
+    .await;
+
+    // --- Invite a user of B; carol sees it, rejects it; is invited again and joins.
+    let invite = |who: String| {
+        let (a, alice, room) = (&a, &alice, &room);
+        async move {
+            a.post(
+                &format!("/_matrix/client/v3/rooms/{}/invite", enc(room)),
+                Some(&alice.token),
+                json!({ "user_id": who }),
+            )
+            .await
+        }
+    };
+    // A private room: carol's server is not in it.
+    let (st, v) = a
+        .post("/_matrix/client/v3/createRoom", Some(&alice.token), json!({ "preset": "private_chat", "name": "Privé" }))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let private = v["room_id"].as_str().unwrap().to_owned();
+    let (st, v) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&private)),
+            Some(&alice.token),
+            json!({ "user_id": carol.user_id }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let s = initial_sync(&b, &carol).await;
+    let inv = &s["rooms"]["invite"][&private]["invite_state"]["events"];
+    assert!(
+        inv.as_array().is_some_and(|e| e.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Privé")),
+        "{s}"
+    );
+    assert!(
+        inv.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["type"] == "m.room.member" && e["state_key"] == carol.user_id.as_str()),
+        "{s}"
+    );
+    // Rejected: A sees carol's leave.
+    let (st, v) =
+        b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&private)), Some(&carol.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(membership(&a, &alice, &private, &carol.user_id).await.as_deref(), Some("leave"));
+    let s = initial_sync(&b, &carol).await;
+    assert!(s["rooms"]["invite"][&private].is_null(), "{s}");
+    // Invited again, and joins (through the inviter's server).
+    let (st, v) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&private)),
+            Some(&alice.token),
+            json!({ "user_id": carol.user_id }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) =
+        b.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&private)), Some(&carol.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(membership(&a, &alice, &private, &carol.user_id).await.as_deref(), Some("join"));
+    send_text(&b, &carol, &private, "merci").await;
+    eventually("carol's message on A", || async {
+        bodies(&a, &alice, &private).await.contains(&"merci".to_owned()).then_some(())
+    })
+    .await;
+    let _ = invite;
+
+    // --- Kick and ban; a banned user cannot rejoin.
+    let (st, _) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/kick", enc(&room)),
+            Some(&alice.token),
+            json!({ "user_id": bob.user_id }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually("bob's kick on B", || async {
+        (membership(&b, &bob, &room, &bob.user_id).await.as_deref() == Some("leave")).then_some(())
+    })
+    .await;
+    let (st, v) = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "bob may rejoin a public room after a kick: {v}");
+    let (st, _) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/ban", enc(&room)),
+            Some(&alice.token),
+            json!({ "user_id": bob.user_id, "reason": "spam" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    eventually("bob's ban on B", || async {
+        (membership(&b, &bob, &room, &bob.user_id).await.as_deref() == Some("ban")).then_some(())
+    })
+    .await;
+    let r = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
+    assert_err(&r, 403, "M_FORBIDDEN");
+
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_state_changes_resolve_alike_and_a_server_catches_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = RoomsCa::new(dir.path());
+    let (a, a_host) = server(dir.path(), "a", &ca).await;
+    let (mut b, _) = server(dir.path(), "b", &ca).await;
+    let alice = a.register("alice", false).await;
+    let bob = b.register("bob", false).await;
+    let (st, v) = a
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            json!({ "preset": "public_chat", "power_level_content_override": { "users": { bob.user_id.clone(): 100 } } }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let (st, v) = b
+        .post(&format!("/_matrix/client/v3/join/{}?via={}", enc(&room), enc(&a_host)), Some(&bob.token), json!({}))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+
+    // --- Both servers change the topic at the same time: a fork, resolved alike on both.
+    for round in 0..3 {
+        let path = format!("/_matrix/client/v3/rooms/{}/state/m.room.topic/", enc(&room));
+        let (ra, rb) = tokio::join!(
+            a.put(&path, Some(&alice.token), json!({ "topic": format!("A{round}") })),
+            b.put(&path, Some(&bob.token), json!({ "topic": format!("B{round}") })),
+        );
+        assert_eq!(ra.0, StatusCode::OK, "{}", ra.1);
+        assert_eq!(rb.0, StatusCode::OK, "{}", rb.1);
+    }
+    // Both servers converge on the same topic once each has the other's events.
+    let topic = eventually("the same topic on both servers", || async {
+        let ta = state_content(&a, &alice, &room, "m.room.topic", "").await?["topic"].clone();
+        let tb = state_content(&b, &bob, &room, "m.room.topic", "").await?["topic"].clone();
+        (ta == tb).then_some(ta)
+    })
+    .await;
+    assert!(topic.as_str().is_some_and(|t| t.ends_with('2')), "the last round wins: {topic}");
+    // A message after the fork joins it; both servers still agree, and keep talking.
+    send_text(&a, &alice, &room, "after the fork").await;
+    eventually("the message on B", || async {
+        bodies(&b, &bob, &room).await.contains(&"after the fork".to_owned()).then_some(())
+    })
+    .await;
+
+    // --- B goes down; A's messages wait in its outbox and arrive when B is back.
+    b.restart_after(|| async {
+        for i in 0..5 {
+            send_text(&a, &alice, &room, &format!("while B was down {i}")).await;
+        }
+    })
+    .await;
+    let seen = eventually("the backlog on B", || async {
+        let got = bodies(&b, &bob, &room).await;
+        got.contains(&"while B was down 4".to_owned()).then_some(got)
+    })
+    .await;
+    for i in 0..5 {
+        assert!(seen.contains(&format!("while B was down {i}")), "{seen:?}");
+    }
+
+    b.stop().await;
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_transactions_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = RoomsCa::new(dir.path());
+    let (a, a_name) = server(dir.path(), "a", &ca).await;
+    let alice = a.register("alice", false).await;
+    let room = crate::common::create(&a, &alice, json!({ "preset": "public_chat", "name": "N" })).await;
+    let http = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&ca.pem).unwrap()).unwrap()])
+        .build()
+        .unwrap();
+    // Unsigned: 401.
+    let r = http
+        .put(format!("https://{a_name}/_matrix/federation/v1/send/x"))
+        .json(&json!({ "pdus": [] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["errcode"], "M_UNAUTHORIZED");
+    // A signed request from a server with a real key (a second Parvis), carrying a forged event
+    // (an m.room.name "from" alice, signed by the wrong server) and a PDU for a room the
+    // sender is not in: both refused, the room unchanged.
+    let (evil, evil_name) = server(dir.path(), "evil", &ca).await;
+    let forged = json!({
+        "type": "m.room.name", "state_key": "", "sender": alice.user_id, "room_id": room,
+        "content": { "name": "pwned" }, "origin_server_ts": 1, "depth": 100,
+        "prev_events": [], "auth_events": [], "hashes": { "sha256": "AAAA" },
+        "signatures": { evil_name.clone(): { "ed25519:x": "AAAA" } },
+    });
+    let es = evil.state();
+    let body = json!({ "origin": evil_name, "origin_server_ts": 1, "pdus": [forged] });
+    let answer = es
+        .federation
+        .request(
+            reqwest::Method::PUT,
+            &ruma::ServerName::parse(&a_name).unwrap(),
+            "/_matrix/federation/v1/send/1",
+            Some(&body),
+            true,
+            1 << 20,
+        )
+        .await
+        .expect("the transaction is answered");
+    let results = answer["pdus"].as_object().unwrap();
+    assert_eq!(results.len(), 1, "{answer}");
+    assert!(results.values().all(|r| r["error"].is_string()), "{answer}");
+    assert_eq!(state_content(&a, &alice, &room, "m.room.name", "").await.unwrap()["name"], "N");
+    // Too many PDUs: refused whole.
+    let many: Vec<Value> = (0..51).map(|_| json!({})).collect();
+    let r = es
+        .federation
+        .request(
+            reqwest::Method::PUT,
+            &ruma::ServerName::parse(&a_name).unwrap(),
+            "/_matrix/federation/v1/send/2",
+            Some(&json!({ "pdus": many })),
+            true,
+            1 << 20,
+        )
+        .await;
+    assert!(matches!(r, Err(parvis::federation::client::FedError::Status { status: 413, .. })), "{r:?}");
+    // The server still serves.
+    send_text(&a, &alice, &room, "still here").await;
+    evil.stop().await;
+    a.stop().await;
+}
