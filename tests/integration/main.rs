@@ -16,6 +16,7 @@ mod e2ee;
 mod element;
 mod ephemeral;
 mod errors_limits;
+mod fed_harness;
 mod federation_keys;
 mod filters;
 mod hardening_accounts;
