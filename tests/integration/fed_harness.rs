@@ -56,6 +56,12 @@ impl Ca {
         std::fs::write(&k, key.serialize_pem()).unwrap();
         (c, k)
     }
+
+    /// The CA's private key (PEM, PKCS#8), for tools that sign certificates themselves
+    /// (Complement's image gets its CA as `ca.crt` + `ca.key`).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
 }
 
 /// A TCP port free on 127.0.0.1 right now.

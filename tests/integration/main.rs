@@ -9,6 +9,7 @@ mod bench_bots;
 mod cli;
 mod cluster;
 mod common;
+mod complement;
 mod dehydrated;
 mod devices_profile;
 mod discovery;
