@@ -3,107 +3,14 @@
 //! through a notary, `X-Matrix` authentication in both directions, `allowed_servers`, and a
 //! certificate from an untrusted CA refused.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-
 use parvis::federation::client::FedError;
 use parvis::federation::{auth, keys};
 use reqwest::{Method, StatusCode};
-use ruma::{OwnedServerName, ServerName};
+use ruma::ServerName;
 use serde_json::{Value, json};
 
 use crate::common::{TestServer, enc};
-
-/// A test CA that issues certificates for 127.0.0.1.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    pem: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("Parvis test CA {name}"));
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        let pem = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&pem, issuer.pem()).unwrap();
-        Self { issuer, pem }
-    }
-
-    /// Writes a certificate for 127.0.0.1 and its key; returns their paths.
-    fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Fed {
-    server: TestServer,
-    name: OwnedServerName,
-}
-
-/// A server named `127.0.0.1:<port>` whose federation listener is on that port, over TLS with a
-/// certificate of `cert_ca`, trusting `trust` for outgoing requests.
-async fn start(
-    dir: &Path,
-    label: &str,
-    cert_ca: &Ca,
-    trust: &Ca,
-    adjust: impl FnOnce(&mut parvis::config::Config),
-) -> Fed {
-    let port = free_port();
-    let (cert, key) = cert_ca.issue(dir, label);
-    let name = format!("127.0.0.1:{port}");
-    let server = TestServer::start_with(|c| {
-        c.server_name = name.clone();
-        c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-        c.federation.tls_certificate = Some(cert);
-        c.federation.tls_private_key = Some(key);
-        c.federation.ca_file = Some(trust.pem.clone());
-        adjust(c);
-    })
-    .await;
-    assert_eq!(server.federation.as_deref(), Some(format!("https://{name}").as_str()));
-    Fed { server, name: ServerName::parse(&name).unwrap() }
-}
-
-/// The test's own HTTPS client, trusting both CAs.
-fn https_client(cas: &[&Ca]) -> reqwest::Client {
-    let certs = cas.iter().map(|ca| reqwest::Certificate::from_pem(&std::fs::read(&ca.pem).unwrap()).unwrap());
-    reqwest::Client::builder().tls_certs_only(certs).build().unwrap()
-}
-
-async fn send(
-    http: &reqwest::Client,
-    to: &Fed,
-    method: Method,
-    uri: &str,
-    authorization: Option<&str>,
-    body: Option<&Value>,
-) -> (StatusCode, Value) {
-    let mut rb = http.request(method, format!("https://{}{uri}", to.name));
-    if let Some(a) = authorization {
-        rb = rb.header("authorization", a);
-    }
-    if let Some(b) = body {
-        rb = rb.json(b);
-    }
-    let resp = rb.send().await.expect("request sent");
-    let status = resp.status();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
+use crate::fed_harness::{Ca, ClientApi, Synapse, https_client, send, start, synapse_python};
 
 #[track_caller]
 fn assert_matrix_err(resp: &(StatusCode, Value), status: u16, errcode: &str) {
@@ -128,17 +35,17 @@ async fn federation_foundation_over_tls() {
     let (sa, sb, sd, se) = (a.server.state(), b.server.state(), d.server.state(), e.server.state());
 
     // --- version (unauthenticated) and unknown endpoints
-    let v = send(&http, &a, Method::GET, "/_matrix/federation/v1/version", None, None).await;
+    let v = send(&http, &a.name, Method::GET, "/_matrix/federation/v1/version", None, None).await;
     assert_eq!(v.0, StatusCode::OK);
     assert_eq!(v.1["server"]["name"], "Parvis");
     assert!(v.1["server"]["version"].is_string());
-    let r = send(&http, &a, Method::PUT, "/_matrix/federation/v1/nonexistent/1", None, Some(&json!({}))).await;
+    let r = send(&http, &a.name, Method::PUT, "/_matrix/federation/v1/nonexistent/1", None, Some(&json!({}))).await;
     assert_matrix_err(&r, 404, "M_UNRECOGNIZED");
-    let r = send(&http, &a, Method::POST, "/_matrix/federation/v1/version", None, Some(&json!({}))).await;
+    let r = send(&http, &a.name, Method::POST, "/_matrix/federation/v1/version", None, Some(&json!({}))).await;
     assert_matrix_err(&r, 405, "M_UNRECOGNIZED");
 
     // --- our keys: signed, valid for a day, verifiable
-    let (st, doc) = send(&http, &b, Method::GET, "/_matrix/key/v2/server", None, None).await;
+    let (st, doc) = send(&http, &b.name, Method::GET, "/_matrix/key/v2/server", None, None).await;
     assert_eq!(st, StatusCode::OK, "{doc}");
     let verified = keys::verify_key_response(&b.name, &doc).expect("B's key document verifies");
     let b_key_id = sb.federation.signer.key_id.clone();
@@ -156,22 +63,28 @@ async fn federation_foundation_over_tls() {
     let a_key = parvis::federation::decode_public_key(&sa.federation.signer.public_key_base64()).unwrap();
     let a_key_id = sa.federation.signer.key_id.clone();
     let body = json!({ "server_keys": { b.name.as_str(): { b_key_id.clone(): {} } } });
-    let (st, q) = send(&http, &a, Method::POST, "/_matrix/key/v2/query", None, Some(&body)).await;
+    let (st, q) = send(&http, &a.name, Method::POST, "/_matrix/key/v2/query", None, Some(&body)).await;
     assert_eq!(st, StatusCode::OK, "{q}");
     let entry = &q["server_keys"][0];
     keys::verify_key_response(&b.name, entry).expect("B's self-signature kept");
     assert!(parvis::federation::verify_json(entry, a.name.as_str(), &a_key_id, &a_key), "{entry}");
     let (st, q) =
-        send(&http, &a, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(b.name.as_str())), None, None).await;
+        send(&http, &a.name, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(b.name.as_str())), None, None).await;
     assert_eq!(st, StatusCode::OK, "{q}");
     assert_eq!(q["server_keys"][0]["server_name"], b.name.as_str());
     // The notary answers for itself too; a bad server name is a 400.
     let (_, q) =
-        send(&http, &a, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(a.name.as_str())), None, None).await;
+        send(&http, &a.name, Method::GET, &format!("/_matrix/key/v2/query/{}", enc(a.name.as_str())), None, None).await;
     assert_eq!(q["server_keys"][0]["server_name"], a.name.as_str());
-    let r =
-        send(&http, &a, Method::POST, "/_matrix/key/v2/query", None, Some(&json!({"server_keys": {"bad name!": {}}})))
-            .await;
+    let r = send(
+        &http,
+        &a.name,
+        Method::POST,
+        "/_matrix/key/v2/query",
+        None,
+        Some(&json!({"server_keys": {"bad name!": {}}})),
+    )
+    .await;
     assert_matrix_err(&r, 400, "M_INVALID_PARAM");
 
     // --- B fetches its own keys through the notary A (A's key fetched directly by B)
@@ -218,11 +131,11 @@ async fn federation_foundation_over_tls() {
     }
 
     // --- refused requests: unsigned, wrong key, wrong destination, tampered, hostile headers
-    let r = send(&http, &b, Method::GET, &profile_uri, None, None).await;
+    let r = send(&http, &b.name, Method::GET, &profile_uri, None, None).await;
     assert_matrix_err(&r, 401, "M_UNAUTHORIZED");
     let signer_a = &sa.federation.signer;
     let good = auth::sign_request(signer_a, &Method::GET, &profile_uri, &b.name, None).unwrap();
-    let r = send(&http, &b, Method::GET, &profile_uri, Some(&good), None).await;
+    let r = send(&http, &b.name, Method::GET, &profile_uri, Some(&good), None).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     // A key that is not A's, under A's key ID.
     let impostor = parvis::federation::Signer::new(
@@ -231,7 +144,11 @@ async fn federation_foundation_over_tls() {
         parvis::keys::ServerKey::generate().signing_key,
     );
     let forged = auth::sign_request(&impostor, &Method::GET, &profile_uri, &b.name, None).unwrap();
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&forged), None).await, 401, "M_UNAUTHORIZED");
+    assert_matrix_err(
+        &send(&http, &b.name, Method::GET, &profile_uri, Some(&forged), None).await,
+        401,
+        "M_UNAUTHORIZED",
+    );
     // An unknown key ID of A.
     let unknown_key = parvis::federation::Signer::new(
         a.name.clone(),
@@ -239,28 +156,28 @@ async fn federation_foundation_over_tls() {
         parvis::keys::ServerKey::generate().signing_key,
     );
     let h = auth::sign_request(&unknown_key, &Method::GET, &profile_uri, &b.name, None).unwrap();
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
     // Signed for another destination (D), sent to B.
     let h = auth::sign_request(signer_a, &Method::GET, &profile_uri, &d_name, None).unwrap();
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
     // A destination parameter naming B, but a signature made for D.
     let h = h.replace(&format!("destination=\"{d_name}\""), &format!("destination=\"{}\"", b.name));
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
     // Signed for another URI.
     let other_uri = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&format!("@bob:{}", b.name)));
     let h = auth::sign_request(signer_a, &Method::GET, &other_uri, &b.name, None).unwrap();
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
     // Signed with a body, sent with another body, and without it.
     let h = auth::sign_request(signer_a, &Method::GET, &profile_uri, &b.name, Some(&json!({"a": 1}))).unwrap();
-    let r = send(&http, &b, Method::GET, &profile_uri, Some(&h), Some(&json!({"a": 2}))).await;
+    let r = send(&http, &b.name, Method::GET, &profile_uri, Some(&h), Some(&json!({"a": 2}))).await;
     assert_matrix_err(&r, 401, "M_UNAUTHORIZED");
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
-    let r = send(&http, &b, Method::GET, &profile_uri, Some(&h), Some(&json!({"a": 1}))).await;
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), None).await, 401, "M_UNAUTHORIZED");
+    let r = send(&http, &b.name, Method::GET, &profile_uri, Some(&h), Some(&json!({"a": 1}))).await;
     assert_eq!(r.0, StatusCode::OK, "{}", r.1);
     // A signed body with U+0000: the server's NUL policy applies to other servers too.
     let nul = json!({"a": "x\u{0}y"});
     let h = auth::sign_request(signer_a, &Method::GET, &profile_uri, &b.name, Some(&nul)).unwrap();
-    assert_matrix_err(&send(&http, &b, Method::GET, &profile_uri, Some(&h), Some(&nul)).await, 400, "M_BAD_JSON");
+    assert_matrix_err(&send(&http, &b.name, Method::GET, &profile_uri, Some(&h), Some(&nul)).await, 400, "M_BAD_JSON");
     // Hostile headers: never a 500.
     for bad in [
         "X-Matrix".to_owned(),
@@ -270,14 +187,14 @@ async fn federation_foundation_over_tls() {
         "Bearer something".to_owned(),
         good.replace("sig=\"", "sig=\"AAAA"),
     ] {
-        let r = send(&http, &b, Method::GET, &profile_uri, Some(&bad), None).await;
+        let r = send(&http, &b.name, Method::GET, &profile_uri, Some(&bad), None).await;
         assert!(r.0 == StatusCode::UNAUTHORIZED, "{bad}: {} {}", r.0, r.1);
     }
 
     // --- allowed_servers: E refuses A (403), and never contacts A
     let to_e = format!("/_matrix/federation/v1/query/profile?user_id={}", enc(&format!("@x:{}", e.name)));
     let h = auth::sign_request(signer_a, &Method::GET, &to_e, &e.name, None).unwrap();
-    assert_matrix_err(&send(&http, &e, Method::GET, &to_e, Some(&h), None).await, 403, "M_FORBIDDEN");
+    assert_matrix_err(&send(&http, &e.name, Method::GET, &to_e, Some(&h), None).await, 403, "M_FORBIDDEN");
     match se.federation.request(Method::GET, &a.name, "/_matrix/federation/v1/version", None, true, 65_536).await {
         Err(FedError::NotAllowed(s)) => assert_eq!(s, a.name.as_str()),
         other => panic!("E contacted A: {other:?}"),
@@ -330,38 +247,16 @@ async fn plain_http_federation_listener_serves_keys() {
     s.stop().await;
 }
 
-/// The Python of a virtualenv with Synapse: `PARVIS_TEST_SYNAPSE_PYTHON`, else
-/// `${XDG_CACHE_HOME:-~/.cache}/parvis-bench/synapse-venv/bin/python`.
-fn synapse_python() -> Option<PathBuf> {
-    let path = match std::env::var("PARVIS_TEST_SYNAPSE_PYTHON") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache"))
-            .join("parvis-bench/synapse-venv/bin/python"),
-    };
-    let ok = std::process::Command::new(&path)
-        .args(["-c", "import synapse"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(path)
-}
-
 /// Interop with a real Synapse, both ways, over TLS with the test CA: Synapse, as a notary,
 /// fetches and serves Parvis's keys; Parvis fetches Synapse's keys; Parvis's signed request is
 /// accepted by Synapse (an unsigned one is not); Synapse's signed profile query is accepted by
-/// Parvis. Skipped (with a message) when no Synapse is installed.
+/// Parvis. Skipped (with a message) when no Synapse is installed, outside CI (see
+/// `fed_harness::synapse_python`).
 #[tokio::test]
 async fn synapse_interop_keys_and_signatures() {
-    let Some(python) = synapse_python() else {
-        eprintln!(
-            "skipped: no Synapse. Install it with `python3 -m venv ~/.cache/parvis-bench/synapse-venv && \
-             ~/.cache/parvis-bench/synapse-venv/bin/pip install matrix-synapse` (or set PARVIS_TEST_SYNAPSE_PYTHON)"
-        );
+    if synapse_python().is_none() {
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "ca");
     let http = https_client(&[&ca]);
@@ -369,80 +264,16 @@ async fn synapse_interop_keys_and_signatures() {
     let sa = a.server.state();
 
     // Synapse on 127.0.0.1:<port>, TLS with a certificate of the same CA.
-    let port = free_port();
-    let synapse_name = ServerName::parse(format!("127.0.0.1:{port}")).unwrap();
-    let (cert, key) = ca.issue(dir.path(), "synapse");
-    let d = dir.path().display();
-    let config = format!(
-        r#"server_name: "{synapse_name}"
-pid_file: "{d}/synapse.pid"
-report_stats: false
-listeners:
-  - port: {port}
-    bind_addresses: ["127.0.0.1"]
-    type: http
-    tls: true
-    resources:
-      - names: [client, federation]
-tls_certificate_path: "{cert}"
-tls_private_key_path: "{key}"
-database:
-  name: sqlite3
-  args:
-    database: "{d}/synapse.db"
-media_store_path: "{d}/media"
-signing_key_path: "{d}/synapse.signing.key"
-trusted_key_servers: []
-suppress_key_server_warning: true
-federation_custom_ca_list: ["{ca}"]
-# Synapse blocks IP-literal server names in its blocklist whatever the allowlist says: empty it.
-ip_range_blacklist: []
-ip_range_whitelist: ["127.0.0.0/8"]
-registration_shared_secret: "not-used"
-rc_federation: {{window_size: 1000, sleep_limit: 1000, sleep_delay: 1, reject_limit: 1000, concurrent: 100}}
-"#,
-        cert = cert.display(),
-        key = key.display(),
-        ca = ca.pem.display(),
-    );
-    let config_path = dir.path().join("homeserver.yaml");
-    std::fs::write(&config_path, config).unwrap();
-    let status = tokio::process::Command::new(&python)
-        .args(["-m", "synapse.app.homeserver", "-c"])
-        .arg(&config_path)
-        .arg("--generate-keys")
-        .status()
-        .await
-        .unwrap();
-    assert!(status.success(), "synapse --generate-keys failed");
-    let log = std::fs::File::create(dir.path().join("synapse.log")).unwrap();
-    let mut synapse = tokio::process::Command::new(&python)
-        .args(["-m", "synapse.app.homeserver", "-c"])
-        .arg(&config_path)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let s = Fed { server: TestServer::start().await, name: synapse_name.clone() };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    loop {
-        if http.get(format!("https://{synapse_name}/_matrix/federation/v1/version")).send().await.is_ok() {
-            break;
-        }
-        let log = std::fs::read_to_string(dir.path().join("synapse.log")).unwrap_or_default();
-        assert!(std::time::Instant::now() < deadline, "Synapse did not start:\n{log}");
-        assert!(synapse.try_wait().unwrap().is_none(), "Synapse exited:\n{log}");
-        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    }
-    let synapse_log = || std::fs::read_to_string(dir.path().join("synapse.log")).unwrap_or_default();
+    let s = Synapse::start(dir.path(), &ca, &ca.pem).await;
+    let synapse_name = s.name.clone();
+    let synapse_log = || s.log();
 
     // Synapse as a notary for Parvis: it fetched our keys over TLS, accepted them, and serves
     // them with our signature and its own.
     // (Synapse fetches only keys it is asked for by ID; without IDs it answers from its cache.)
     let criteria = json!({ "minimum_valid_until_ts": parvis::storage::now_ms() });
     let body = json!({ "server_keys": { a.name.as_str(): { sa.federation.signer.key_id.clone(): criteria } } });
-    let (st, q) = send(&http, &s, Method::POST, "/_matrix/key/v2/query", None, Some(&body)).await;
+    let (st, q) = send(&http, &s.name, Method::POST, "/_matrix/key/v2/query", None, Some(&body)).await;
     assert_eq!(st, StatusCode::OK, "{q}\n{}", synapse_log());
     let entry = q["server_keys"].as_array().and_then(|l| l.first()).unwrap_or_else(|| panic!("{q}\n{}", synapse_log()));
     keys::verify_key_response(&a.name, entry).expect("our self-signature, through Synapse");
@@ -473,13 +304,11 @@ rc_federation: {{window_size: 1000, sleep_limit: 1000, sleep_delay: 1, reject_li
         )
         .await;
     assert_eq!(st, StatusCode::OK);
-    let (st, p) =
-        send(&http, &s, Method::GET, &format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None, None).await;
+    let (st, p) = s.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), None).await;
     assert_eq!(st, StatusCode::OK, "{p}\n{}", synapse_log());
     assert_eq!(p["displayname"], "Alice de Parvis");
 
-    synapse.kill().await.ok();
-    s.server.stop().await;
+    drop(s);
     a.server.stop().await;
 }
 
