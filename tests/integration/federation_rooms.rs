@@ -4,62 +4,23 @@
 //! resolve to the same state on both servers, a server that was down catching up, and hostile
 //! transactions refused.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::common::{TestServer, User, assert_err, enc};
-
-/// A test CA that issues certificates for 127.0.0.1.
-struct RoomsCa {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    pem: PathBuf,
-}
-
-impl RoomsCa {
-    fn new(dir: &Path) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "Parvis rooms test CA");
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        let pem = dir.join("rooms-ca.pem");
-        std::fs::write(&pem, issuer.pem()).unwrap();
-        Self { issuer, pem }
-    }
-
-    fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
+use crate::common::{TestServer, assert_err, enc};
+use crate::fed_harness::{self, Ca, ClientApi};
 
 /// A Parvis named `127.0.0.1:<port>` with its TLS federation listener on that port.
-async fn server(dir: &Path, label: &str, ca: &RoomsCa) -> (TestServer, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let (cert, key) = ca.issue(dir, label);
-    let name = format!("127.0.0.1:{port}");
-    let s = TestServer::start_with(|c| {
-        c.server_name = name.clone();
-        c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-        c.federation.tls_certificate = Some(cert);
-        c.federation.tls_private_key = Some(key);
-        c.federation.ca_file = Some(ca.pem.clone());
-    })
-    .await;
-    (s, name)
+async fn server(dir: &Path, label: &str, ca: &Ca) -> (TestServer, String) {
+    let fed = fed_harness::start(dir, label, ca, ca, |_| {}).await;
+    (fed.server, fed.name.to_string())
 }
 
 /// Polls `check` until it returns `Some`, for at most 20 s.
-async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -75,9 +36,8 @@ where
 }
 
 /// The bodies of the last messages of a room as `user` sees them.
-async fn bodies(s: &TestServer, u: &User, room: &str) -> Vec<String> {
-    let (st, v) =
-        s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room)), Some(&u.token)).await;
+pub async fn bodies(s: &impl ClientApi, token: &str, room: &str) -> Vec<String> {
+    let (st, v) = s.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=50", enc(room)), Some(token)).await;
     if st != StatusCode::OK {
         return Vec::new();
     }
@@ -90,11 +50,11 @@ async fn bodies(s: &TestServer, u: &User, room: &str) -> Vec<String> {
         .collect()
 }
 
-async fn send_text(s: &TestServer, u: &User, room: &str, body: &str) -> String {
+pub async fn send_text(s: &impl ClientApi, token: &str, room: &str, body: &str) -> String {
     let (st, v) = s
         .put(
             &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{}", enc(room), rand_txn()),
-            Some(&u.token),
+            Some(token),
             json!({ "msgtype": "m.text", "body": body }),
         )
         .await;
@@ -108,18 +68,18 @@ fn rand_txn() -> String {
     format!("t{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
-async fn state_content(s: &TestServer, u: &User, room: &str, kind: &str, key: &str) -> Option<Value> {
+pub async fn state_content(s: &impl ClientApi, token: &str, room: &str, kind: &str, key: &str) -> Option<Value> {
     let (st, v) =
-        s.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key)), Some(&u.token)).await;
+        s.get(&format!("/_matrix/client/v3/rooms/{}/state/{kind}/{}", enc(room), enc(key)), Some(token)).await;
     (st == StatusCode::OK).then_some(v)
 }
 
-async fn membership(s: &TestServer, u: &User, room: &str, who: &str) -> Option<String> {
-    state_content(s, u, room, "m.room.member", who).await.and_then(|v| v["membership"].as_str().map(str::to_owned))
+pub async fn membership(s: &impl ClientApi, token: &str, room: &str, who: &str) -> Option<String> {
+    state_content(s, token, room, "m.room.member", who).await.and_then(|v| v["membership"].as_str().map(str::to_owned))
 }
 
-async fn initial_sync(s: &TestServer, u: &User) -> Value {
-    let (st, v) = s.get("/_matrix/client/v3/sync?timeout=0", Some(&u.token)).await;
+pub async fn initial_sync(s: &impl ClientApi, token: &str) -> Value {
+    let (st, v) = s.get("/_matrix/client/v3/sync?timeout=0", Some(token)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     v
 }
@@ -127,7 +87,7 @@ async fn initial_sync(s: &TestServer, u: &User) -> Value {
 #[tokio::test]
 async fn two_parvis_servers_share_a_room() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = RoomsCa::new(dir.path());
+    let ca = Ca::new(dir.path(), "rooms");
     let (a, a_name) = server(dir.path(), "a", &ca).await;
     let (b, _b_name) = server(dir.path(), "b", &ca).await;
     let alice = a.register("alice", false).await;
@@ -144,38 +104,38 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let room = v["room_id"].as_str().unwrap().to_owned();
-    send_text(&a, &alice, &room, "before bob").await;
+    send_text(&a, &alice.token, &room, "before bob").await;
     let alias = format!("#town:{a_name}");
     let (st, v) = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["room_id"], room.as_str());
     // B now has the room's state; A has bob's join.
-    assert_eq!(state_content(&b, &bob, &room, "m.room.name", "").await.unwrap()["name"], "Mairie");
-    assert_eq!(membership(&b, &bob, &room, &alice.user_id).await.as_deref(), Some("join"));
+    assert_eq!(state_content(&b, &bob.token, &room, "m.room.name", "").await.unwrap()["name"], "Mairie");
+    assert_eq!(membership(&b, &bob.token, &room, &alice.user_id).await.as_deref(), Some("join"));
     eventually("bob's join on A", || async {
-        (membership(&a, &alice, &room, &bob.user_id).await.as_deref() == Some("join")).then_some(())
+        (membership(&a, &alice.token, &room, &bob.user_id).await.as_deref() == Some("join")).then_some(())
     })
     .await;
-    let sync = initial_sync(&b, &bob).await;
+    let sync = initial_sync(&b, &bob.token).await;
     assert!(sync["rooms"]["join"][&room].is_object(), "{sync}");
 
     // --- Messages both ways.
-    send_text(&b, &bob, &room, "hello from B").await;
+    send_text(&b, &bob.token, &room, "hello from B").await;
     eventually("bob's message on A", || async {
-        bodies(&a, &alice, &room).await.contains(&"hello from B".to_owned()).then_some(())
+        bodies(&a, &alice.token, &room).await.contains(&"hello from B".to_owned()).then_some(())
     })
     .await;
-    send_text(&a, &alice, &room, "hello from A").await;
+    send_text(&a, &alice.token, &room, "hello from A").await;
     eventually("alice's message on B", || async {
-        bodies(&b, &bob, &room).await.contains(&"hello from A".to_owned()).then_some(())
+        bodies(&b, &bob.token, &room).await.contains(&"hello from A".to_owned()).then_some(())
     })
     .await;
     // A burst, in order.
     for i in 0..10 {
-        send_text(&a, &alice, &room, &format!("burst {i}")).await;
+        send_text(&a, &alice.token, &room, &format!("burst {i}")).await;
     }
     let seen = eventually("the burst on B", || async {
-        let b = bodies(&b, &bob, &room).await;
+        let b = bodies(&b, &bob.token, &room).await;
         b.contains(&"burst 9".to_owned()).then_some(b)
     })
     .await;
@@ -201,7 +161,7 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK);
     eventually("the topic on B", || async {
-        (state_content(&b, &bob, &room, "m.room.topic", "").await?["topic"] == "Conseil").then_some(())
+        (state_content(&b, &bob.token, &room, "m.room.topic", "").await?["topic"] == "Conseil").then_some(())
     })
     .await;
 
@@ -215,7 +175,7 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK);
     eventually("bob typing on A", || async {
-        let s = initial_sync(&a, &alice).await;
+        let s = initial_sync(&a, &alice.token).await;
         let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
         eph.iter()
             .any(|e| {
@@ -225,9 +185,9 @@ async fn two_parvis_servers_share_a_room() {
             .then_some(())
     })
     .await;
-    let last = send_text(&b, &bob, &room, "read me").await;
+    let last = send_text(&b, &bob.token, &room, "read me").await;
     eventually("bob's message on A", || async {
-        bodies(&a, &alice, &room).await.contains(&"read me".to_owned()).then_some(())
+        bodies(&a, &alice.token, &room).await.contains(&"read me".to_owned()).then_some(())
     })
     .await;
     let (st, _) = a
@@ -239,7 +199,7 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK);
     eventually("alice's receipt on B", || async {
-        let s = initial_sync(&b, &bob).await;
+        let s = initial_sync(&b, &bob.token).await;
         let eph = s["rooms"]["join"][&room]["ephemeral"]["events"].as_array().cloned().unwrap_or_default();
         eph.iter()
             .any(|e| e["type"] == "m.receipt" && e["content"][&last]["m.read"][&alice.user_id].is_object())
@@ -273,7 +233,7 @@ async fn two_parvis_servers_share_a_room() {
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    let s = initial_sync(&b, &carol).await;
+    let s = initial_sync(&b, &carol.token).await;
     let inv = &s["rooms"]["invite"][&private]["invite_state"]["events"];
     assert!(
         inv.as_array().is_some_and(|e| e.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Privé")),
@@ -290,8 +250,8 @@ async fn two_parvis_servers_share_a_room() {
     let (st, v) =
         b.post(&format!("/_matrix/client/v3/rooms/{}/leave", enc(&private)), Some(&carol.token), json!({})).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(membership(&a, &alice, &private, &carol.user_id).await.as_deref(), Some("leave"));
-    let s = initial_sync(&b, &carol).await;
+    assert_eq!(membership(&a, &alice.token, &private, &carol.user_id).await.as_deref(), Some("leave"));
+    let s = initial_sync(&b, &carol.token).await;
     assert!(s["rooms"]["invite"][&private].is_null(), "{s}");
     // Invited again, and joins (through the inviter's server).
     let (st, v) = a
@@ -305,10 +265,10 @@ async fn two_parvis_servers_share_a_room() {
     let (st, v) =
         b.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&private)), Some(&carol.token), json!({})).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(membership(&a, &alice, &private, &carol.user_id).await.as_deref(), Some("join"));
-    send_text(&b, &carol, &private, "merci").await;
+    assert_eq!(membership(&a, &alice.token, &private, &carol.user_id).await.as_deref(), Some("join"));
+    send_text(&b, &carol.token, &private, "merci").await;
     eventually("carol's message on A", || async {
-        bodies(&a, &alice, &private).await.contains(&"merci".to_owned()).then_some(())
+        bodies(&a, &alice.token, &private).await.contains(&"merci".to_owned()).then_some(())
     })
     .await;
     let _ = invite;
@@ -323,7 +283,7 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK);
     eventually("bob's kick on B", || async {
-        (membership(&b, &bob, &room, &bob.user_id).await.as_deref() == Some("leave")).then_some(())
+        (membership(&b, &bob.token, &room, &bob.user_id).await.as_deref() == Some("leave")).then_some(())
     })
     .await;
     let (st, v) = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
@@ -337,7 +297,7 @@ async fn two_parvis_servers_share_a_room() {
         .await;
     assert_eq!(st, StatusCode::OK);
     eventually("bob's ban on B", || async {
-        (membership(&b, &bob, &room, &bob.user_id).await.as_deref() == Some("ban")).then_some(())
+        (membership(&b, &bob.token, &room, &bob.user_id).await.as_deref() == Some("ban")).then_some(())
     })
     .await;
     let r = b.post(&format!("/_matrix/client/v3/join/{}", enc(&alias)), Some(&bob.token), json!({})).await;
@@ -350,7 +310,7 @@ async fn two_parvis_servers_share_a_room() {
 #[tokio::test]
 async fn concurrent_state_changes_resolve_alike_and_a_server_catches_up() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = RoomsCa::new(dir.path());
+    let ca = Ca::new(dir.path(), "rooms");
     let (a, a_host) = server(dir.path(), "a", &ca).await;
     let (mut b, _) = server(dir.path(), "b", &ca).await;
     let alice = a.register("alice", false).await;
@@ -381,28 +341,28 @@ async fn concurrent_state_changes_resolve_alike_and_a_server_catches_up() {
     }
     // Both servers converge on the same topic once each has the other's events.
     let topic = eventually("the same topic on both servers", || async {
-        let ta = state_content(&a, &alice, &room, "m.room.topic", "").await?["topic"].clone();
-        let tb = state_content(&b, &bob, &room, "m.room.topic", "").await?["topic"].clone();
+        let ta = state_content(&a, &alice.token, &room, "m.room.topic", "").await?["topic"].clone();
+        let tb = state_content(&b, &bob.token, &room, "m.room.topic", "").await?["topic"].clone();
         (ta == tb).then_some(ta)
     })
     .await;
     assert!(topic.as_str().is_some_and(|t| t.ends_with('2')), "the last round wins: {topic}");
     // A message after the fork joins it; both servers still agree, and keep talking.
-    send_text(&a, &alice, &room, "after the fork").await;
+    send_text(&a, &alice.token, &room, "after the fork").await;
     eventually("the message on B", || async {
-        bodies(&b, &bob, &room).await.contains(&"after the fork".to_owned()).then_some(())
+        bodies(&b, &bob.token, &room).await.contains(&"after the fork".to_owned()).then_some(())
     })
     .await;
 
     // --- B goes down; A's messages wait in its outbox and arrive when B is back.
     b.restart_after(|| async {
         for i in 0..5 {
-            send_text(&a, &alice, &room, &format!("while B was down {i}")).await;
+            send_text(&a, &alice.token, &room, &format!("while B was down {i}")).await;
         }
     })
     .await;
     let seen = eventually("the backlog on B", || async {
-        let got = bodies(&b, &bob, &room).await;
+        let got = bodies(&b, &bob.token, &room).await;
         got.contains(&"while B was down 4".to_owned()).then_some(got)
     })
     .await;
@@ -417,14 +377,11 @@ async fn concurrent_state_changes_resolve_alike_and_a_server_catches_up() {
 #[tokio::test]
 async fn hostile_transactions_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = RoomsCa::new(dir.path());
+    let ca = Ca::new(dir.path(), "rooms");
     let (a, a_name) = server(dir.path(), "a", &ca).await;
     let alice = a.register("alice", false).await;
     let room = crate::common::create(&a, &alice, json!({ "preset": "public_chat", "name": "N" })).await;
-    let http = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&ca.pem).unwrap()).unwrap()])
-        .build()
-        .unwrap();
+    let http = fed_harness::https_client(&[&ca]);
     // Unsigned: 401.
     let r = http
         .put(format!("https://{a_name}/_matrix/federation/v1/send/x"))
@@ -462,7 +419,7 @@ async fn hostile_transactions_change_nothing() {
     let results = answer["pdus"].as_object().unwrap();
     assert_eq!(results.len(), 1, "{answer}");
     assert!(results.values().all(|r| r["error"].is_string()), "{answer}");
-    assert_eq!(state_content(&a, &alice, &room, "m.room.name", "").await.unwrap()["name"], "N");
+    assert_eq!(state_content(&a, &alice.token, &room, "m.room.name", "").await.unwrap()["name"], "N");
     // Too many PDUs: refused whole.
     let many: Vec<Value> = (0..51).map(|_| json!({})).collect();
     let r = es
@@ -478,7 +435,7 @@ async fn hostile_transactions_change_nothing() {
         .await;
     assert!(matches!(r, Err(parvis::federation::client::FedError::Status { status: 413, .. })), "{r:?}");
     // The server still serves.
-    send_text(&a, &alice, &room, "still here").await;
+    send_text(&a, &alice.token, &room, "still here").await;
     evil.stop().await;
     a.stop().await;
 }

@@ -20,6 +20,7 @@ mod errors_limits;
 mod fed_harness;
 mod federation_keys;
 mod federation_rooms;
+mod federation_synapse;
 mod filters;
 mod hardening_accounts;
 mod hardening_input;
