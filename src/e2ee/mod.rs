@@ -74,6 +74,8 @@ pub fn device_list_committed(state: &AppState, user: &str, pos: i64) {
     crate::cluster::advance(state, &state.device_list_stream, pos);
     crate::appservice::sender::device_list_changed(state, user);
     device_list_woken(state, user);
+    let (state, user) = (state.clone(), user.to_owned());
+    tokio::spawn(async move { crate::federation::edu::device_list_out(&state, &user, pos).await });
 }
 
 /// Wakes the user and their room-mates after a change of the user's devices.
@@ -654,6 +656,8 @@ pub async fn send_to_device(
 ) -> ApiResult<()> {
     let messages = body["messages"].as_object().ok_or_else(|| bad("messages must be an object"))?;
     let mut rows: Vec<(String, String, Value)> = Vec::new();
+    // Messages for users of other servers, by server (sent as `m.direct_to_device` EDUs).
+    let mut remote: std::collections::BTreeMap<String, serde_json::Map<String, Value>> = Default::default();
     let mut tx = state.db.begin().await?;
     if !storage::e2ee::to_device_txn(&mut tx, sender, sender_device, txn_id).await? {
         // A retry of a transaction already queued.
@@ -661,12 +665,19 @@ pub async fn send_to_device(
     }
     for (user, devices) in messages {
         let devices = devices.as_object().ok_or_else(|| bad("messages values must be objects"))?;
-        if <&ruma::UserId>::try_from(user.as_str()).is_err() {
+        let Ok(uid) = <&ruma::UserId>::try_from(user.as_str()) else {
             return Err(Error::invalid_param(format!("Invalid user ID {user}")));
-        }
+        };
         if !is_local(state, user) {
-            // Federation is not there yet: messages to remote devices cannot be delivered.
-            tracing::debug!(user, "to-device message for a remote user dropped (no federation)");
+            if devices.values().any(|c| !c.is_object()) {
+                return Err(bad("to-device message content must be an object"));
+            }
+            if state.federation.enabled && state.federation.is_allowed(uid.server_name()) {
+                remote
+                    .entry(uid.server_name().to_string())
+                    .or_default()
+                    .insert(user.clone(), Value::Object(devices.clone()));
+            }
             continue;
         }
         for (device, content) in devices {
@@ -683,7 +694,19 @@ pub async fn send_to_device(
         }
     }
     let pos = storage::e2ee::insert_to_device(&mut tx, sender, event_type, &rows).await?;
+    // Queued in the same transaction as the transaction ID: a retried request sends nothing twice.
+    for (server, messages) in &remote {
+        let edu = json!({ "edu_type": "m.direct_to_device", "content": {
+            "sender": sender,
+            "type": event_type,
+            "message_id": format!("{sender_device}-{txn_id}"),
+            "messages": messages,
+        }});
+        storage::remote::enqueue_edu(&mut *tx, std::slice::from_ref(server), &edu).await?;
+    }
     tx.commit().await?;
+    let servers: Vec<String> = remote.into_keys().collect();
+    state.federation.sender.wake_all(&servers);
     crate::appservice::sender::to_device_sent(state, sender, event_type, &rows);
     if pos > 0 {
         crate::cluster::advance(state, &state.to_device_stream, pos);
@@ -737,4 +760,60 @@ pub async fn co_members(state: &AppState, user: &str) -> ApiResult<HashSet<Strin
         out.extend(crate::sync::cache::RoomEntry::members_of(&e.state, "join").map(str::to_owned));
     }
     Ok(out)
+}
+
+/// To-device messages from a user of another server (an `m.direct_to_device` EDU) for local
+/// users' devices (`*`: all of them). Messages for users of other servers are ignored.
+pub async fn receive_to_device(
+    state: &AppState,
+    sender: &str,
+    event_type: &str,
+    messages: &serde_json::Map<String, Value>,
+) -> ApiResult<()> {
+    let mut rows: Vec<(String, String, Value)> = Vec::new();
+    let mut tx = state.db.begin().await?;
+    for (user, devices) in messages.iter().take(1000) {
+        if !is_local(state, user) {
+            continue;
+        }
+        let Some(devices) = devices.as_object() else { continue };
+        for (device, content) in devices.iter().take(1000) {
+            if !content.is_object() {
+                continue;
+            }
+            if device == "*" {
+                for d in storage::e2ee::device_ids(&mut *tx, user).await? {
+                    rows.push((user.clone(), d, content.clone()));
+                }
+            } else {
+                rows.push((user.clone(), device.clone(), content.clone()));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let pos = storage::e2ee::insert_to_device(&mut tx, sender, event_type, &rows).await?;
+    tx.commit().await?;
+    if pos > 0 {
+        crate::cluster::advance(state, &state.to_device_stream, pos);
+        let users: HashSet<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+        for u in users {
+            state.sync.to_device_heads.raise(&u.to_owned(), pos);
+            state.sync.wake_user(u);
+        }
+    }
+    Ok(())
+}
+
+/// A remote user's devices changed (an `m.device_list_update` EDU): local users sharing a room
+/// with them see the user in their sync's `device_lists.changed` and query the keys again.
+pub async fn remote_devices_changed(state: &AppState, user: &str) -> ApiResult<()> {
+    let mut tx = state.db.begin().await?;
+    let pos = record_device_list_change(&mut tx, user).await?;
+    tx.commit().await?;
+    state.sync.device_list_heads.raise(&user.to_owned(), pos);
+    crate::cluster::advance(state, &state.device_list_stream, pos);
+    device_list_woken(state, user);
+    Ok(())
 }

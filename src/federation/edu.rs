@@ -4,8 +4,10 @@
 //! federation outbox like events; incoming ones are accepted only for users of the sending
 //! server who are joined to the room, in rooms the server's ACL lets it into.
 //!
-//! Not handled yet (dropped with a debug log): presence, device list and signing key updates,
-//! to-device messages.
+//! To-device messages (`m.direct_to_device`) are delivered to local devices; a device list or
+//! signing key update of a remote user marks that user's keys as changed for the local users who
+//! share a room with them (their clients then query the keys again, which reaches the user's
+//! server). Not handled yet (dropped with a debug log): presence.
 
 use std::time::Duration;
 
@@ -27,6 +29,8 @@ pub async fn receive(state: &AppState, origin: &ServerName, edu: &Value) -> ApiR
     match edu.get("edu_type").and_then(Value::as_str) {
         Some("m.typing") => typing_in(state, origin, &content).await,
         Some("m.receipt") => receipts_in(state, origin, &content).await,
+        Some("m.direct_to_device") => to_device_in(state, origin, &content).await,
+        Some("m.device_list_update") | Some("m.signing_key_update") => device_list_in(state, origin, &content).await,
         Some(other) => {
             tracing::debug!(%origin, edu_type = other, "EDU type not handled yet");
             Ok(())
@@ -142,4 +146,62 @@ pub async fn receipt_out(state: &AppState, room: &Room, user: &str, event_id: &s
     }
     let content = json!({ room.room_id.as_str(): { "m.read": { user: { "event_ids": [event_id], "data": data } } } });
     send(state, room, json!({ "edu_type": "m.receipt", "content": content })).await;
+}
+
+async fn to_device_in(state: &AppState, origin: &ServerName, c: &Value) -> ApiResult<()> {
+    let (Some(sender), Some(kind), Some(messages)) =
+        (c["sender"].as_str(), c["type"].as_str(), c["messages"].as_object())
+    else {
+        return Err(Error::bad_json("m.direct_to_device needs sender, type and messages"));
+    };
+    let from_origin = <&UserId>::try_from(sender).is_ok_and(|u| u.server_name() == origin);
+    if !from_origin || kind.len() > 255 {
+        return Err(Error::forbidden("to-device sender is not a user of the origin"));
+    }
+    crate::e2ee::receive_to_device(state, sender, kind, messages).await
+}
+
+async fn device_list_in(state: &AppState, origin: &ServerName, c: &Value) -> ApiResult<()> {
+    let Some(user) = c["user_id"].as_str() else { return Err(Error::bad_json("device list update without user_id")) };
+    if !<&UserId>::try_from(user).is_ok_and(|u| u.server_name() == origin) {
+        return Err(Error::forbidden("device list update for a user of another server"));
+    }
+    // Only users someone here shares a room with matter.
+    if storage::remote::shares_room_with_local(&state.db, user, &state.config.server_name).await? {
+        crate::e2ee::remote_devices_changed(state, user).await?;
+    }
+    Ok(())
+}
+
+/// A local user's devices or keys changed: the servers of the rooms they are in hear of it
+/// (`m.device_list_update` with the user's current stream position; receivers query the
+/// devices again). Sent after the change committed: a crash in between loses the update (the
+/// next change repairs it).
+pub async fn device_list_out(state: &AppState, user: &str, stream_id: i64) {
+    if !state.federation.enabled {
+        return;
+    }
+    let servers = match storage::remote::servers_sharing_rooms(&state.db, user, &state.config.server_name).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(user, error = %e, "finding the servers of a user's rooms failed");
+            return;
+        }
+    };
+    let servers: Vec<String> = servers.into_iter().filter(|s| state.federation.is_allowed_name(s)).collect();
+    if servers.is_empty() {
+        return;
+    }
+    // One update is enough: it names no previous update, which makes the receiver fetch the
+    // user's devices again (`user/devices`).
+    let device =
+        storage::e2ee::device_ids(&state.db, user).await.ok().and_then(|d| d.into_iter().next()).unwrap_or_default();
+    let edu = json!({ "edu_type": "m.device_list_update", "content": {
+        "user_id": user, "device_id": device, "stream_id": stream_id, "prev_id": [],
+    }});
+    if let Err(e) = storage::remote::enqueue_edu(&state.db, &servers, &edu).await {
+        tracing::warn!(user, error = %e, "queueing a device list update failed");
+        return;
+    }
+    state.federation.sender.wake_all(&servers);
 }

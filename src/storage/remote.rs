@@ -502,3 +502,31 @@ pub async fn invite_room_state(db: impl PgExecutor<'_>, room_nid: i64, user_id: 
     .await?
     .flatten())
 }
+
+/// Whether a local user (of `own`) shares a joined room with `user`.
+pub async fn shares_room_with_local(db: impl PgExecutor<'_>, user: &str, own: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (
+             SELECT 1 FROM room_memberships a JOIN room_memberships b ON b.room_nid = a.room_nid
+             WHERE a.user_id = $1 AND a.membership = 'join' AND b.membership = 'join'
+               AND substring(b.user_id from position(':' in b.user_id) + 1) = $2)",
+    )
+    .bind(user)
+    .bind(own)
+    .fetch_one(db)
+    .await
+}
+
+/// The other servers with a joined member in a room `user` is joined to.
+pub async fn servers_sharing_rooms(db: impl PgExecutor<'_>, user: &str, own: &str) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT substring(b.user_id from position(':' in b.user_id) + 1)
+         FROM room_memberships a JOIN room_memberships b ON b.room_nid = a.room_nid
+         WHERE a.user_id = $1 AND a.membership = 'join' AND b.membership = 'join'
+         EXCEPT SELECT $2",
+    )
+    .bind(user)
+    .bind(own)
+    .fetch_all(db)
+    .await
+}

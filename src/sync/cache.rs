@@ -612,8 +612,10 @@ async fn load_room(state: &AppState, room: &Room) -> ApiResult<RoomEntry> {
     let mut rows = storage::events::latest_in_range(&state.db, room.nid, 0, i64::MAX, TIMELINE_CAP as i64).await?;
     rows.reverse();
     let mut entry = RoomEntry::empty(room.clone());
-    if rows.len() == TIMELINE_CAP
-        && let Some(first) = rows.first()
+    // Capped, or a room joined over federation (its first local event, the join, has the state
+    // the resident server gave before it): the state before the first event comes first.
+    if let Some(first) = rows.first()
+        && (rows.len() == TIMELINE_CAP || first.state_before.is_some())
     {
         entry.complete_from = first.stream_ordering - 1;
         if let Some(group) = first.state_before {

@@ -273,6 +273,56 @@ async fn two_parvis_servers_share_a_room() {
     .await;
     let _ = invite;
 
+    // --- To-device messages across servers, and device list changes.
+    let (st, v) = b
+        .put(
+            "/_matrix/client/v3/sendToDevice/m.test.ping/td1",
+            Some(&bob.token),
+            json!({ "messages": { alice.user_id.clone(): { alice.device_id.clone(): { "n": 1 } } } }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    eventually("bob's to-device message on A", || async {
+        let s = initial_sync(&a, &alice.token).await;
+        s["to_device"]["events"]
+            .as_array()
+            .is_some_and(|e| {
+                e.iter().any(|e| {
+                    e["type"] == "m.test.ping" && e["sender"] == bob.user_id.as_str() && e["content"]["n"] == 1
+                })
+            })
+            .then_some(())
+    })
+    .await;
+    let since = initial_sync(&b, &bob.token).await["next_batch"].as_str().unwrap().to_owned();
+    let (st, v) = a
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            Some(&alice.token),
+            json!({ "device_keys": {
+                "user_id": alice.user_id, "device_id": alice.device_id,
+                "algorithms": ["m.olm.v1.curve25519-aes-sha2"],
+                "keys": { format!("curve25519:{}", alice.device_id): "c2lnbmVk", format!("ed25519:{}", alice.device_id): "c2lnbmVk" },
+                "signatures": {}
+            } }),
+        )
+        .await;
+    assert!(st == StatusCode::OK || st == StatusCode::BAD_REQUEST, "{v}");
+    let (st, v) = a
+        .put(
+            &format!("/_matrix/client/v3/devices/{}", enc(&alice.device_id)),
+            Some(&alice.token),
+            json!({ "display_name": "Mairie PC" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    eventually("alice's device list change on B", || async {
+        let (_, s) =
+            b.get(&format!("/_matrix/client/v3/sync?timeout=1000&since={}", enc(&since)), Some(&bob.token)).await;
+        s["device_lists"]["changed"].as_array().is_some_and(|c| c.contains(&json!(alice.user_id))).then_some(())
+    })
+    .await;
+
     // --- Kick and ban; a banned user cannot rejoin.
     let (st, _) = a
         .post(
