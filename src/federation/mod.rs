@@ -6,7 +6,9 @@
 pub mod auth;
 pub mod client;
 pub mod discovery;
+pub mod e2ee;
 pub mod keys;
+pub mod media;
 pub mod names;
 pub mod tls;
 
