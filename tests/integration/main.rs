@@ -17,6 +17,7 @@ mod element;
 mod ephemeral;
 mod errors_limits;
 mod federation_keys;
+mod federation_media_keys;
 mod filters;
 mod hardening_accounts;
 mod hardening_input;
