@@ -568,3 +568,234 @@ async fn remote_media_redirects_limits_and_single_flight() {
     assert_eq!(row.upload_name.as_deref(), Some("vieux.txt"));
     b.server.stop().await;
 }
+
+/// A client request to Synapse: status and JSON body.
+async fn syn(http: &reqwest::Client, base: &str, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    let mut rb = http.request(method, format!("{base}{path}"));
+    if let Some(t) = token {
+        rb = rb.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        rb = rb.json(&b);
+    }
+    let r = rb.send().await.expect("request to Synapse sent");
+    let st = r.status();
+    (st, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Remote media and E2EE keys between Parvis and a real Synapse, both ways, over TLS with the
+/// test CA. Skipped (with a message) when no Synapse is installed.
+#[tokio::test]
+async fn synapse_remote_media_and_keys() {
+    let Some(python) = synapse_python() else {
+        eprintln!(
+            "skipped: no Synapse. Install it with `python3 -m venv ~/.cache/parvis-bench/synapse-venv && \
+             ~/.cache/parvis-bench/synapse-venv/bin/pip install matrix-synapse` (or set PARVIS_TEST_SYNAPSE_PYTHON)"
+        );
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new(dir.path(), "ca");
+    let http = https_client(&ca);
+    let p = start(dir.path(), "parvis", &ca, |_| {}).await;
+
+    let port = free_port();
+    let synapse_name = format!("127.0.0.1:{port}");
+    let base = format!("https://{synapse_name}");
+    let (cert, key_path) = ca.issue(dir.path(), "synapse");
+    let d = dir.path().display();
+    let config = format!(
+        r#"server_name: "{synapse_name}"
+pid_file: "{d}/synapse.pid"
+report_stats: false
+listeners:
+  - port: {port}
+    bind_addresses: ["127.0.0.1"]
+    type: http
+    tls: true
+    resources:
+      - names: [client, federation, media]
+tls_certificate_path: "{cert}"
+tls_private_key_path: "{key}"
+database:
+  name: sqlite3
+  args:
+    database: "{d}/synapse.db"
+media_store_path: "{d}/media"
+signing_key_path: "{d}/synapse.signing.key"
+trusted_key_servers: []
+suppress_key_server_warning: true
+federation_custom_ca_list: ["{ca}"]
+# Synapse blocks IP-literal server names in its blocklist whatever the allowlist says: empty it.
+ip_range_blacklist: []
+ip_range_whitelist: ["127.0.0.0/8"]
+enable_registration: true
+enable_registration_without_verification: true
+rc_federation: {{window_size: 1000, sleep_limit: 1000, sleep_delay: 1, reject_limit: 1000, concurrent: 100}}
+rc_registration: {{per_second: 100, burst_count: 100}}
+rc_login: {{address: {{per_second: 100, burst_count: 100}}, account: {{per_second: 100, burst_count: 100}}}}
+"#,
+        cert = cert.display(),
+        key = key_path.display(),
+        ca = ca.pem.display(),
+    );
+    let config_path = dir.path().join("homeserver.yaml");
+    std::fs::write(&config_path, config).unwrap();
+    let status = tokio::process::Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(&config_path)
+        .arg("--generate-keys")
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success(), "synapse --generate-keys failed");
+    let log = std::fs::File::create(dir.path().join("synapse.log")).unwrap();
+    let mut synapse = tokio::process::Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "-c"])
+        .arg(&config_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let synapse_log = || std::fs::read_to_string(dir.path().join("synapse.log")).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while http.get(format!("{base}/_matrix/federation/v1/version")).send().await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "Synapse did not start:\n{}", synapse_log());
+        assert!(synapse.try_wait().unwrap().is_none(), "Synapse exited:\n{}", synapse_log());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // sam on Synapse (dummy-auth registration).
+    let reg = json!({ "username": "sam", "password": "mot de passe de sam", "auth": { "type": "m.login.dummy" } });
+    let (st, v) = syn(&http, &base, Method::POST, "/_matrix/client/v3/register", None, Some(reg)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let sam = User {
+        user_id: v["user_id"].as_str().unwrap().to_owned(),
+        token: v["access_token"].as_str().unwrap().to_owned(),
+        device_id: v["device_id"].as_str().unwrap().to_owned(),
+    };
+    let alice = p.server.register("alice", false).await;
+
+    // ---- media, Synapse → Parvis: sam uploads, alice downloads through Parvis.
+    let png = picture(80, 60, ImageFormat::Png);
+    let r = http
+        .post(format!("{base}/_matrix/media/v3/upload?filename=carte.png"))
+        .bearer_auth(&sam.token)
+        .header("content-type", "image/png")
+        .body(png.clone())
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let sam_media = v["content_uri"].as_str().unwrap_or_else(|| panic!("{v}")).rsplit('/').next().unwrap().to_owned();
+    let (st, ct, got) = get(&p.server, &alice.token, &download_path(&synapse_name, &sam_media)).await;
+    assert_eq!(st, StatusCode::OK, "{}\n{}", String::from_utf8_lossy(&got), synapse_log());
+    assert_eq!((ct.as_str(), got.as_ref()), ("image/png", png.as_slice()));
+    let tpath = format!("/_matrix/client/v1/media/thumbnail/{}/{sam_media}?width=32&height=32", enc(&synapse_name));
+    let (st, ct, _) = get(&p.server, &alice.token, &tpath).await;
+    assert_eq!((st, ct.as_str()), (StatusCode::OK, "image/png"));
+    assert_matrix(&get(&p.server, &alice.token, &download_path(&synapse_name, "inconnu")).await, 404, "M_NOT_FOUND");
+
+    // ---- media, Parvis → Synapse: alice uploads, sam downloads (and a thumbnail) through Synapse.
+    let text = b"Ordre du jour: budget participatif".to_vec();
+    let (_, v) = upload(&p.server, Some(&alice.token), "text/plain", Some("odj.txt"), text.clone()).await;
+    let alice_text = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let (_, v) = upload(&p.server, Some(&alice.token), "image/png", None, png.clone()).await;
+    let alice_png = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let r = http
+        .get(format!("{base}{}", download_path(p.name.as_str(), &alice_text)))
+        .bearer_auth(&sam.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", synapse_log());
+    assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert_eq!(r.bytes().await.unwrap().as_ref(), text.as_slice());
+    let r = http
+        .get(format!(
+            "{base}/_matrix/client/v1/media/thumbnail/{}/{alice_png}?width=32&height=32&method=scale",
+            enc(p.name.as_str())
+        ))
+        .bearer_auth(&sam.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK, "{}", synapse_log());
+    assert!(image::load_from_memory(&r.bytes().await.unwrap()).is_ok());
+
+    // ---- keys, both ways.
+    let (kd, km, kss) = (key(70), key(71), key(72));
+    let sam_dk = device_keys(&sam, &kd);
+    let otks = json!({ "signed_curve25519:AAAAAQ": one_time_key(&sam, &kd, 1) });
+    let (st, v) = syn(
+        &http,
+        &base,
+        Method::POST,
+        "/_matrix/client/v3/keys/upload",
+        Some(&sam.token),
+        Some(json!({ "device_keys": sam_dk, "one_time_keys": otks })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let sam_master = cross_key(&sam, "master", &km);
+    let mut sam_ss = cross_key(&sam, "self_signing", &kss);
+    sign(&mut sam_ss, &sam.user_id, &format!("ed25519:{}", public(&km)), &km);
+    let (st, v) = syn(
+        &http,
+        &base,
+        Method::POST,
+        "/_matrix/client/v3/keys/device_signing/upload",
+        Some(&sam.token),
+        Some(json!({ "master_key": sam_master, "self_signing_key": sam_ss })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (alice_dk, alice_master, _) = upload_all_keys(&p.server, &alice, 80).await;
+
+    // alice (Parvis) queries and claims sam's keys (Synapse serves user/keys/*).
+    let (st, v) = p
+        .server
+        .post("/_matrix/client/v3/keys/query", Some(&alice.token), json!({ "device_keys": { &sam.user_id: [] } }))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["failures"], json!({}), "{v}\n{}", synapse_log());
+    assert_eq!(bare(&v["device_keys"][&sam.user_id][&sam.device_id]), sam_dk, "{v}");
+    assert_eq!(v["master_keys"][&sam.user_id]["keys"], sam_master["keys"], "{v}");
+    assert_eq!(v["self_signing_keys"][&sam.user_id]["keys"], sam_ss["keys"], "{v}");
+    let body = json!({ "one_time_keys": { &sam.user_id: { &sam.device_id: "signed_curve25519" } } });
+    let (st, v) = p.server.post("/_matrix/client/v3/keys/claim", Some(&alice.token), body).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["one_time_keys"][&sam.user_id][&sam.device_id]["signed_curve25519:AAAAAQ"], one_time_key(&sam, &kd, 1), "{v}");
+    let (_, v) = syn(&http, &base, Method::POST, "/_matrix/client/v3/keys/upload", Some(&sam.token), Some(json!({}))).await;
+    assert_eq!(v["one_time_key_counts"]["signed_curve25519"].as_i64().unwrap_or(0), 0, "{v}");
+
+    // sam (Synapse) queries and claims alice's keys (Parvis serves user/keys/*).
+    let (st, v) = syn(
+        &http,
+        &base,
+        Method::POST,
+        "/_matrix/client/v3/keys/query",
+        Some(&sam.token),
+        Some(json!({ "device_keys": { &alice.user_id: [] } })),
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["failures"], json!({}), "{v}\n{}", synapse_log());
+    assert_eq!(bare(&v["device_keys"][&alice.user_id][&alice.device_id]), alice_dk, "{v}");
+    assert_eq!(v["master_keys"][&alice.user_id]["keys"], alice_master["keys"], "{v}");
+    assert!(v["self_signing_keys"][&alice.user_id].is_object(), "{v}");
+    let body = json!({ "one_time_keys": { &alice.user_id: { &alice.device_id: "signed_curve25519" } } });
+    let (st, v) = syn(&http, &base, Method::POST, "/_matrix/client/v3/keys/claim", Some(&sam.token), Some(body)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["one_time_keys"][&alice.user_id][&alice.device_id]["signed_curve25519:AAAAAQ"],
+        one_time_key(&alice, &key(80), 1),
+        "{v}\n{}",
+        synapse_log()
+    );
+    assert_eq!(otk_count(&p.server, &alice).await, 1);
+
+    synapse.kill().await.ok();
+    p.server.stop().await;
+}
