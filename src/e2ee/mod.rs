@@ -319,8 +319,7 @@ pub async fn local_keys(
 /// `POST /keys/query`: device and cross-signing keys of the requested users; those of other
 /// servers asked of them (`federation::e2ee`), servers that fail listed in `failures`.
 pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiResult<Value> {
-    let (local, remote): (Wanted, Wanted) =
-        parse_query(body)?.into_iter().partition(|(u, _)| is_local(state, u));
+    let (local, remote): (Wanted, Wanted) = parse_query(body)?.into_iter().partition(|(u, _)| is_local(state, u));
     let timeout = crate::federation::e2ee::request_timeout(body)?;
     let (mine, theirs) = tokio::join!(
         local_keys(state, Some(requester), &local, true),

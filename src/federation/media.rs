@@ -114,7 +114,8 @@ pub fn parse_multipart(content_type: &str, body: &Bytes) -> Result<(Value, Media
     };
     let start = after_line(first + delimiter.len())?;
     let (meta_headers, meta, next) = part(body, start, delimiter)?;
-    if meta_headers.iter().any(|(k, v)| k == "content-type" && !v.to_ascii_lowercase().starts_with("application/json")) {
+    if meta_headers.iter().any(|(k, v)| k == "content-type" && !v.to_ascii_lowercase().starts_with("application/json"))
+    {
         return Err("the first part is not JSON".into());
     }
     let meta: Value = serde_json::from_slice(&meta).map_err(|e| format!("metadata part: {e}"))?;
@@ -189,9 +190,7 @@ pub struct Fetched {
 /// media): 404 or 405 `M_UNRECOGNIZED`, or a 404 without a Matrix error body.
 fn unrecognized(e: &FedError) -> bool {
     match e {
-        FedError::Status { status: 404 | 405, body } => {
-            body.get("errcode").is_none_or(|c| c == "M_UNRECOGNIZED")
-        }
+        FedError::Status { status: 404 | 405, body } => body.get("errcode").is_none_or(|c| c == "M_UNRECOGNIZED"),
         _ => false,
     }
 }

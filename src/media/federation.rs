@@ -39,8 +39,7 @@ pub async fn download(state: &AppState, media_id: &str, timeout_ms: Option<u64>)
     };
     let content_type = row.content_type.clone().unwrap_or_else(|| "application/octet-stream".into());
     let disposition = crate::api::client::media::disposition(&content_type, row.upload_name.as_deref());
-    let (ct, head, tail) =
-        multipart_frame(&[("Content-Type", &content_type), ("Content-Disposition", &disposition)]);
+    let (ct, head, tail) = multipart_frame(&[("Content-Type", &content_type), ("Content-Disposition", &disposition)]);
     let length = head.len() as u64 + row.size.unwrap_or(0).max(0) as u64 + tail.len() as u64;
     let body = futures_util::stream::iter([Ok(head)]).chain(stream).chain(futures_util::stream::iter([Ok(tail)]));
     Ok(multipart(ct, length, Body::from_stream(body)))

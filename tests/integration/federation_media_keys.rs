@@ -169,8 +169,9 @@ async fn upload_all_keys(s: &TestServer, u: &User, seed: u8) -> (Value, Value, V
         "signed_curve25519:AAAAAQ": one_time_key(u, &kd, 1),
         "signed_curve25519:AAAAAg": one_time_key(u, &kd, 2),
     });
-    let (st, v) =
-        s.post("/_matrix/client/v3/keys/upload", Some(&u.token), json!({ "device_keys": dk, "one_time_keys": otks })).await;
+    let (st, v) = s
+        .post("/_matrix/client/v3/keys/upload", Some(&u.token), json!({ "device_keys": dk, "one_time_keys": otks }))
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["one_time_key_counts"]["signed_curve25519"], 2);
     let master = cross_key(u, "master", &km);
@@ -334,8 +335,15 @@ async fn remote_media_and_keys_between_parvis_servers() {
     assert_eq!(d["self_signing_key"], ss);
     // Users of other servers, invalid IDs: 400, never a 500.
     for user in [bob.user_id.as_str(), "pas-un-id", "@x:"] {
-        let r = fed_send(&http, Some(&sb), &a.name, Method::GET, &format!("/_matrix/federation/v1/user/devices/{}", enc(user)), None)
-            .await;
+        let r = fed_send(
+            &http,
+            Some(&sb),
+            &a.name,
+            Method::GET,
+            &format!("/_matrix/federation/v1/user/devices/{}", enc(user)),
+            None,
+        )
+        .await;
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{user}");
         assert_eq!(r.json::<Value>().await.unwrap()["errcode"], "M_INVALID_PARAM");
     }
@@ -356,8 +364,7 @@ async fn remote_media_and_keys_between_parvis_servers() {
         assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{uri} {body}");
         assert_eq!(r.json::<Value>().await.unwrap()["errcode"], code, "{uri} {body}");
     }
-    let many: serde_json::Map<String, Value> =
-        (0..5001).map(|i| (format!("@u{i}:{}", a.name), json!([]))).collect();
+    let many: serde_json::Map<String, Value> = (0..5001).map(|i| (format!("@u{i}:{}", a.name), json!([]))).collect();
     let r = fed_send(&http, Some(&sb), &a.name, Method::POST, kq, Some(&json!({ "device_keys": many }))).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let r = fed_send(&http, None, &a.name, Method::POST, kq, Some(&json!({ "device_keys": {} }))).await;
@@ -399,7 +406,10 @@ async fn remote_media_and_keys_between_parvis_servers() {
     assert_eq!(st, StatusCode::OK);
     let q = json!({ "device_keys": { &dan.user_id: [] } });
     let (_, v) = b.server.post("/_matrix/client/v3/keys/query", Some(&bob.token), q).await;
-    assert_eq!(v["device_keys"][&dan.user_id][&dan.device_id]["unsigned"]["device_display_name"], "Tablette de Dan", "{v}");
+    assert_eq!(
+        v["device_keys"][&dan.user_id][&dan.device_id]["unsigned"]["device_display_name"], "Tablette de Dan",
+        "{v}"
+    );
 
     // ---- a stopped server is reported in failures; the others still answer.
     let c_name = c.name.clone();
@@ -472,12 +482,13 @@ async fn fake_download(
         "redirect-private" => multipart(&[("Location", "https://10.0.0.1/cdn/blob")], b""),
         "redirect-plain" => multipart(&[("Location", &format!("http://{}/cdn/blob", f.name))], b""),
         "broken" => ([("content-type", "multipart/mixed; boundary=x")], "--x\r\nnonsense").into_response(),
-        "pending" => (
-            StatusCode::GATEWAY_TIMEOUT,
-            axum::Json(json!({"errcode": "M_NOT_YET_UPLOADED", "error": "not yet"})),
-        )
-            .into_response(),
-        "old" => (StatusCode::NOT_FOUND, axum::Json(json!({"errcode": "M_UNRECOGNIZED", "error": "?"}))).into_response(),
+        "pending" => {
+            (StatusCode::GATEWAY_TIMEOUT, axum::Json(json!({"errcode": "M_NOT_YET_UPLOADED", "error": "not yet"})))
+                .into_response()
+        }
+        "old" => {
+            (StatusCode::NOT_FOUND, axum::Json(json!({"errcode": "M_UNRECOGNIZED", "error": "?"}))).into_response()
+        }
         _ => (StatusCode::NOT_FOUND, axum::Json(json!({"errcode": "M_NOT_FOUND", "error": "no"}))).into_response(),
     }
 }
@@ -505,7 +516,10 @@ async fn fake_server(dir: &Path, ca: &Ca) -> Fake {
             "/_matrix/media/v3/download/{server}/{id}",
             axum::routing::get(|axum::extract::Path((_, id)): axum::extract::Path<(String, String)>| async move {
                 if id == "old" {
-                    ([("content-type", "text/plain"), ("content-disposition", "inline; filename=\"vieux.txt\"")], "ancien")
+                    (
+                        [("content-type", "text/plain"), ("content-disposition", "inline; filename=\"vieux.txt\"")],
+                        "ancien",
+                    )
                         .into_response()
                 } else {
                     StatusCode::NOT_FOUND.into_response()
@@ -570,7 +584,14 @@ async fn remote_media_redirects_limits_and_single_flight() {
 }
 
 /// A client request to Synapse: status and JSON body.
-async fn syn(http: &reqwest::Client, base: &str, method: Method, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+async fn syn(
+    http: &reqwest::Client,
+    base: &str,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
     let mut rb = http.request(method, format!("{base}{path}"));
     if let Some(t) = token {
         rb = rb.bearer_auth(t);
@@ -766,8 +787,13 @@ rc_login: {{address: {{per_second: 100, burst_count: 100}}, account: {{per_secon
     let body = json!({ "one_time_keys": { &sam.user_id: { &sam.device_id: "signed_curve25519" } } });
     let (st, v) = p.server.post("/_matrix/client/v3/keys/claim", Some(&alice.token), body).await;
     assert_eq!(st, StatusCode::OK, "{v}");
-    assert_eq!(v["one_time_keys"][&sam.user_id][&sam.device_id]["signed_curve25519:AAAAAQ"], one_time_key(&sam, &kd, 1), "{v}");
-    let (_, v) = syn(&http, &base, Method::POST, "/_matrix/client/v3/keys/upload", Some(&sam.token), Some(json!({}))).await;
+    assert_eq!(
+        v["one_time_keys"][&sam.user_id][&sam.device_id]["signed_curve25519:AAAAAQ"],
+        one_time_key(&sam, &kd, 1),
+        "{v}"
+    );
+    let (_, v) =
+        syn(&http, &base, Method::POST, "/_matrix/client/v3/keys/upload", Some(&sam.token), Some(json!({}))).await;
     assert_eq!(v["one_time_key_counts"]["signed_curve25519"].as_i64().unwrap_or(0), 0, "{v}");
 
     // sam (Synapse) queries and claims alice's keys (Parvis serves user/keys/*).
