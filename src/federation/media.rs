@@ -70,8 +70,12 @@ fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
     hay[from..].windows(needle.len()).position(|w| w == needle).map(|p| p + from)
 }
 
-/// One part (starting right after its delimiter line): its headers (lower-case names) and body.
-fn part(body: &Bytes, start: usize, delimiter: &[u8]) -> Result<(Vec<(String, String)>, Bytes, usize), String> {
+/// A part's headers, names in lower case.
+type PartHeaders = Vec<(String, String)>;
+
+/// One part (starting right after its delimiter line): its headers, its body and where the
+/// next delimiter line ends.
+fn part(body: &Bytes, start: usize, delimiter: &[u8]) -> Result<(PartHeaders, Bytes, usize), String> {
     let headers_end = if body[start..].starts_with(b"\r\n") {
         start // no headers at all
     } else {
