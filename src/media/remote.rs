@@ -1,7 +1,8 @@
 //! Remote media (`mxc://other.server/...`): fetched over federation
 //! (`federation::media::download`), checked against the limits, then cached locally, where
 //! later requests find it (even when its server is gone) and `purge_media_cache` can evict it.
-//! Concurrent requests for the same media share one fetch.
+//! Concurrent requests for the same media share one fetch; at most 8 fetches run at once (each
+//! holds its content in memory until it is stored).
 //!
 //! Thumbnails of remote media are made here from the cached original (as for local media), so
 //! a thumbnail request fetches the whole content once.
@@ -23,9 +24,21 @@ use crate::storage::{self, now_ms};
 
 type SharedFetch = Shared<BoxFuture<'static, Result<Option<MediaRow>, Arc<Error>>>>;
 
-/// Fetches under way, by `(server_name, media_id)`.
-#[derive(Default)]
-pub struct InFlight(std::sync::Mutex<HashMap<(String, String), SharedFetch>>);
+/// Remote media fetched at once (each is held in memory, up to `media.max_upload_bytes`, until
+/// it is stored); further fetches wait for a turn.
+const MAX_CONCURRENT_FETCHES: usize = 8;
+
+/// Fetches under way, by `(server_name, media_id)`, and the turns to fetch.
+pub struct InFlight {
+    fetches: std::sync::Mutex<HashMap<(String, String), SharedFetch>>,
+    turns: tokio::sync::Semaphore,
+}
+
+impl Default for InFlight {
+    fn default() -> Self {
+        Self { fetches: Default::default(), turns: tokio::sync::Semaphore::new(MAX_CONCURRENT_FETCHES) }
+    }
+}
 
 fn copy(e: &Error) -> Error {
     Error { status: e.status, errcode: e.errcode, message: e.message.clone(), extra: e.extra.clone() }
@@ -46,15 +59,18 @@ pub async fn fetch(
     let wait_ms = timeout_ms.unwrap_or(DEFAULT_WAIT_MS).min(MAX_WAIT_MS);
     let key = (server_name.to_owned(), media_id.to_owned());
     let shared = {
-        let mut map = state.media.remote_fetches.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = state.media.remote_fetches.fetches.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(key.clone())
             .or_insert_with(|| {
                 // A task of its own: the fetch completes (and is cached) even if the requests
                 // waiting for it go away.
                 let st = state.clone();
                 let task = tokio::spawn(async move {
-                    let r = download_and_cache(&st, &key.0, &key.1, wait_ms).await.map_err(Arc::new);
-                    st.media.remote_fetches.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
+                    let r = match st.media.remote_fetches.turns.acquire().await {
+                        Ok(_turn) => download_and_cache(&st, &key.0, &key.1, wait_ms).await.map_err(Arc::new),
+                        Err(_) => Err(Arc::new(Error::internal())),
+                    };
+                    st.media.remote_fetches.fetches.lock().unwrap_or_else(|e| e.into_inner()).remove(&key);
                     r
                 });
                 async move { task.await.unwrap_or_else(|_| Err(Arc::new(Error::internal()))) }.boxed().shared()

@@ -436,6 +436,32 @@ async fn remote_media_and_keys_between_parvis_servers() {
     assert_eq!(failures.len(), 101, "{v}");
     assert_eq!(failures.values().filter(|f| f["status"] == 400).count(), 1, "{v}");
 
+    // ---- measured (printed, not asserted): an 8 MiB file fetched over federation, then from
+    // B's cache; remote keys/query round trips.
+    let big: Vec<u8> = (0..8 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let (_, v) = upload(&a.server, Some(&alice.token), "application/octet-stream", None, big.clone()).await;
+    let big_id = v["content_uri"].as_str().unwrap().rsplit('/').next().unwrap().to_owned();
+    let t = std::time::Instant::now();
+    let (st, _, got) = get(&b.server, &bob.token, &download_path(a.name.as_str(), &big_id)).await;
+    let remote = t.elapsed();
+    assert_eq!((st, got.len()), (StatusCode::OK, big.len()));
+    assert!(got.as_ref() == big.as_slice());
+    let t = std::time::Instant::now();
+    let (st, _, got) = get(&b.server, &bob.token, &download_path(a.name.as_str(), &big_id)).await;
+    let cached = t.elapsed();
+    assert_eq!((st, got.len()), (StatusCode::OK, big.len()));
+    let t = std::time::Instant::now();
+    for _ in 0..20 {
+        let q = json!({ "device_keys": { &alice.user_id: [] } });
+        let (st, v) = b.server.post("/_matrix/client/v3/keys/query", Some(&bob.token), q).await;
+        assert_eq!((st, &v["failures"]), (StatusCode::OK, &json!({})));
+    }
+    let per_query = t.elapsed() / 20;
+    eprintln!(
+        "measured: 8 MiB remote media: first download (federation fetch + cache) {remote:?}, cached {cached:?}; \
+         remote keys/query {per_query:?} per request (debug build, loopback TLS)"
+    );
+
     // ---- A stops: B still serves the cached media and its thumbnail.
     let a_name = a.name.clone();
     a.server.stop().await;
