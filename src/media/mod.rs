@@ -377,7 +377,8 @@ pub async fn find(state: &AppState, server_name: &str, media_id: &str, how: &Fet
     let row = match storage::media::get(&state.db, server_name, media_id).await? {
         Some(r) => r,
         None if server_name != state.config.server_name => {
-            if !how.allow_remote {
+            // Remote media fetched now is new media: the legacy endpoints would not serve it.
+            if !how.allow_remote || (how.legacy && !state.config.media.legacy_serve_new_media) {
                 return Err(not_found());
             }
             remote::fetch(state, server_name, media_id, how.timeout_ms).await?.ok_or_else(not_found)?

@@ -582,6 +582,10 @@ async fn remote_media_redirects_limits_and_single_flight() {
     assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
     assert_eq!(get(&b.server, &bob.token, &path("direct")).await.0, StatusCode::OK);
     assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
+    // The frozen legacy endpoints do not fetch remote media (it would be new media).
+    let legacy = format!("{}/_matrix/media/v3/download/{}/autre", b.server.base, enc(&fake.name));
+    assert_eq!(b.server.http.get(legacy).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert_eq!(fake.hits.load(Ordering::SeqCst), 1);
 
     // A Location to a plain HTTPS URL, fetched through the guard.
     let (st, ct, got) = get(&b.server, &bob.token, &path("redirect")).await;
