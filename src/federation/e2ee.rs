@@ -214,3 +214,58 @@ pub async fn claim_remote(
     }
     (out, failures)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn remote_answers_keep_only_what_was_asked() {
+        let wanted: Wanted =
+            vec![("@a:b.example".into(), None), ("@c:b.example".into(), Some(HashSet::from(["ONLY".to_owned()])))];
+        let dev = |u: &str, d: &str| json!({ "user_id": u, "device_id": d, "keys": {} });
+        let resp = json!({
+            "device_keys": {
+                "@a:b.example": { "D1": dev("@a:b.example", "D1"), "D2": dev("@z:b.example", "D2"), "D3": dev("@a:b.example", "X") },
+                "@c:b.example": { "ONLY": dev("@c:b.example", "ONLY"), "OTHER": dev("@c:b.example", "OTHER") },
+                "@intrus:b.example": { "D": dev("@intrus:b.example", "D") },
+            },
+            "master_keys": {
+                "@a:b.example": { "user_id": "@a:b.example", "usage": ["master"], "keys": { "ed25519:k": "k" } },
+                "@c:b.example": { "user_id": "@a:b.example", "usage": ["master"], "keys": { "ed25519:k": "k" } },
+                "@intrus:b.example": { "user_id": "@intrus:b.example", "keys": {} },
+            },
+            "self_signing_keys": "not a map",
+        });
+        let mut out = KeysAnswer::default();
+        accept_query(&wanted, &resp, &mut out);
+        let a: Vec<&String> = out.device_keys["@a:b.example"].as_object().unwrap().keys().collect();
+        assert_eq!(a, ["D1"]);
+        let c: Vec<&String> = out.device_keys["@c:b.example"].as_object().unwrap().keys().collect();
+        assert_eq!(c, ["ONLY"]);
+        assert!(!out.device_keys.contains_key("@intrus:b.example"));
+        assert_eq!(out.master.keys().collect::<Vec<_>>(), ["@a:b.example"]);
+        assert!(out.self_signing.is_empty());
+        // Nonsense answers are ignored, never a panic.
+        for bad in [json!(null), json!([]), json!({"device_keys": []}), json!({"device_keys": {"@a:b.example": 3}})] {
+            accept_query(&wanted, &bad, &mut KeysAnswer::default());
+        }
+    }
+
+    #[test]
+    fn fan_out_bounds_and_timeouts() {
+        let mut failures = Map::new();
+        let mut groups: BTreeMap<String, Vec<u32>> =
+            (1..=MAX_SERVERS + 2).map(|p| (format!("127.0.0.1:{p}"), vec![1])).collect();
+        groups.insert("big.example".into(), vec![0; MAX_USERS_PER_SERVER + 1]);
+        let asked = bounded(groups, &mut failures);
+        assert_eq!(asked.len(), MAX_SERVERS);
+        assert_eq!(failures.len(), 3);
+        assert!(failures.contains_key("big.example"));
+        assert_eq!(request_timeout(&json!({})).unwrap(), Duration::from_secs(10));
+        assert_eq!(request_timeout(&json!({"timeout": 1500})).unwrap(), Duration::from_millis(1500));
+        assert_eq!(request_timeout(&json!({"timeout": u64::MAX})).unwrap(), Duration::from_secs(60));
+        assert!(request_timeout(&json!({"timeout": -1})).is_err());
+        assert!(request_timeout(&json!({"timeout": "10"})).is_err());
+    }
+}
