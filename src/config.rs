@@ -99,6 +99,15 @@ pub struct FederationConfig {
     pub request_timeout_secs: u64,
     /// Largest response body accepted from another server, in bytes.
     pub max_response_bytes: usize,
+    /// Show device display names to other servers (`user/devices`, `user/keys/query`). Off by
+    /// default, as in Synapse (`allow_device_name_lookup_over_federation`): names like "Alice's
+    /// work laptop" leak more than key material needs.
+    pub allow_device_name_lookup: bool,
+    /// Addresses never contacted when another server answers a media download with a `Location`
+    /// redirect (CIDR ranges; every resolved address is checked, redirects included).
+    pub media_redirect_ip_blacklist: Vec<String>,
+    /// Exceptions to `media_redirect_ip_blacklist`.
+    pub media_redirect_ip_whitelist: Vec<String>,
 }
 
 impl Default for FederationConfig {
@@ -114,6 +123,9 @@ impl Default for FederationConfig {
             key_validity_secs: 86_400,
             request_timeout_secs: 30,
             max_response_bytes: 16 * 1024 * 1024,
+            allow_device_name_lookup: false,
+            media_redirect_ip_blacklist: DEFAULT_IP_BLACKLIST.iter().map(|s| (*s).to_owned()).collect(),
+            media_redirect_ip_whitelist: Vec::new(),
         }
     }
 }
@@ -154,6 +166,14 @@ impl Config {
                 if ruma::ServerName::parse(name).is_err() {
                     return Err((key, format!("`{name}` is not a valid server name")));
                 }
+            }
+        }
+        for (key, list) in [
+            ("federation.media_redirect_ip_blacklist", &f.media_redirect_ip_blacklist),
+            ("federation.media_redirect_ip_whitelist", &f.media_redirect_ip_whitelist),
+        ] {
+            for cidr in list {
+                crate::http::ssrf::IpRange::parse(cidr).map_err(|e| (key, e))?;
             }
         }
         if !(60..=7 * 86_400).contains(&f.key_validity_secs) {

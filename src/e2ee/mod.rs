@@ -3,8 +3,8 @@
 //! signatures (`keys/*`), to-device messages, and the device-list stream that tells clients whose
 //! keys to re-fetch. Key backup is in [`backup`].
 //!
-//! Remote users (federation) are answered in `failures` for now; the seams are
-//! [`query_keys`] and [`claim_keys`], which split the request by server.
+//! Keys of remote users are asked of their servers (`federation::e2ee`, from [`query_keys`] and
+//! [`claim_keys`]); other servers ask ours through the `federation_*` functions here.
 
 pub mod backup;
 pub mod dehydrated;
@@ -229,89 +229,176 @@ pub async fn key_counts(
     Ok(c)
 }
 
-/// `POST /keys/query`: device and cross-signing keys of the requested users.
-pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiResult<Value> {
+/// Most users of one `keys/query` or `keys/claim` request from another server.
+pub const MAX_FEDERATION_USERS: usize = 5_000;
+
+/// The user → device list map of a `keys/query` body: `None` for "every device" (an empty list).
+pub type Wanted = Vec<(String, Option<HashSet<String>>)>;
+
+fn parse_query(body: &Value) -> ApiResult<Wanted> {
     let wanted = body["device_keys"].as_object().ok_or_else(|| bad("device_keys must be an object"))?;
-    let mut failures = Map::new();
-    let mut local: Vec<String> = Vec::new();
-    let mut devices_wanted: HashMap<String, Option<HashSet<String>>> = HashMap::new();
+    let mut out = Vec::with_capacity(wanted.len());
     for (user, devices) in wanted {
-        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
-        if server != state.config.server_name {
-            // Federation is not there yet: the remote server is reported unreachable.
-            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
-            continue;
+        if user_server(user).is_none() {
+            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
         }
         let list: Option<HashSet<String>> = match devices.as_array() {
             Some(a) if !a.is_empty() => Some(a.iter().filter_map(|d| d.as_str().map(str::to_owned)).collect()),
             Some(_) | None if devices.is_array() || devices.is_null() => None,
             _ => return Err(bad("device_keys values must be lists of device IDs")),
         };
-        local.push(user.clone());
-        devices_wanted.insert(user.clone(), list);
+        out.push((user.clone(), list));
     }
-    let mut device_keys: Map<String, Value> = Map::new();
+    Ok(out)
+}
+
+/// Keys of local users, as `keys/query` answers them.
+#[derive(Default)]
+pub struct KeysAnswer {
+    pub device_keys: Map<String, Value>,
+    pub master: Map<String, Value>,
+    pub self_signing: Map<String, Value>,
+    pub user_signing: Map<String, Value>,
+}
+
+/// The keys of local users: device keys (with `unsigned.device_display_name` when
+/// `include_names`), master and self-signing keys; for `requester` (a local user; `None` for
+/// another server) also their own user-signing key and the signatures they made on others'
+/// master keys.
+pub async fn local_keys(
+    state: &AppState,
+    requester: Option<&str>,
+    wanted: &Wanted,
+    include_names: bool,
+) -> ApiResult<KeysAnswer> {
+    let local: Vec<String> = wanted.iter().map(|(u, _)| u.clone()).collect();
+    let devices_wanted: HashMap<&str, &Option<HashSet<String>>> = wanted.iter().map(|(u, d)| (u.as_str(), d)).collect();
+    let mut out = KeysAnswer::default();
     for user in &local {
-        device_keys.insert(user.clone(), json!({}));
+        out.device_keys.insert(user.clone(), json!({}));
     }
     for d in storage::e2ee::query_device_keys(&state.db, &local).await? {
-        if let Some(Some(only)) = devices_wanted.get(&d.user_id)
+        if let Some(Some(only)) = devices_wanted.get(d.user_id.as_str())
             && !only.contains(&d.device_id)
         {
             continue;
         }
         let mut keys = d.keys;
-        if let Some(name) = d.display_name {
+        if let Some(name) = d.display_name.filter(|_| include_names) {
             keys["unsigned"] = json!({ "device_display_name": name });
         }
-        device_keys.entry(d.user_id.clone()).or_insert_with(|| json!({}))[&d.device_id] = keys;
+        out.device_keys.entry(d.user_id.clone()).or_insert_with(|| json!({}))[&d.device_id] = keys;
     }
-    let mut master = Map::new();
-    let mut self_signing = Map::new();
-    let mut user_signing = Map::new();
     for (user, kind, key) in storage::e2ee::cross_signing_keys(&state.db, &local).await? {
         match kind.as_str() {
             "master" => {
-                master.insert(user, key);
+                out.master.insert(user, key);
             }
             "self_signing" => {
-                self_signing.insert(user, key);
+                out.self_signing.insert(user, key);
             }
-            "user_signing" if user == requester => {
-                user_signing.insert(user, key);
+            "user_signing" if Some(user.as_str()) == requester => {
+                out.user_signing.insert(user, key);
             }
             _ => {}
         }
     }
-    // Signatures the requester made on others' master keys (only they see them).
-    for (target, target_key, signer_key, sig) in
-        storage::e2ee::cross_user_signatures_by(&state.db, requester, &local).await?
-    {
-        if let Some(key) = master.get_mut(&target)
-            && key["keys"].get(&target_key).is_some()
+    if let Some(requester) = requester {
+        // Signatures the requester made on others' master keys (only they see them).
+        for (target, target_key, signer_key, sig) in
+            storage::e2ee::cross_user_signatures_by(&state.db, requester, &local).await?
         {
-            key["signatures"][requester][signer_key] = json!(sig);
+            if let Some(key) = out.master.get_mut(&target)
+                && key["keys"].get(&target_key).is_some()
+            {
+                key["signatures"][requester][signer_key] = json!(sig);
+            }
         }
     }
+    Ok(out)
+}
+
+/// `POST /keys/query`: device and cross-signing keys of the requested users; those of other
+/// servers asked of them (`federation::e2ee`), servers that fail listed in `failures`.
+pub async fn query_keys(state: &AppState, requester: &str, body: &Value) -> ApiResult<Value> {
+    let (local, remote): (Wanted, Wanted) = parse_query(body)?.into_iter().partition(|(u, _)| is_local(state, u));
+    let timeout = crate::federation::e2ee::request_timeout(body)?;
+    let (mine, theirs) = tokio::join!(
+        local_keys(state, Some(requester), &local, true),
+        crate::federation::e2ee::query_remote(state, remote, timeout)
+    );
+    let mut out = mine?;
+    let (remote, failures) = theirs;
+    out.device_keys.extend(remote.device_keys);
+    out.master.extend(remote.master);
+    out.self_signing.extend(remote.self_signing);
     Ok(json!({
-        "device_keys": device_keys,
-        "master_keys": master,
-        "self_signing_keys": self_signing,
-        "user_signing_keys": user_signing,
+        "device_keys": out.device_keys,
+        "master_keys": out.master,
+        "self_signing_keys": out.self_signing,
+        "user_signing_keys": out.user_signing,
         "failures": failures,
     }))
 }
 
-/// `POST /keys/claim`: one one-time key per requested device (its fallback key when none left).
-pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
+/// `POST /_matrix/federation/v1/user/keys/query` from another server: keys of local users
+/// (display names only with `federation.allow_device_name_lookup`); 400 `M_INVALID_PARAM` for a
+/// user of another server.
+pub async fn federation_query_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
+    let wanted = parse_query(body)?;
+    if wanted.len() > MAX_FEDERATION_USERS {
+        return Err(Error::invalid_param(format!("At most {MAX_FEDERATION_USERS} users per request")));
+    }
+    if let Some((user, _)) = wanted.iter().find(|(u, _)| !is_local(state, u)) {
+        return Err(Error::invalid_param(format!("{user} is not a user of this server")));
+    }
+    let out = local_keys(state, None, &wanted, state.config.federation.allow_device_name_lookup).await?;
+    Ok(json!({
+        "device_keys": out.device_keys,
+        "master_keys": out.master,
+        "self_signing_keys": out.self_signing,
+    }))
+}
+
+/// `GET /_matrix/federation/v1/user/devices/{userId}`: a local user's devices with keys, the
+/// version of that list (`stream_id`, the user's latest device-list position) and their master
+/// and self-signing keys.
+pub async fn federation_user_devices(state: &AppState, user: &str) -> ApiResult<Value> {
+    if user_server(user).is_none() {
+        return Err(Error::invalid_param("Invalid user ID"));
+    }
+    if !is_local(state, user) {
+        return Err(Error::invalid_param(format!("{user} is not a user of this server")));
+    }
+    let include_names = state.config.federation.allow_device_name_lookup;
+    let users = [user.to_owned()];
+    let stream_id = storage::e2ee::user_device_list_position(&state.db, user).await?;
+    let mut devices = Vec::new();
+    for d in storage::e2ee::query_device_keys(&state.db, &users).await? {
+        let mut dev = json!({ "device_id": d.device_id, "keys": d.keys });
+        if let Some(name) = d.display_name.filter(|_| include_names) {
+            dev["device_display_name"] = json!(name);
+        }
+        devices.push(dev);
+    }
+    let mut out = json!({ "user_id": user, "stream_id": stream_id, "devices": devices });
+    for (_, kind, key) in storage::e2ee::cross_signing_keys(&state.db, &users).await? {
+        match kind.as_str() {
+            "master" => out["master_key"] = key,
+            "self_signing" => out["self_signing_key"] = key,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// `(user, device, algorithm)` requests of a `keys/claim` body.
+fn parse_claim(body: &Value) -> ApiResult<Vec<(String, String, String)>> {
     let wanted = body["one_time_keys"].as_object().ok_or_else(|| bad("one_time_keys must be an object"))?;
-    let mut failures = Map::new();
-    let mut requests: Vec<(String, String, String)> = Vec::new();
+    let mut requests = Vec::new();
     for (user, devices) in wanted {
-        let server = user_server(user).ok_or_else(|| Error::invalid_param(format!("Invalid user ID {user}")))?;
-        if server != state.config.server_name {
-            failures.insert(server.to_owned(), json!({ "status": 503, "message": "Federation is not available" }));
-            continue;
+        if user_server(user).is_none() {
+            return Err(Error::invalid_param(format!("Invalid user ID {user}")));
         }
         let devices = devices.as_object().ok_or_else(|| bad("one_time_keys values must be objects"))?;
         for (device, alg) in devices {
@@ -319,22 +406,58 @@ pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
             requests.push((user.clone(), device.clone(), alg.to_owned()));
         }
     }
+    Ok(requests)
+}
+
+/// Claims one one-time key per local `(user, device, algorithm)` (its fallback key when none
+/// is left): `{user: {device: {"alg:key_id": key}}}`.
+pub async fn claim_local(
+    state: &AppState,
+    requests: &[(String, String, String)],
+) -> ApiResult<BTreeMap<String, Map<String, Value>>> {
     let mut out: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
-    if !requests.is_empty() {
-        let mut tx = state.db.begin().await?;
-        let claimed = storage::e2ee::claim_one_time_keys(&mut tx, &requests).await?;
-        let got: HashSet<(String, String, String)> =
-            claimed.iter().map(|(u, d, a, _, _)| (u.clone(), d.clone(), a.clone())).collect();
-        let missing: Vec<(String, String, String)> = requests.iter().filter(|r| !got.contains(r)).cloned().collect();
-        let fallback = storage::e2ee::claim_fallback_keys(&mut tx, &missing).await?;
-        tx.commit().await?;
-        for (u, d, a, k, v) in claimed.into_iter().chain(fallback) {
-            crate::cluster::key_counts_changed(state, &u, Some(&d));
-            let dev = out.entry(u).or_default().entry(d).or_insert_with(|| json!({}));
-            dev[format!("{a}:{k}")] = v;
-        }
+    if requests.is_empty() {
+        return Ok(out);
     }
+    let mut tx = state.db.begin().await?;
+    let claimed = storage::e2ee::claim_one_time_keys(&mut tx, requests).await?;
+    let got: HashSet<(String, String, String)> =
+        claimed.iter().map(|(u, d, a, _, _)| (u.clone(), d.clone(), a.clone())).collect();
+    let missing: Vec<(String, String, String)> = requests.iter().filter(|r| !got.contains(r)).cloned().collect();
+    let fallback = storage::e2ee::claim_fallback_keys(&mut tx, &missing).await?;
+    tx.commit().await?;
+    for (u, d, a, k, v) in claimed.into_iter().chain(fallback) {
+        crate::cluster::key_counts_changed(state, &u, Some(&d));
+        let dev = out.entry(u).or_default().entry(d).or_insert_with(|| json!({}));
+        dev[format!("{a}:{k}")] = v;
+    }
+    Ok(out)
+}
+
+/// `POST /keys/claim`: one one-time key per requested device (its fallback key when none left);
+/// keys of other servers' users claimed from them (`federation::e2ee`).
+pub async fn claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
+    let (local, remote): (Vec<_>, Vec<_>) = parse_claim(body)?.into_iter().partition(|(u, _, _)| is_local(state, u));
+    let timeout = crate::federation::e2ee::request_timeout(body)?;
+    let (mine, theirs) =
+        tokio::join!(claim_local(state, &local), crate::federation::e2ee::claim_remote(state, remote, timeout));
+    let mut out = mine?;
+    let (remote, failures) = theirs;
+    out.extend(remote);
     Ok(json!({ "one_time_keys": out, "failures": failures }))
+}
+
+/// `POST /_matrix/federation/v1/user/keys/claim` from another server: local users only (400
+/// `M_INVALID_PARAM` otherwise).
+pub async fn federation_claim_keys(state: &AppState, body: &Value) -> ApiResult<Value> {
+    let requests = parse_claim(body)?;
+    if requests.len() > MAX_FEDERATION_USERS {
+        return Err(Error::invalid_param(format!("At most {MAX_FEDERATION_USERS} devices per request")));
+    }
+    if let Some((user, _, _)) = requests.iter().find(|(u, _, _)| !is_local(state, u)) {
+        return Err(Error::invalid_param(format!("{user} is not a user of this server")));
+    }
+    Ok(json!({ "one_time_keys": claim_local(state, &requests).await? }))
 }
 
 /// A checked `keys/device_signing/upload`: the keys it would store (every signature in them

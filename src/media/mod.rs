@@ -7,7 +7,9 @@
 //! (or the reservation filled). A failure at any step leaves no row pointing at missing content;
 //! content left without a row (a crash between the two) is never served.
 
+pub mod federation;
 pub mod preview;
+pub mod remote;
 pub mod scan;
 pub mod store;
 pub mod thumbnail;
@@ -31,8 +33,8 @@ use crate::storage::media::{Content, MediaRow, PublishError};
 use crate::storage::{self, now_ms};
 
 /// Longest a download waits for the content of a reservation (`timeout_ms`).
-const MAX_WAIT_MS: u64 = 120_000;
-const DEFAULT_WAIT_MS: u64 = 20_000;
+pub const MAX_WAIT_MS: u64 = 120_000;
+pub const DEFAULT_WAIT_MS: u64 = 20_000;
 
 /// The media service, one per process (`AppState::media`).
 pub struct Media {
@@ -44,6 +46,8 @@ pub struct Media {
     pub thumbnails: thumbnail::Thumbnailer,
     pub previews: Option<preview::Previewer>,
     pub scanner: Option<scan::Scanner>,
+    /// Remote media being fetched, shared by concurrent requests for it (`remote::fetch`).
+    pub(crate) remote_fetches: remote::InFlight,
 }
 
 impl Media {
@@ -56,6 +60,7 @@ impl Media {
             thumbnails: thumbnail::Thumbnailer::new(config),
             previews: if config.url_preview_enabled { Some(preview::Previewer::new(config)?) } else { None },
             scanner: scan::Scanner::new(config)?,
+            remote_fetches: Default::default(),
         })
     }
 }
@@ -156,7 +161,7 @@ pub async fn receive(state: &AppState, body: Body, content_length: Option<u64>) 
 }
 
 /// A fresh storage key for content: `content/ab/cd/<random>`.
-fn content_key() -> String {
+pub(crate) fn content_key() -> String {
     let r = random_id(32);
     format!("content/{}/{}/{r}", &r[..2], &r[2..4])
 }
@@ -333,7 +338,7 @@ pub async fn upload_reserved(
 }
 
 /// Deletes content that will not be referenced (logged, never fails the caller).
-async fn discard(state: &AppState, key: &str) {
+pub(crate) async fn discard(state: &AppState, key: &str) {
     if let Err(e) = state.media.store.delete(key).await {
         tracing::warn!(key, error = format!("{e:#}"), "could not delete unreferenced media content");
     }
@@ -372,10 +377,11 @@ pub async fn find(state: &AppState, server_name: &str, media_id: &str, how: &Fet
     let row = match storage::media::get(&state.db, server_name, media_id).await? {
         Some(r) => r,
         None if server_name != state.config.server_name => {
-            if !how.allow_remote {
+            // Remote media fetched now is new media: the legacy endpoints would not serve it.
+            if !how.allow_remote || (how.legacy && !state.config.media.legacy_serve_new_media) {
                 return Err(not_found());
             }
-            remote::fetch(state, server_name, media_id).await?.ok_or_else(not_found)?
+            remote::fetch(state, server_name, media_id, how.timeout_ms).await?.ok_or_else(not_found)?
         }
         None => return Err(not_found()),
     };
@@ -425,48 +431,6 @@ async fn wait_for_content(state: &AppState, row: MediaRow, timeout_ms: Option<u6
                 "The content of this media has not been uploaded yet",
             ));
         }
-    }
-}
-
-/// Remote media (`mxc://other.server/...`): fetched over federation, then cached locally.
-pub mod remote {
-    use super::*;
-
-    /// The seam for federation: fetch `mxc://{server_name}/{media_id}` from its server
-    /// (`GET /_matrix/federation/v1/media/download/{mediaId}`), check it against the limits, and
-    /// [`cache`] it. Federation does not exist yet, so remote media is not found.
-    pub async fn fetch(_state: &AppState, _server_name: &str, _media_id: &str) -> ApiResult<Option<MediaRow>> {
-        Ok(None)
-    }
-
-    /// Stores content fetched from elsewhere (remote media, URL preview images) in the local
-    /// cache, where `purge_media_cache` can evict it.
-    pub async fn cache(
-        state: &AppState,
-        server_name: &str,
-        media_id: &str,
-        content_type: &str,
-        upload_name: Option<&str>,
-        data: bytes::Bytes,
-    ) -> ApiResult<MediaRow> {
-        let key = content_key();
-        let sha256: [u8; 32] = Sha256::digest(&data).into();
-        let size = data.len() as i64;
-        state.media.store.put_bytes(&key, data).await?;
-        let content = Content { content_type, upload_name, size, sha256: &sha256, storage_key: &key };
-        let allow = state.config.media.legacy_serve_new_media;
-        match storage::media::insert_remote(&state.db, server_name, media_id, &content, allow, now_ms()).await {
-            Ok(old) => {
-                if let Some(old) = old {
-                    discard(state, &old).await;
-                }
-            }
-            Err(e) => {
-                discard(state, &key).await;
-                return Err(e.into());
-            }
-        }
-        storage::media::get(&state.db, server_name, media_id).await?.ok_or_else(Error::internal)
     }
 }
 

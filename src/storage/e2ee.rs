@@ -368,6 +368,15 @@ pub async fn record_device_list_change(conn: &mut PgConnection, user_id: &str) -
     .await
 }
 
+/// The latest device-list position of one user (0 if their devices never changed): the
+/// `stream_id` of `user/devices` over federation.
+pub async fn user_device_list_position(db: impl PgExecutor<'_>, user_id: &str) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM device_list_changes WHERE user_id = $1")
+        .bind(user_id)
+        .fetch_one(db)
+        .await
+}
+
 pub async fn device_list_position(db: impl PgExecutor<'_>) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT COALESCE(MAX(stream_ordering), 0) FROM device_list_changes").fetch_one(db).await
 }

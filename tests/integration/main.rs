@@ -19,6 +19,7 @@ mod ephemeral;
 mod errors_limits;
 mod fed_harness;
 mod federation_keys;
+mod federation_media_keys;
 mod federation_rooms;
 mod federation_synapse;
 mod filters;

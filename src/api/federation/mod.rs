@@ -5,6 +5,9 @@
 //! - `GET /_matrix/key/v2/server` (our signed keys), `POST /_matrix/key/v2/query` and
 //!   `GET /_matrix/key/v2/query/{serverName}` (the notary);
 //! - `GET /_matrix/federation/v1/query/profile` (`X-Matrix`-authenticated);
+//! - media (`media.rs`): `GET /_matrix/federation/v1/media/download|thumbnail/{mediaId}`;
+//! - E2EE keys (`e2ee_keys.rs`): `GET /_matrix/federation/v1/user/devices/{userId}`,
+//!   `POST /_matrix/federation/v1/user/keys/query` and `.../user/keys/claim`;
 //! - `GET /_matrix/federation/v1/openid/userinfo`, which Jitsi's matrix-user-verification
 //!   service (and widgets) call to verify an OpenID token; the same handler is also routed on the
 //!   client listener (`api::router`), for deployments whose federation address is the client one.
@@ -12,6 +15,8 @@
 //! With `federation.enabled = false` only `openid/userinfo` is served. Everything else answers
 //! 404 `M_UNRECOGNIZED` (405 for a known path with another method).
 
+mod e2ee_keys;
+mod media;
 mod rooms;
 
 use axum::Router;
@@ -39,6 +44,8 @@ pub fn router(federation_enabled: bool) -> Router<AppState> {
         .route("/_matrix/key/v2/query/{server_name}", get(query_server_keys))
         .route("/_matrix/federation/v1/query/profile", get(query_profile))
         .merge(rooms::router())
+        .merge(media::router())
+        .merge(e2ee_keys::router())
 }
 
 #[derive(Deserialize)]
