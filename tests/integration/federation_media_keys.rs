@@ -6,8 +6,7 @@
 //! limits and servers predating federation media; and the same checks against Synapse when it
 //! is installed.
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -17,96 +16,22 @@ use bytes::Bytes;
 use image::ImageFormat;
 use parvis::federation::auth;
 use reqwest::{Method, StatusCode};
-use ruma::{OwnedServerName, ServerName};
+use ruma::OwnedServerName;
 use serde_json::{Value, json};
 
 use crate::common::{TestServer, User, enc};
 use crate::e2ee::{b64, cross_key, device_keys, key, public, sign};
 use crate::media::{picture, upload};
 
-// ---- copied from federation_keys.rs (to be replaced by the shared `fed_harness` helpers) ----
+use crate::fed_harness::{Ca, Fed, free_port, synapse_python};
 
-/// A test CA that issues certificates for 127.0.0.1.
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-    pem: PathBuf,
-}
-
-impl Ca {
-    fn new(dir: &Path, name: &str) -> Self {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, format!("Parvis test CA {name}"));
-        params.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
-        let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
-        let pem = dir.join(format!("{name}-ca.pem"));
-        std::fs::write(&pem, issuer.pem()).unwrap();
-        Self { issuer, pem }
-    }
-
-    /// Writes a certificate for 127.0.0.1 and its key; returns their paths.
-    fn issue(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
-        let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &*self.issuer).unwrap();
-        let (c, k) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
-        std::fs::write(&c, cert.pem()).unwrap();
-        std::fs::write(&k, key.serialize_pem()).unwrap();
-        (c, k)
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Fed {
-    server: TestServer,
-    name: OwnedServerName,
-}
-
-/// A server named `127.0.0.1:<port>` whose federation listener is on that port, over TLS with a
-/// certificate of `ca`, trusting `ca` for outgoing requests.
+/// A Parvis of the shared harness whose certificate comes from `ca`, which it also trusts.
 async fn start(dir: &Path, label: &str, ca: &Ca, adjust: impl FnOnce(&mut parvis::config::Config)) -> Fed {
-    let port = free_port();
-    let (cert, key) = ca.issue(dir, label);
-    let name = format!("127.0.0.1:{port}");
-    let server = TestServer::start_with(|c| {
-        c.server_name = name.clone();
-        c.listen.federation = Some(format!("127.0.0.1:{port}").parse().unwrap());
-        c.federation.tls_certificate = Some(cert);
-        c.federation.tls_private_key = Some(key);
-        c.federation.ca_file = Some(ca.pem.clone());
-        adjust(c);
-    })
-    .await;
-    Fed { server, name: ServerName::parse(&name).unwrap() }
+    crate::fed_harness::start(dir, label, ca, ca, adjust).await
 }
 
-/// The test's own HTTPS client, trusting the CA.
 fn https_client(ca: &Ca) -> reqwest::Client {
-    let cert = reqwest::Certificate::from_pem(&std::fs::read(&ca.pem).unwrap()).unwrap();
-    reqwest::Client::builder().tls_certs_only([cert]).timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-/// The Python of a virtualenv with Synapse: `PARVIS_TEST_SYNAPSE_PYTHON`, else
-/// `${XDG_CACHE_HOME:-~/.cache}/parvis-bench/synapse-venv/bin/python`.
-fn synapse_python() -> Option<PathBuf> {
-    let path = match std::env::var("PARVIS_TEST_SYNAPSE_PYTHON") {
-        Ok(p) if !p.is_empty() => PathBuf::from(p),
-        _ => std::env::var("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cache"))
-            .join("parvis-bench/synapse-venv/bin/python"),
-    };
-    let ok = std::process::Command::new(&path)
-        .args(["-c", "import synapse"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(path)
+    crate::fed_harness::https_client(&[ca])
 }
 
 // ---- helpers of this file ----
