@@ -42,3 +42,8 @@ CREATE INDEX federation_inbound_txns_created ON federation_inbound_txns (created
 -- Invites received from other servers for rooms this server is not in: the stripped state the
 -- inviting server sent, shown in the invitee's sync.
 ALTER TABLE room_memberships ADD COLUMN invite_room_state JSONB;
+
+-- Events fetched from other servers' history (`/backfill`, when a client pages back past the
+-- room's local beginning) take positions counting down from -1: before every event of the
+-- stream, so that they are history to `/messages` and never new to `/sync`.
+CREATE SEQUENCE event_backfill_seq;

@@ -207,7 +207,7 @@ async fn fill_gaps(
 
 /// The state before `event` as `origin` has it (`state_ids`), its events fetched, checked and
 /// stored as outliers.
-async fn state_before(
+pub async fn state_before(
     state: &AppState,
     room: &Room,
     origin: &ServerName,
@@ -305,7 +305,12 @@ pub async fn state_at(
     ids: bool,
 ) -> ApiResult<Value> {
     let (_, row) = room_event(state, origin, room_id, event_id).await?;
-    let (pdus, chain) = super::membership::state_and_auth_chain(state, row.state_before, &[]).await?;
+    let (pdus, chain) = if row.state_before.is_none() && row.event_type == "m.room.create" {
+        // Nothing comes before a room's creation.
+        (Vec::new(), Vec::new())
+    } else {
+        super::membership::state_and_auth_chain(state, row.state_before, &[]).await?
+    };
     if ids {
         let id = |v: Vec<(String, Value)>| -> Vec<String> { v.into_iter().map(|p| p.0).collect() };
         return Ok(json!({ "pdu_ids": id(pdus), "auth_chain_ids": id(chain) }));

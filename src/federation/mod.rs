@@ -5,6 +5,7 @@
 
 pub mod acl;
 pub mod auth;
+pub mod backfill;
 pub mod client;
 pub mod discovery;
 pub mod e2ee;

@@ -730,3 +730,101 @@ pub async fn store_invite(
         destinations: Vec::new(),
     }])
 }
+
+/// Stores events of a room's history fetched from another server (`/backfill`), oldest first,
+/// each authorised against its auth events and against the state before it: `state` is the
+/// state before the oldest one (as its server gave it), carried forward through the state
+/// events of the batch (exact for a linear history). They take backfill positions (before every
+/// stream position: history for `/messages`, never new to `/sync`) and are not extremities.
+/// Returns how many were stored.
+pub async fn store_backfilled(
+    state: &AppState,
+    room: &Room,
+    mut events: Vec<Checked>,
+    mut before: NidState,
+) -> ApiResult<usize> {
+    events.sort_by_key(|c| c.pdu.depth);
+    let mut tx = state.db.begin().await?;
+    let entries: Vec<(i64, i64)> = before.iter().map(|(k, v)| (*k, *v)).collect();
+    let mut group = storage::state::create_group(&mut tx, room.nid, None, &entries).await?;
+    let search_config = crate::search::text_config(&state.config.search.language);
+    let mut stored = 0;
+    for c in events {
+        let pdu = &c.pdu;
+        let refs: Vec<String> =
+            pdu.auth_events.iter().map(|e| e.to_string()).chain(std::iter::once(c.event_id.to_string())).collect();
+        let known = storage::remote::known(&mut *tx, &refs).await?;
+        if let Some(k) = known.get(c.event_id.as_str()) {
+            // Held as an outlier (part of the state given on the join): now placed in the history.
+            if k.stream_ordering.is_none() && k.room_nid == room.nid {
+                let prev: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
+                let mut after = group;
+                if let Some(sk) = &pdu.state_key {
+                    let key_nid = storage::state::intern_key(&mut tx, &pdu.kind.to_string(), sk).await?;
+                    after =
+                        storage::state::create_group(&mut tx, room.nid, Some(group), &[(key_nid, k.event_nid)]).await?;
+                    before.insert(key_nid, k.event_nid);
+                }
+                if storage::remote::promote_outlier(&mut tx, k.event_nid, group, after, &prev).await?.is_some() {
+                    group = after;
+                    stored += 1;
+                }
+            }
+            continue;
+        }
+        let auth_known: Vec<&storage::remote::Known> =
+            pdu.auth_events.iter().filter_map(|id| known.get(id.as_str())).filter(|k| k.room_nid == room.nid).collect();
+        if auth_known.len() != pdu.auth_events.len() {
+            tracing::info!(room_id = %room.room_id, event_id = %c.event_id, "backfilled event without its auth events left out");
+            continue;
+        }
+        let map = StateBefore::Map(before.clone());
+        if let Err(Reject(reason)) = authorize(&mut tx, room, pdu, &auth_known, &map).await {
+            tracing::info!(room_id = %room.room_id, event_id = %c.event_id, reason, "backfilled event rejected");
+            continue;
+        }
+        let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
+        let kind = pdu.kind.to_string();
+        let relation = content.get("m.relates_to");
+        let search = crate::search::searchable(&kind, &content).map(|(k, t)| (k, t, search_config.as_str()));
+        let redacts = pdu.redacts.as_ref().map(|r| r.to_string());
+        let sender = pdu.sender.to_string();
+        let prev: Vec<String> = pdu.prev_events.iter().map(|e| e.to_string()).collect();
+        let auth_nids: Vec<i64> = auth_known.iter().map(|k| k.event_nid).collect();
+        let Some((nid, _)) = storage::remote::insert_backfilled(
+            &mut tx,
+            &storage::events::NewEventRow {
+                event_id: c.event_id.as_str(),
+                room_nid: room.nid,
+                depth: pdu.depth,
+                event_type: &kind,
+                state_key: pdu.state_key.as_deref(),
+                sender: &sender,
+                origin_server_ts: u64::from(pdu.origin_server_ts.get()) as i64,
+                json: &c.json,
+                state_before: Some(group),
+                state_after: if pdu.state_key.is_some() { None } else { Some(group) },
+                redacts: redacts.as_deref(),
+                rel_type: relation.and_then(|r| r.get("rel_type")).and_then(Value::as_str),
+                relates_to: relation.and_then(|r| r.get("event_id")).and_then(Value::as_str),
+                txn: None,
+                search,
+            },
+            &prev,
+            &auth_nids,
+        )
+        .await?
+        else {
+            continue;
+        };
+        if let Some(sk) = &pdu.state_key {
+            let key_nid = storage::state::intern_key(&mut tx, &kind, sk).await?;
+            group = storage::state::create_group(&mut tx, room.nid, Some(group), &[(key_nid, nid)]).await?;
+            storage::remote::set_state_after(&mut tx, nid, group).await?;
+            before.insert(key_nid, nid);
+        }
+        stored += 1;
+    }
+    tx.commit().await?;
+    Ok(stored)
+}

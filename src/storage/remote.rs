@@ -530,3 +530,89 @@ pub async fn servers_sharing_rooms(db: impl PgExecutor<'_>, user: &str, own: &st
     .fetch_all(db)
     .await
 }
+
+/// Inserts an event of a room's history fetched from another server, at the next backfill
+/// position (negative: before every stream position), with its edges and search row. Does not
+/// touch the room's extremities. Returns `(event_nid, stream_ordering)`, `None` if the event
+/// exists.
+pub async fn insert_backfilled(
+    conn: &mut PgConnection,
+    e: &NewEventRow<'_>,
+    prev: &[String],
+    auth: &[i64],
+) -> sqlx::Result<Option<(i64, i64)>> {
+    sqlx::query_as(
+        "WITH ev AS (
+             INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
+                                 origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to)
+             VALUES ($1, $2, -nextval('event_backfill_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+             ON CONFLICT (event_id) DO NOTHING
+             RETURNING event_nid, stream_ordering),
+         search AS (
+             INSERT INTO event_search (event_nid, room_nid, stream_ordering, key, sender, event_type, vector)
+             SELECT ev.event_nid, $2, ev.stream_ordering, $14, $6, $4, to_tsvector($16::regconfig, $15)
+             FROM ev WHERE $14::text IS NOT NULL),
+         prev AS (
+             INSERT INTO event_edges (event_nid, prev_event_id) SELECT ev.event_nid, p FROM ev, UNNEST($17::text[]) p),
+         auth AS (
+             INSERT INTO event_auth (event_nid, auth_event_nid) SELECT ev.event_nid, a FROM ev, UNNEST($18::bigint[]) a)
+         SELECT event_nid, stream_ordering FROM ev",
+    )
+    .bind(e.event_id)
+    .bind(e.room_nid)
+    .bind(e.depth)
+    .bind(e.event_type)
+    .bind(e.state_key)
+    .bind(e.sender)
+    .bind(e.origin_server_ts)
+    .bind(e.json)
+    .bind(e.state_before)
+    .bind(e.state_after)
+    .bind(e.redacts)
+    .bind(e.rel_type)
+    .bind(e.relates_to)
+    .bind(e.search.map(|s| s.0))
+    .bind(e.search.map(|s| s.1))
+    .bind(e.search.map_or("simple", |s| s.2))
+    .bind(prev)
+    .bind(auth)
+    .fetch_optional(conn)
+    .await
+}
+
+/// The earliest event of a room's timeline (stream position set), by depth: `(ID, type)`.
+pub async fn earliest_event(db: impl PgExecutor<'_>, room_nid: i64) -> sqlx::Result<Option<(String, String)>> {
+    sqlx::query_as(
+        "SELECT event_id, event_type FROM events WHERE room_nid = $1 AND stream_ordering IS NOT NULL
+         ORDER BY depth, stream_ordering LIMIT 1",
+    )
+    .bind(room_nid)
+    .fetch_optional(db)
+    .await
+}
+
+/// Gives an outlier a backfill position (it turned out to be part of the history a client pages
+/// through), with its state and `prev_events` edges. `None` if it was not an outlier.
+pub async fn promote_outlier(
+    conn: &mut PgConnection,
+    event_nid: i64,
+    state_before: i64,
+    state_after: i64,
+    prev: &[String],
+) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "WITH ev AS (
+             UPDATE events SET stream_ordering = -nextval('event_backfill_seq'), state_before = $2, state_after = $3
+             WHERE event_nid = $1 AND stream_ordering IS NULL RETURNING event_nid, stream_ordering),
+         prev AS (
+             INSERT INTO event_edges (event_nid, prev_event_id) SELECT ev.event_nid, p FROM ev, UNNEST($4::text[]) p
+             ON CONFLICT DO NOTHING)
+         SELECT stream_ordering FROM ev",
+    )
+    .bind(event_nid)
+    .bind(state_before)
+    .bind(state_after)
+    .bind(prev)
+    .fetch_optional(conn)
+    .await
+}

@@ -119,6 +119,19 @@ async fn two_parvis_servers_share_a_room() {
     let sync = initial_sync(&b, &bob.token).await;
     assert!(sync["rooms"]["join"][&room].is_object(), "{sync}");
 
+    // --- History from before bob's join: B backfills it from A when bob pages back.
+    let (st, v) =
+        b.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=100", enc(&room)), Some(&bob.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let history = bodies(&b, &bob.token, &room).await;
+    assert!(history.contains(&"before bob".to_owned()), "{history:?} {v}");
+    let chunk = v["chunk"].as_array().unwrap();
+    assert_eq!(chunk.last().unwrap()["type"], "m.room.create", "the whole history down to the room's creation: {v}");
+    // Backfilled history is not new to /sync.
+    let sync = initial_sync(&b, &bob.token).await;
+    let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
+    assert!(!timeline.iter().any(|e| e["content"]["body"] == "before bob"), "{sync}");
+
     // --- Messages both ways.
     send_text(&b, &bob.token, &room, "hello from B").await;
     eventually("bob's message on A", || async {

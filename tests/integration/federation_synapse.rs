@@ -133,6 +133,9 @@ async fn synapse_interop_rooms() {
         e["type"] == "m.room.member" && e["state_key"] == bob.user_id.as_str() && e["content"]["membership"] == "join"
     })
     .await;
+    // History from before bob's join, backfilled from Synapse.
+    let history = bodies(ps, &bob.token, &syn_room).await;
+    assert!(history.contains(&"message d'avant".to_owned()), "{}", fail(&format!("{history:?}")));
     send_text(ps, &bob.token, &syn_room, "bob de Parvis").await;
     wait_for_room_event(&syn, &sue_token, &syn_room, WAIT, has_body("bob de Parvis")).await;
     send_text(&syn, &sue_token, &syn_room, "sue de Synapse").await;

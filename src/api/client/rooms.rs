@@ -823,8 +823,17 @@ pub async fn messages(
         Some(t) => Some(t.position(&state, room.nid).await?),
         None => None,
     };
-    let Walk { events: chunk, cursor, exhausted } =
-        walk(&state, &room, &viewer, &ignored, &filter, backwards, start, to, limit).await?;
+    let mut page = walk(&state, &room, &viewer, &ignored, &filter, backwards, start, to, limit).await?;
+    // Past the beginning of what this server has of a room joined over federation: the history
+    // before it is asked of the room's other servers, then read again.
+    if backwards
+        && page.exhausted
+        && to.is_none()
+        && crate::federation::backfill::backfill(&state, &room, limit).await? > 0
+    {
+        page = walk(&state, &room, &viewer, &ignored, &filter, backwards, start, to, limit).await?;
+    }
+    let Walk { events: chunk, cursor, exhausted } = page;
     let device = (&*auth.user_id, &*auth.device_id);
     let mut events: Vec<Value> = chunk.iter().map(|r| format(&room, r, Some(device))).collect();
     rooms::relations::bundle(&state, &room, device, &viewer, &mut events).await?;
