@@ -63,7 +63,7 @@ pub async fn make_membership(
 ) -> ApiResult<Value> {
     let (room, _) = resident_room(state, origin, room_id, user).await?;
     let version = room.version.as_str();
-    if membership == "join" && !versions.iter().any(|v| v == version) {
+    if matches!(membership, "join" | "knock") && !versions.iter().any(|v| v == version) {
         return Err(incompatible(version));
     }
     let event = engine::template(state, &room, user, json!({ "membership": membership })).await?;
@@ -99,6 +99,9 @@ pub async fn send_membership(
         engine::accept(state, &room, vec![Incoming::from(checked.clone())], Forward::ExceptOrigin(origin)).await?;
     if let Some((_, Err(reason))) = outcomes.first() {
         return Err(Error::forbidden(format!("The event was rejected: {reason}")));
+    }
+    if membership == "knock" {
+        return Ok(json!({ "knock_room_state": stripped_state(state, &room).await? }));
     }
     if membership != "join" {
         return Ok(json!({}));
@@ -607,4 +610,111 @@ pub async fn resolve_remote_alias(
         .collect();
     servers.insert(0, server.to_string());
     Ok((room_id, servers))
+}
+
+/// A local user knocks on a room this server is not in: `make_knock`/`send_knock` through the
+/// first of `servers` that answers; the knock is recorded locally with the stripped state the
+/// resident server returned (the user's sync shows it under `knock`).
+pub async fn knock_remote(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &str,
+    servers: &[OwnedServerName],
+    reason: Option<String>,
+) -> ApiResult<()> {
+    let mut last = Error::not_found("No server to knock through");
+    for server in servers.iter().filter(|s| s.as_str() != state.config.server_name) {
+        match knock_through(state, room_id, user, server, reason.clone()).await {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+async fn knock_through(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &str,
+    server: &ServerName,
+    reason: Option<String>,
+) -> ApiResult<()> {
+    let versions: String = rooms::SUPPORTED_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
+    let path = format!(
+        "/_matrix/federation/v1/make_knock/{}/{}?{versions}",
+        crate::appservice::client::enc(room_id.as_str()),
+        crate::appservice::client::enc(user)
+    );
+    let made = state
+        .federation
+        .request(Method::GET, server, &path, None, true, 1024 * 1024)
+        .await
+        .map_err(|e| fed_error(server, e))?;
+    let version = made["room_version"].as_str().unwrap_or("1").to_owned();
+    let (_, rules) = rooms::rules_for(&version)?;
+    let mut event = made["event"].clone();
+    if event["room_id"] != room_id.as_str()
+        || event["sender"] != user
+        || event["state_key"] != user
+        || event["type"] != "m.room.member"
+    {
+        return Err(Error::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "M_UNKNOWN",
+            format!("{server}: invalid knock template"),
+        ));
+    }
+    let mut content = json!({ "membership": "knock" });
+    if let Some(r) = reason {
+        content["reason"] = json!(r);
+    }
+    event["content"] = content;
+    event["origin_server_ts"] = json!(storage::now_ms());
+    event["origin"] = json!(state.config.server_name);
+    if let Some(o) = event.as_object_mut() {
+        for k in ["signatures", "hashes", "unsigned", "event_id"] {
+            o.remove(k);
+        }
+    }
+    let (event_id, json_text) = rooms::sign(state, event, &rules)?;
+    let signed: Value = serde_json::from_str(&json_text).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    let path = format!(
+        "/_matrix/federation/v1/send_knock/{}/{}",
+        crate::appservice::client::enc(room_id.as_str()),
+        crate::appservice::client::enc(event_id.as_str())
+    );
+    let answer = state
+        .federation
+        .request(Method::PUT, server, &path, Some(&signed), true, 1024 * 1024)
+        .await
+        .map_err(|e| fed_error(server, e))?;
+    let stripped: Vec<Value> =
+        answer["knock_room_state"].as_array().map(|a| a.iter().take(50).cloned().collect()).unwrap_or_default();
+    let checked = pdu::check(state, &rules, Some(room_id.as_str()), &signed)
+        .await
+        .map_err(|e| Error::from(anyhow::anyhow!("our own knock: {e}")))?;
+    let creator = stripped
+        .iter()
+        .find(|e| e["type"] == "m.room.create")
+        .and_then(|e| e["sender"].as_str())
+        .unwrap_or(user)
+        .to_owned();
+    let mut tx = state.db.begin().await?;
+    let room_nid = storage::remote::ensure_room(&mut tx, room_id.as_str(), &version, &creator).await?;
+    let room = Room::from_row(&storage::rooms::RoomRow {
+        room_nid,
+        room_id: room_id.to_string(),
+        room_version: version.clone(),
+        creator,
+        is_public: false,
+        current_state_group: None,
+    })?;
+    let writer = state.sync.begin_write(&state.event_stream);
+    rooms::lock_room(&mut tx, room_nid).await?;
+    let appended = engine::store_invite(&mut tx, &room, &checked, &json_text, &json!(stripped)).await?;
+    tx.commit().await?;
+    state.sync.invalidate_room(room_nid);
+    crate::cluster::room_invalidated(state, room_nid);
+    rooms::committed(state, &room, writer, &appended);
+    Ok(())
 }

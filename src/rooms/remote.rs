@@ -698,7 +698,9 @@ pub async fn store_invite(
     storage::state::set_current(conn, room.nid, key_nid, event_nid).await?;
     let content: Value = serde_json::from_str(p.content.get()).unwrap_or(Value::Null);
     match content["membership"].as_str() {
-        Some("invite") => storage::remote::set_invite(conn, room.nid, &invitee, event_nid, stream, stripped).await?,
+        Some(m @ ("invite" | "knock")) => {
+            storage::remote::set_invite(conn, room.nid, &invitee, m, event_nid, stream, stripped).await?
+        }
         m => {
             let m = m.unwrap_or("leave").to_owned();
             storage::remote::set_memberships(conn, room.nid, &[(invitee.clone(), m, event_nid, stream)]).await?

@@ -466,35 +466,39 @@ pub async fn set_memberships(
     Ok(())
 }
 
-/// Records a local user's invite to a room this server is not in, with its stripped state.
+/// Records a local user's invite to (or knock on) a room this server is not in, with the
+/// stripped state the other server sent.
 pub async fn set_invite(
     conn: &mut PgConnection,
     room_nid: i64,
     user_id: &str,
+    membership: &str,
     event_nid: i64,
     stream: i64,
     stripped: &Value,
 ) -> sqlx::Result<()> {
     sqlx::query(
         "INSERT INTO room_memberships (room_nid, user_id, membership, event_nid, stream_ordering, invite_room_state)
-         VALUES ($1, $2, 'invite', $3, $4, $5)
+         VALUES ($1, $2, $6, $3, $4, $5)
          ON CONFLICT (room_nid, user_id) DO UPDATE
-           SET membership = 'invite', event_nid = $3, stream_ordering = $4, forgotten = FALSE, invite_room_state = $5",
+           SET membership = $6, event_nid = $3, stream_ordering = $4, forgotten = FALSE, invite_room_state = $5",
     )
     .bind(room_nid)
     .bind(user_id)
     .bind(event_nid)
     .bind(stream)
     .bind(stripped)
+    .bind(membership)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// The stripped state another server sent with a local user's invite.
+/// The stripped state another server sent with a local user's invite (or knock answer).
 pub async fn invite_room_state(db: impl PgExecutor<'_>, room_nid: i64, user_id: &str) -> sqlx::Result<Option<Value>> {
     Ok(sqlx::query_scalar::<_, Option<Value>>(
-        "SELECT invite_room_state FROM room_memberships WHERE room_nid = $1 AND user_id = $2 AND membership = 'invite'",
+        "SELECT invite_room_state FROM room_memberships
+         WHERE room_nid = $1 AND user_id = $2 AND membership IN ('invite', 'knock')",
     )
     .bind(room_nid)
     .bind(user_id)

@@ -781,7 +781,7 @@ impl Builder<'_> {
     /// The stripped state shown with an invite or a knock.
     async fn stripped(&self, m: &UserMembership) -> ApiResult<Vec<Value>> {
         let sent = match m.membership.as_str() {
-            "invite" => storage::remote::invite_room_state(&self.state.db, m.room_nid, self.user).await?,
+            "invite" | "knock" => storage::remote::invite_room_state(&self.state.db, m.room_nid, self.user).await?,
             _ => None,
         };
         let (_, entry) = self.room_of(m).await?;

@@ -286,6 +286,47 @@ async fn two_parvis_servers_share_a_room() {
     .await;
     let _ = invite;
 
+    // --- Knocking on a room of A from B; A lets carol in.
+    let (st, v) = a
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            json!({ "preset": "private_chat", "name": "Guichet", "initial_state": [
+                { "type": "m.room.join_rules", "state_key": "", "content": { "join_rule": "knock" } }
+            ] }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let knock_room = v["room_id"].as_str().unwrap().to_owned();
+    let (st, v) = b
+        .post(
+            &format!("/_matrix/client/v3/knock/{}?via={}", enc(&knock_room), enc(&a_name)),
+            Some(&carol.token),
+            json!({ "reason": "rendez-vous" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(membership(&a, &alice.token, &knock_room, &carol.user_id).await.as_deref(), Some("knock"));
+    let s = initial_sync(&b, &carol.token).await;
+    let ks = &s["rooms"]["knock"][&knock_room]["knock_state"]["events"];
+    assert!(
+        ks.as_array()
+            .is_some_and(|e| e.iter().any(|e| e["type"] == "m.room.name" && e["content"]["name"] == "Guichet")),
+        "{s}"
+    );
+    let (st, v) = a
+        .post(
+            &format!("/_matrix/client/v3/rooms/{}/invite", enc(&knock_room)),
+            Some(&alice.token),
+            json!({ "user_id": carol.user_id }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, v) =
+        b.post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&knock_room)), Some(&carol.token), json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(membership(&a, &alice.token, &knock_room, &carol.user_id).await.as_deref(), Some("join"));
+
     // --- To-device messages across servers, and device list changes.
     let (st, v) = b
         .put(

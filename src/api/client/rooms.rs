@@ -189,8 +189,16 @@ pub async fn knock(
     State(state): State<AppState>,
     auth: Auth,
     Path(room_id_or_alias): Path<String>,
+    RawQuery(query): RawQuery,
     Json(body): Json<JoinBody>,
 ) -> ApiResult<axum::Json<Value>> {
+    let mut via = crate::http::extract::query_values(query.as_deref(), "via");
+    via.extend(crate::http::extract::query_values(query.as_deref(), "server_name"));
+    if let Some((room_id, via)) = remote_target(&state, &room_id_or_alias, via).await? {
+        let servers = membership::join_servers(&state, &room_id, via, &auth.user_id).await?;
+        membership::knock_remote(&state, &room_id, &auth.user_id, &servers, body.reason).await?;
+        return Ok(axum::Json(json!({ "room_id": room_id })));
+    }
     let room = resolve_room(&state, &room_id_or_alias).await?;
     set_membership(&state, &room, &auth.user_id, &auth.user_id, "knock", body.reason).await?;
     Ok(axum::Json(json!({ "room_id": room.room_id })))

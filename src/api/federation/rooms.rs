@@ -19,6 +19,8 @@ pub fn router() -> Router<AppState> {
         .route("/_matrix/federation/v1/make_join/{room_id}/{user_id}", get(make_join))
         .route("/_matrix/federation/v2/send_join/{room_id}/{event_id}", put(send_join))
         .route("/_matrix/federation/v1/make_leave/{room_id}/{user_id}", get(make_leave))
+        .route("/_matrix/federation/v1/make_knock/{room_id}/{user_id}", get(make_knock))
+        .route("/_matrix/federation/v1/send_knock/{room_id}/{event_id}", put(send_knock))
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
         .route("/_matrix/federation/v1/query/directory", get(query_directory))
@@ -159,4 +161,26 @@ async fn query_directory(State(state): State<AppState>, RawQuery(q): RawQuery, O
     tracing::debug!(%origin, alias, "federation directory query");
     let servers = crate::storage::remote::joined_servers(&state.db, room_nid, "").await?;
     Ok(axum::Json(serde_json::json!({ "room_id": room_id, "servers": servers })))
+}
+
+async fn make_knock(
+    State(state): State<AppState>,
+    Path((room_id, user_id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+    Origin(origin): Origin,
+) -> Answer {
+    let mut versions = query_values(&query, "ver");
+    if versions.is_empty() {
+        versions.push("1".into());
+    }
+    Ok(axum::Json(membership::make_membership(&state, &origin, &room_id, &user_id, "knock", &versions).await?))
+}
+
+async fn send_knock(
+    State(state): State<AppState>,
+    Path((room_id, event_id)): Path<(String, String)>,
+    signed: Signed,
+) -> Answer {
+    let v = membership::send_membership(&state, &signed.origin, &room_id, &event_id, "knock", body(&signed)?).await?;
+    Ok(axum::Json(v))
 }
