@@ -373,3 +373,18 @@ pub async fn backfill(
         .collect();
     Ok(json!({ "origin": state.config.server_name, "origin_server_ts": storage::now_ms(), "pdus": pdus }))
 }
+
+/// `GET /timestamp_to_event/{roomId}?ts=&dir=`: the event closest to `ts` in that direction.
+pub async fn timestamp_to_event(
+    state: &AppState,
+    origin: &ServerName,
+    room_id: &str,
+    ts: i64,
+    forward: bool,
+) -> ApiResult<Value> {
+    let room = Room::load(state, room_id).await?;
+    may_read(state, &room, origin).await?;
+    let rows = storage::events::closest_to_ts(&state.db, room.nid, ts, forward, 1).await?;
+    let row = rows.first().ok_or_else(|| Error::not_found("No event found"))?;
+    Ok(json!({ "event_id": row.event_id, "origin_server_ts": row.origin_server_ts }))
+}

@@ -66,7 +66,28 @@ pub async fn make_membership(
     if matches!(membership, "join" | "knock") && !versions.iter().any(|v| v == version) {
         return Err(incompatible(version));
     }
-    let event = engine::template(state, &room, user, json!({ "membership": membership })).await?;
+    let mut content = json!({ "membership": membership });
+    if membership == "join" {
+        // Restricted rooms: a local member with the power to invite vouches for a user who is in
+        // one of the allowed rooms (as far as this server knows), unless already invited.
+        let rules = rooms::current_content(state, &room, "m.room.join_rules", "").await?.unwrap_or(Value::Null);
+        let current = storage::rooms::membership(&state.db, room.nid, user).await?.map(|m| m.0);
+        if matches!(rules["join_rule"].as_str(), Some("restricted" | "knock_restricted"))
+            && !matches!(current.as_deref(), Some("invite" | "join"))
+        {
+            match rooms::client::restricted_join_authoriser(state, &room, user, &rules).await? {
+                Some(authoriser) => content["join_authorised_via_users_server"] = json!(authoriser),
+                None => {
+                    return Err(Error::new(
+                        axum::http::StatusCode::BAD_REQUEST,
+                        "M_UNABLE_TO_AUTHORISE_JOIN",
+                        "The user is not in any room this room allows joining from, as far as this server knows",
+                    ));
+                }
+            }
+        }
+    }
+    let event = engine::template(state, &room, user, content).await?;
     Ok(json!({ "room_version": version, "event": event }))
 }
 
@@ -82,6 +103,18 @@ pub async fn send_membership(
 ) -> ApiResult<Value> {
     let user = body.get("state_key").and_then(Value::as_str).unwrap_or_default();
     let (room, _) = resident_room(state, origin, room_id, user).await?;
+    // A restricted join one of our users vouches for needs our signature too.
+    let authoriser = body["content"]["join_authorised_via_users_server"].as_str();
+    let vouched =
+        membership == "join" && authoriser.is_some_and(|a| crate::users::is_local(a, &state.config.server_name));
+    let mut body = body.clone();
+    if vouched {
+        let mut obj = pdu::canonical(&body).map_err(|e| Error::bad_json(e.to_string()))?;
+        ruma::signatures::sign_event(&state.config.server_name, &state.event_signer, &mut obj, &room.rules.redaction)
+            .map_err(|e| Error::bad_json(e.to_string()))?;
+        body = serde_json::to_value(&obj).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    }
+    let body = &body;
     let checked =
         pdu::check(state, &room.rules, Some(room_id), body).await.map_err(|e| Error::bad_json(e.to_string()))?;
     if checked.event_id.as_str() != event_id {
@@ -111,13 +144,17 @@ pub async fn send_membership(
     let (pdus, auth_chain): (Vec<Value>, Vec<Value>) =
         (pdus.into_iter().map(|p| p.1).collect(), auth_chain.into_iter().map(|p| p.1).collect());
     let servers = storage::remote::joined_servers(&state.db, room.nid, "").await?;
-    Ok(json!({
+    let mut answer = json!({
         "origin": state.config.server_name,
         "state": pdus,
         "auth_chain": auth_chain,
         "members_omitted": false,
         "servers_in_room": servers,
-    }))
+    });
+    if vouched {
+        answer["event"] = serde_json::from_str(&checked.json).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    }
+    Ok(answer)
 }
 
 /// The events of a state group and the auth chain of those events and of `also`, as
@@ -717,4 +754,23 @@ async fn knock_through(
     crate::cluster::room_invalidated(state, room_nid);
     rooms::committed(state, &room, writer, &appended);
     Ok(())
+}
+
+/// A user of another server's profile (`query/profile`), bounded, non-string fields kept as they
+/// came. 404 `M_NOT_FOUND` when that server has none; 502 when it cannot be asked.
+pub async fn remote_profile(state: &AppState, user: &UserId) -> ApiResult<serde_json::Map<String, Value>> {
+    let server = user.server_name();
+    if !state.federation.enabled {
+        return Err(Error::not_found("Profile not found (federation is disabled)"));
+    }
+    let path =
+        format!("/_matrix/federation/v1/query/profile?user_id={}", crate::appservice::client::enc(user.as_str()));
+    match state.federation.request(Method::GET, server, &path, None, true, 64 * 1024).await {
+        Ok(Value::Object(o)) => Ok(o),
+        Ok(_) => {
+            Err(Error::new(axum::http::StatusCode::BAD_GATEWAY, "M_UNKNOWN", format!("{server}: invalid profile")))
+        }
+        Err(FedError::Status { status: 404, .. }) => Err(Error::not_found("Profile not found")),
+        Err(e) => Err(fed_error(server, e)),
+    }
 }

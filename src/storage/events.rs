@@ -437,6 +437,7 @@ pub async fn closest_to_ts(
     let (cmp, order) = if forward { (">=", "ASC") } else { ("<=", "DESC") };
     sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM events WHERE room_nid = $1 AND origin_server_ts {cmp} $2
+           AND stream_ordering IS NOT NULL
          ORDER BY origin_server_ts {order}, stream_ordering {order} LIMIT $3"
     )))
     .bind(room_nid)

@@ -377,6 +377,86 @@ async fn two_parvis_servers_share_a_room() {
     })
     .await;
 
+    // --- A restricted room of A, open to members of `room`: bob (in it) joins, vouched for by
+    // alice's server; carol (not in it) cannot.
+    let (st, v) = a
+        .post(
+            "/_matrix/client/v3/createRoom",
+            Some(&alice.token),
+            json!({ "preset": "private_chat", "room_version": "11", "initial_state": [
+                { "type": "m.room.join_rules", "state_key": "", "content": {
+                    "join_rule": "restricted", "allow": [{ "type": "m.room_membership", "room_id": room }] } }
+            ] }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let restricted = v["room_id"].as_str().unwrap().to_owned();
+    let (st, v) = b
+        .post(
+            &format!("/_matrix/client/v3/join/{}?via={}", enc(&restricted), enc(&a_name)),
+            Some(&bob.token),
+            json!({}),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let (st, member) = a
+        .get(
+            &format!("/_matrix/client/v3/rooms/{}/state/m.room.member/{}", enc(&restricted), enc(&bob.user_id)),
+            Some(&alice.token),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{member}");
+    assert_eq!(member["join_authorised_via_users_server"], alice.user_id.as_str());
+    let r = b
+        .post(
+            &format!("/_matrix/client/v3/join/{}?via={}", enc(&restricted), enc(&a_name)),
+            Some(&carol.token),
+            json!({}),
+        )
+        .await;
+    // A server in the room (B, now) refuses carol itself: nobody there vouches for her.
+    assert_err(&r, 403, "M_FORBIDDEN");
+    // Asked directly, A (the resident) cannot vouch for her either.
+    let r = b
+        .state()
+        .federation
+        .request(
+            reqwest::Method::GET,
+            &ruma::ServerName::parse(&a_name).unwrap(),
+            &format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&restricted), enc(&carol.user_id)),
+            None,
+            true,
+            1 << 16,
+        )
+        .await;
+    match r {
+        Err(parvis::federation::client::FedError::Status { status: 400, body }) => {
+            assert_eq!(body["errcode"], "M_UNABLE_TO_AUTHORISE_JOIN", "{body}")
+        }
+        other => panic!("expected M_UNABLE_TO_AUTHORISE_JOIN, got {other:?}"),
+    }
+
+    // --- A remote profile, and timestamp_to_event over federation.
+    let (st, v) = b.get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id)), Some(&bob.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(v.is_object(), "{v}");
+    let r = b.get(&format!("/_matrix/client/v3/profile/{}", enc(&format!("@nobody:{a_name}"))), Some(&bob.token)).await;
+    assert_err(&r, 404, "M_NOT_FOUND");
+    let answer = b
+        .state()
+        .federation
+        .request(
+            reqwest::Method::GET,
+            &ruma::ServerName::parse(&a_name).unwrap(),
+            &format!("/_matrix/federation/v1/timestamp_to_event/{}?ts=0&dir=f", enc(&room)),
+            None,
+            true,
+            1 << 16,
+        )
+        .await
+        .expect("timestamp_to_event answered");
+    assert!(answer["event_id"].as_str().is_some_and(|e| e.starts_with('$')), "{answer}");
+
     // --- Kick and ban; a banned user cannot rejoin.
     let (st, _) = a
         .post(
@@ -465,6 +545,9 @@ async fn concurrent_state_changes_resolve_alike_and_a_server_catches_up() {
         }
     })
     .await;
+    // B talks to A again: A ends its back-off from B at once (without this A would retry on its
+    // own schedule, 0.5 s doubling) and sends the backlog.
+    send_text(&b, &bob.token, &room, "B is back").await;
     let seen = eventually("the backlog on B", || async {
         let got = bodies(&b, &bob.token, &room).await;
         got.contains(&"while B was down 4".to_owned()).then_some(got)

@@ -16,8 +16,8 @@ async fn load(state: &AppState, user_id: &str) -> ApiResult<Map<String, Value>> 
         .and_then(|r| r.split_once(':'))
         .ok_or_else(|| Error::invalid_param("Invalid user ID"))?;
     if server != state.config.server_name {
-        // Remote profiles need federation, which is not implemented yet.
-        return Err(Error::not_found("Profile not found (remote profiles are not available yet)"));
+        let uid = <&ruma::UserId>::try_from(user_id).map_err(|_| Error::invalid_param("Invalid user ID"))?;
+        return crate::federation::membership::remote_profile(state, uid).await;
     }
     let mut user = storage::users::get(&state.db, user_id).await?;
     if user.is_none() && crate::appservice::user_exists(state, user_id).await? {

@@ -137,7 +137,7 @@ pub async fn join(
         content["reason"] = json!(r);
     }
     if matches!(rule, "restricted" | "knock_restricted") && current.as_deref() != Some("invite") {
-        match restricted_join_authoriser(&state, &room, &auth.user_id, &join_rules).await? {
+        match crate::rooms::client::restricted_join_authoriser(&state, &room, &auth.user_id, &join_rules).await? {
             Some(authoriser) => content["join_authorised_via_users_server"] = json!(authoriser),
             // knock_restricted rooms may still be knocked on; joining needs an allowed room.
             None => return Err(Error::forbidden("You are not a member of any room this room allows joining from")),
@@ -145,44 +145,6 @@ pub async fn join(
     }
     rooms::send(&state, &room, &auth.user_id, NewEvent::state("m.room.member", &auth.user_id, content), None).await?;
     Ok(axum::Json(json!({ "room_id": room.room_id })))
-}
-
-/// For a restricted room: if `user` is joined to one of the rooms the join rules allow, a local
-/// member of this room with the power to invite, who vouches for the join.
-async fn restricted_join_authoriser(
-    state: &AppState,
-    room: &Room,
-    user: &str,
-    join_rules: &Value,
-) -> ApiResult<Option<String>> {
-    let allowed: Vec<&str> = join_rules["allow"]
-        .as_array()
-        .map(|a| a.iter().filter(|c| c["type"] == "m.room_membership").filter_map(|c| c["room_id"].as_str()).collect())
-        .unwrap_or_default();
-    let mut eligible = false;
-    for rid in allowed {
-        if let Some(r) = storage::rooms::by_id(&state.db, rid).await?
-            && matches!(storage::rooms::membership(&state.db, r.room_nid, user).await?, Some((m, _, _)) if m == "join")
-        {
-            eligible = true;
-            break;
-        }
-    }
-    if !eligible {
-        return Ok(None);
-    }
-    let pl = rooms::PowerLevels::load(state, room).await?;
-    let invite_level = pl.action("invite", 0);
-    for member in storage::rooms::member_events(&state.db, room.nid, Some("join"), None).await? {
-        let Some(candidate) = member.state_key else { continue };
-        if !crate::users::is_local(&candidate, &state.config.server_name) {
-            continue;
-        }
-        if pl.of(&candidate) >= invite_level {
-            return Ok(Some(candidate));
-        }
-    }
-    Ok(None)
 }
 
 pub async fn knock(

@@ -30,6 +30,7 @@ pub fn router() -> Router<AppState> {
         .route("/_matrix/federation/v1/event_auth/{room_id}/{event_id}", get(event_auth))
         .route("/_matrix/federation/v1/get_missing_events/{room_id}", post(get_missing_events))
         .route("/_matrix/federation/v1/backfill/{room_id}", get(backfill))
+        .route("/_matrix/federation/v1/timestamp_to_event/{room_id}", get(timestamp_to_event))
 }
 
 fn query_values(query: &Option<String>, key: &str) -> Vec<String> {
@@ -183,4 +184,23 @@ async fn send_knock(
 ) -> Answer {
     let v = membership::send_membership(&state, &signed.origin, &room_id, &event_id, "knock", body(&signed)?).await?;
     Ok(axum::Json(v))
+}
+
+async fn timestamp_to_event(
+    State(state): State<AppState>,
+    Path(room_id): Path<String>,
+    RawQuery(q): RawQuery,
+    Origin(origin): Origin,
+) -> Answer {
+    let ts = query_values(&q, "ts")
+        .first()
+        .ok_or_else(|| Error::missing_param("Missing ts"))?
+        .parse::<i64>()
+        .map_err(|_| Error::invalid_param("ts must be an integer"))?;
+    let forward = match query_values(&q, "dir").first().map(String::as_str) {
+        Some("f") => true,
+        Some("b") => false,
+        _ => return Err(Error::invalid_param("dir must be f or b")),
+    };
+    Ok(axum::Json(inbound::timestamp_to_event(&state, &origin, &room_id, ts, forward).await?))
 }
