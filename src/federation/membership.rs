@@ -774,3 +774,36 @@ pub async fn remote_profile(state: &AppState, user: &UserId) -> ApiResult<serde_
         Err(e) => Err(fed_error(server, e)),
     }
 }
+
+/// Another server's public room directory (`publicRooms` over federation), its answer passed on.
+pub async fn remote_public_rooms(
+    state: &AppState,
+    server: &ServerName,
+    limit: Option<i64>,
+    since: Option<&str>,
+    filter: serde_json::Map<String, Value>,
+) -> ApiResult<Value> {
+    if !state.federation.enabled {
+        return Err(Error::not_found("Other servers' directories need federation, which is disabled"));
+    }
+    let mut body = json!({ "filter": filter });
+    if let Some(l) = limit {
+        body["limit"] = json!(l.clamp(1, 500));
+    }
+    if let Some(s) = since {
+        body["since"] = json!(s);
+    }
+    let answer = state
+        .federation
+        .request(Method::POST, server, "/_matrix/federation/v1/publicRooms", Some(&body), true, 4 * 1024 * 1024)
+        .await
+        .map_err(|e| fed_error(server, e))?;
+    if !answer["chunk"].is_array() {
+        return Err(Error::new(
+            axum::http::StatusCode::BAD_GATEWAY,
+            "M_UNKNOWN",
+            format!("{server}: invalid directory"),
+        ));
+    }
+    Ok(answer)
+}

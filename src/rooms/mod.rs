@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod create;
+pub mod directory;
 pub mod pdu;
 pub mod receipts;
 pub mod relations;

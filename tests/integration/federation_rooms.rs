@@ -132,6 +132,31 @@ async fn two_parvis_servers_share_a_room() {
     let timeline = sync["rooms"]["join"][&room]["timeline"]["events"].as_array().cloned().unwrap_or_default();
     assert!(!timeline.iter().any(|e| e["content"]["body"] == "before bob"), "{sync}");
 
+    // --- A's public room directory, read from B.
+    let (st, _) = a
+        .put(
+            &format!("/_matrix/client/v3/directory/list/room/{}", enc(&room)),
+            Some(&alice.token),
+            json!({ "visibility": "public" }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, v) = b.get(&format!("/_matrix/client/v3/publicRooms?server={}", enc(&a_name)), Some(&bob.token)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert!(
+        v["chunk"].as_array().unwrap().iter().any(|r| r["room_id"] == room.as_str() && r["name"] == "Mairie"),
+        "{v}"
+    );
+    let (st, v) = b
+        .post(
+            &format!("/_matrix/client/v3/publicRooms?server={}", enc(&a_name)),
+            Some(&bob.token),
+            json!({ "filter": { "generic_search_term": "nothing like it" } }),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["chunk"].as_array().unwrap().len(), 0, "{v}");
+
     // --- Messages both ways.
     send_text(&b, &bob.token, &room, "hello from B").await;
     eventually("bob's message on A", || async {

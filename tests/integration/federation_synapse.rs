@@ -26,7 +26,8 @@ async fn synapse_interop_rooms() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new(dir.path(), "interop");
     let p = fed_harness::start(dir.path(), "parvis", &ca, &ca, |_| {}).await;
-    let syn = Synapse::start(dir.path(), &ca, &ca.pem).await;
+    // Synapse lets only its admins publish rooms by default.
+    let syn = Synapse::start_with(dir.path(), &ca, &ca.pem, "room_list_publication_rules: [{action: allow}]\n").await;
     let (pn, sn) = (p.name.to_string(), syn.name.to_string());
     let ps = &p.server;
     let alice = ps.register("alice", false).await;
@@ -117,12 +118,16 @@ async fn synapse_interop_rooms() {
         .post(
             "/_matrix/client/v3/createRoom",
             Some(&sue_token),
-            json!({ "preset": "public_chat", "room_alias_name": "prefecture", "name": "Préfecture" }),
+            json!({ "preset": "public_chat", "room_alias_name": "prefecture", "name": "Préfecture", "visibility": "public" }),
         )
         .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     let syn_room = v["room_id"].as_str().unwrap().to_owned();
     send_text(&syn, &sue_token, &syn_room, "message d'avant").await;
+    // Synapse's public room directory, read from Parvis.
+    let (st, v) = ps.get(&format!("/_matrix/client/v3/publicRooms?server={}", enc(&sn)), Some(&bob.token)).await;
+    assert_eq!(st, StatusCode::OK, "{}", fail(&v.to_string()));
+    assert!(v["chunk"].as_array().unwrap().iter().any(|r| r["room_id"] == syn_room.as_str()), "{v}");
     let (st, v) = ps
         .post(&format!("/_matrix/client/v3/join/{}", enc(&format!("#prefecture:{sn}"))), Some(&bob.token), json!({}))
         .await;

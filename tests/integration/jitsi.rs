@@ -79,9 +79,11 @@ async fn jitsi_verification_flow() {
         "M_UNKNOWN_TOKEN",
     );
     // The federation listener serves no client API (federation itself: federation_keys.rs).
-    for path in ["/_matrix/client/versions", "/_matrix/federation/v1/state/x"] {
+    for path in ["/_matrix/client/versions", "/_matrix/federation/v1/no/such/endpoint"] {
         assert_err(&raw_get(&s, &format!("{fed}{path}")).await, 404, "M_UNRECOGNIZED");
     }
+    // Federation endpoints want an X-Matrix signature.
+    assert_err(&raw_get(&s, &format!("{fed}/_matrix/federation/v1/state/x")).await, 401, "M_UNAUTHORIZED");
 
     // Membership and power, as the service asks a Synapse.
     let members = format!("/_synapse/admin/v1/rooms/{}/members", enc(&room));

@@ -14,9 +14,6 @@ use crate::state::AppState;
 use crate::storage;
 use crate::users::directory::normalise;
 
-/// Upper bound of rooms the directory scans (a municipal deployment has far fewer).
-const MAX_PUBLIC_ROOMS: i64 = 10_000;
-
 #[derive(Deserialize, Default)]
 pub struct PublicRoomsQuery {
     limit: Option<i64>,
@@ -54,76 +51,25 @@ pub async fn public_rooms_post(
 }
 
 async fn public_rooms(state: &AppState, req: PublicRoomsBody) -> ApiResult<axum::Json<Value>> {
-    if req.server.as_deref().is_some_and(|s| s != state.config.server_name) {
-        return Err(Error::not_found("Other servers' directories need federation, which is not available yet"));
-    }
-    let limit = req.limit.unwrap_or(100).clamp(1, 500) as usize;
-    let offset: usize = match &req.since {
-        Some(t) => t
-            .strip_prefix('o')
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| Error::invalid_param("Invalid since token"))?,
-        None => 0,
-    };
-    let term =
-        req.filter.as_ref().and_then(|f| f.generic_search_term.as_deref()).map(normalise).filter(|t| !t.is_empty());
+    let term = req.filter.as_ref().and_then(|f| f.generic_search_term.clone());
     let room_types = req.filter.as_ref().and_then(|f| f.room_types.clone());
-    let mut entries = Vec::new();
-    for r in storage::directory::public_rooms(&state.db, MAX_PUBLIC_ROOMS).await? {
-        let s = &r.state.0;
-        let name = s["m.room.name"]["name"].as_str();
-        let topic = s["m.room.topic"]["topic"].as_str();
-        let alias = s["m.room.canonical_alias"]["alias"].as_str();
+    if let Some(server) = req.server.as_deref().filter(|s| *s != state.config.server_name) {
+        // Another server's directory, asked over federation.
+        let server = ruma::ServerName::parse(server).map_err(|_| Error::invalid_param("Invalid server name"))?;
+        let mut filter = serde_json::Map::new();
         if let Some(t) = &term {
-            let hay = normalise(&format!(
-                "{} {} {} {}",
-                name.unwrap_or(""),
-                topic.unwrap_or(""),
-                alias.unwrap_or(""),
-                r.room_id
-            ));
-            if !hay.contains(t.as_str()) {
-                continue;
-            }
+            filter.insert("generic_search_term".into(), json!(t));
         }
-        let room_type = s["m.room.create"]["type"].as_str().map(str::to_owned);
-        if let Some(types) = &room_types
-            && !types.contains(&room_type)
-        {
-            continue;
+        if let Some(rt) = &room_types {
+            filter.insert("room_types".into(), json!(rt));
         }
-        let mut e = json!({
-            "room_id": r.room_id,
-            "num_joined_members": r.num_joined_members,
-            "world_readable": s["m.room.history_visibility"]["history_visibility"] == "world_readable",
-            "guest_can_join": s["m.room.guest_access"]["guest_access"] == "can_join",
-            "join_rule": s["m.room.join_rules"]["join_rule"].as_str().unwrap_or("invite"),
-        });
-        for (k, v) in [
-            ("name", name),
-            ("topic", topic),
-            ("canonical_alias", alias),
-            ("avatar_url", s["m.room.avatar"]["url"].as_str()),
-        ] {
-            if let Some(v) = v {
-                e[k] = json!(v);
-            }
-        }
-        if let Some(t) = room_type {
-            e["room_type"] = json!(t);
-        }
-        entries.push(e);
+        let v =
+            crate::federation::membership::remote_public_rooms(state, &server, req.limit, req.since.as_deref(), filter)
+                .await?;
+        return Ok(axum::Json(v));
     }
-    let total = entries.len();
-    let page: Vec<Value> = entries.into_iter().skip(offset).take(limit).collect();
-    let mut resp = json!({ "chunk": page, "total_room_count_estimate": total });
-    if offset + limit < total {
-        resp["next_batch"] = json!(format!("o{}", offset + limit));
-    }
-    if offset > 0 {
-        resp["prev_batch"] = json!(format!("o{}", offset.saturating_sub(limit)));
-    }
-    Ok(axum::Json(resp))
+    let v = rooms::directory::public_rooms(state, req.limit, req.since.as_deref(), term.as_deref(), room_types).await?;
+    Ok(axum::Json(v))
 }
 
 pub async fn get_visibility(

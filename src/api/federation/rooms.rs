@@ -24,6 +24,7 @@ pub fn router() -> Router<AppState> {
         .route("/_matrix/federation/v2/send_leave/{room_id}/{event_id}", put(send_leave))
         .route("/_matrix/federation/v2/invite/{room_id}/{event_id}", put(invite))
         .route("/_matrix/federation/v1/query/directory", get(query_directory))
+        .route("/_matrix/federation/v1/publicRooms", get(public_rooms_get).post(public_rooms_post))
         .route("/_matrix/federation/v1/event/{event_id}", get(event))
         .route("/_matrix/federation/v1/state_ids/{room_id}", get(state_ids))
         .route("/_matrix/federation/v1/state/{room_id}", get(state_pdus))
@@ -203,4 +204,23 @@ async fn timestamp_to_event(
         _ => return Err(Error::invalid_param("dir must be f or b")),
     };
     Ok(axum::Json(inbound::timestamp_to_event(&state, &origin, &room_id, ts, forward).await?))
+}
+
+/// `GET /publicRooms?limit=&since=`: this server's published rooms.
+async fn public_rooms_get(State(state): State<AppState>, RawQuery(q): RawQuery, Origin(_): Origin) -> Answer {
+    let limit = query_values(&q, "limit").first().and_then(|l| l.parse().ok());
+    let since = query_values(&q, "since").into_iter().next();
+    Ok(axum::Json(crate::rooms::directory::public_rooms(&state, limit, since.as_deref(), None, None).await?))
+}
+
+/// `POST /publicRooms` with `limit`, `since` and `filter` (`generic_search_term`, `room_types`).
+async fn public_rooms_post(State(state): State<AppState>, signed: Signed) -> Answer {
+    let b = body(&signed)?;
+    let limit = b["limit"].as_i64();
+    let since = b["since"].as_str();
+    let term = b["filter"]["generic_search_term"].as_str();
+    let room_types: Option<Vec<Option<String>>> = b["filter"]["room_types"]
+        .as_array()
+        .map(|a| a.iter().take(20).map(|t| t.as_str().map(str::to_owned)).collect());
+    Ok(axum::Json(crate::rooms::directory::public_rooms(&state, limit, since, term, room_types).await?))
 }
