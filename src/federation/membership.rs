@@ -233,22 +233,45 @@ pub async fn join_remote(
     Err(last)
 }
 
-async fn join_through(
+/// A membership event made on another server (`make_join`/`make_leave`/`make_knock`), filled in
+/// and signed here, ready for the matching `send_*`.
+struct Made {
+    version: String,
+    rules: ruma::room_version_rules::RoomVersionRules,
+    event_id: ruma::OwnedEventId,
+    json: String,
+    signed: Value,
+}
+
+fn bad_gateway(server: &ServerName, what: impl std::fmt::Display) -> Error {
+    Error::new(axum::http::StatusCode::BAD_GATEWAY, "M_UNKNOWN", format!("{server}: {what}"))
+}
+
+/// Asks `server` for a `membership` event template of `user` in `room_id`, checks that it is
+/// one, puts `content` in it (keeping a restricted join's authoriser, which the resident
+/// chooses), and signs it.
+async fn make_and_sign(
     state: &AppState,
+    server: &ServerName,
     room_id: &RoomId,
     user: &str,
-    server: &ServerName,
-    content: Value,
-) -> ApiResult<Room> {
-    let fed = &state.federation;
-    let versions: String = rooms::SUPPORTED_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
-    let path = format!(
-        "/_matrix/federation/v1/make_join/{}/{}?{versions}",
+    membership: &str,
+    mut content: Value,
+) -> ApiResult<Made> {
+    let mut path = format!(
+        "/_matrix/federation/v1/make_{membership}/{}/{}",
         crate::appservice::client::enc(room_id.as_str()),
         crate::appservice::client::enc(user)
     );
-    let made =
-        fed.request(Method::GET, server, &path, None, true, 1024 * 1024).await.map_err(|e| fed_error(server, e))?;
+    if membership != "leave" {
+        let versions: Vec<String> = rooms::SUPPORTED_VERSIONS.iter().map(|v| format!("ver={v}")).collect();
+        path = format!("{path}?{}", versions.join("&"));
+    }
+    let made = state
+        .federation
+        .request(Method::GET, server, &path, None, true, 1024 * 1024)
+        .await
+        .map_err(|e| fed_error(server, e))?;
     let version = made["room_version"].as_str().unwrap_or("1").to_owned();
     let (_, rules) = rooms::rules_for(&version)?;
     let mut event = made["event"].clone();
@@ -258,14 +281,8 @@ async fn join_through(
         || event["state_key"] != user
         || event["type"] != "m.room.member"
     {
-        return Err(Error::new(
-            axum::http::StatusCode::BAD_GATEWAY,
-            "M_UNKNOWN",
-            format!("{server}: invalid join template"),
-        ));
+        return Err(bad_gateway(server, format!("invalid {membership} template")));
     }
-    let mut content = content;
-    // Restricted joins: the resident names who authorises the join.
     if let Some(a) = event["content"].get("join_authorised_via_users_server") {
         content["join_authorised_via_users_server"] = a.clone();
     }
@@ -273,22 +290,93 @@ async fn join_through(
     event["origin_server_ts"] = json!(storage::now_ms());
     event["origin"] = json!(state.config.server_name);
     if let Some(o) = event.as_object_mut() {
-        o.remove("signatures");
-        o.remove("hashes");
-        o.remove("unsigned");
-        o.remove("event_id");
+        for k in ["signatures", "hashes", "unsigned", "event_id"] {
+            o.remove(k);
+        }
     }
-    let (event_id, json_text) = rooms::sign(state, event, &rules)?;
-    let signed: Value = serde_json::from_str(&json_text).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    let (event_id, json) = rooms::sign(state, event, &rules)?;
+    let signed: Value = serde_json::from_str(&json).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
+    Ok(Made { version, rules, event_id, json, signed })
+}
+
+/// Sends a made event (`send_join` and `send_leave` are v2, `send_knock` v1); returns the answer.
+async fn send_made(
+    state: &AppState,
+    server: &ServerName,
+    room_id: &RoomId,
+    membership: &str,
+    made: &Made,
+    max: usize,
+) -> ApiResult<Value> {
+    let v = if membership == "knock" { "v1" } else { "v2" };
     let path = format!(
-        "/_matrix/federation/v2/send_join/{}/{}",
+        "/_matrix/federation/{v}/send_{membership}/{}/{}",
         crate::appservice::client::enc(room_id.as_str()),
-        crate::appservice::client::enc(event_id.as_str())
+        crate::appservice::client::enc(made.event_id.as_str())
     );
-    let answer = fed
-        .request(Method::PUT, server, &path, Some(&signed), true, MAX_SEND_JOIN_BYTES)
+    state
+        .federation
+        .request(Method::PUT, server, &path, Some(&made.signed), true, max)
         .await
-        .map_err(|e| fed_error(server, e))?;
+        .map_err(|e| fed_error(server, e))
+}
+
+/// Records a local user's membership event in a room this server is not in (an invite received,
+/// a knock or a rejection sent), with the stripped state the other server gave: the room is
+/// created if unknown, the event stored with a stream position, and the user's sync woken.
+async fn record_outside(
+    state: &AppState,
+    room_id: &str,
+    version: &str,
+    creator: &str,
+    event: &pdu::Checked,
+    json: &str,
+    stripped: &Value,
+) -> ApiResult<()> {
+    let mut tx = state.db.begin().await?;
+    let room_nid = storage::remote::ensure_room(&mut tx, room_id, version, creator).await?;
+    let room = match Room::load(state, room_id).await {
+        Ok(room) => room,
+        // Created by this transaction: not visible to `Room::load` yet.
+        Err(_) => Room::from_row(&storage::rooms::RoomRow {
+            room_nid,
+            room_id: room_id.to_owned(),
+            room_version: version.to_owned(),
+            creator: creator.to_owned(),
+            is_public: false,
+            current_state_group: None,
+        })?,
+    };
+    let writer = state.sync.begin_write(&state.event_stream);
+    rooms::lock_room(&mut tx, room_nid).await?;
+    let appended = engine::store_invite(&mut tx, &room, event, json, stripped).await?;
+    tx.commit().await?;
+    state.sync.invalidate_room(room_nid);
+    crate::cluster::room_invalidated(state, room_nid);
+    rooms::committed(state, &room, writer, &appended);
+    Ok(())
+}
+
+/// The creator named by a stripped state's `m.room.create`, else `fallback`.
+fn stripped_creator(stripped: &[Value], fallback: &str) -> String {
+    stripped
+        .iter()
+        .find(|e| e["type"] == "m.room.create")
+        .and_then(|e| e["sender"].as_str())
+        .unwrap_or(fallback)
+        .to_owned()
+}
+
+async fn join_through(
+    state: &AppState,
+    room_id: &RoomId,
+    user: &str,
+    server: &ServerName,
+    content: Value,
+) -> ApiResult<Room> {
+    let made = make_and_sign(state, server, room_id, user, "join", content).await?;
+    let answer = send_made(state, server, room_id, "join", &made, MAX_SEND_JOIN_BYTES).await?;
+    let Made { version, rules, event_id, signed, .. } = made;
     // The join as the resident returned it (restricted joins: with its signature added).
     let join_value = match answer.get("event") {
         Some(e) if e.is_object() => e.clone(),
@@ -491,29 +579,8 @@ pub async fn receive_invite(
             .and_then(Value::as_array)
             .map(|a| a.iter().take(50).cloned().collect())
             .unwrap_or_default();
-        let creator = stripped
-            .iter()
-            .find(|e| e["type"] == "m.room.create")
-            .and_then(|e| e["sender"].as_str())
-            .unwrap_or(p.sender.as_str())
-            .to_owned();
-        let mut tx = state.db.begin().await?;
-        let room_nid = storage::remote::ensure_room(&mut tx, room_id, version, &creator).await?;
-        let room = Room::from_row(&storage::rooms::RoomRow {
-            room_nid,
-            room_id: room_id.to_owned(),
-            room_version: version.to_owned(),
-            creator,
-            is_public: false,
-            current_state_group: None,
-        })?;
-        let writer = state.sync.begin_write(&state.event_stream);
-        crate::rooms::lock_room(&mut tx, room_nid).await?;
-        let appended = engine::store_invite(&mut tx, &room, &checked, &signed_json, &json!(stripped)).await?;
-        tx.commit().await?;
-        state.sync.invalidate_room(room_nid);
-        crate::cluster::room_invalidated(state, room_nid);
-        rooms::committed(state, &room, writer, &appended);
+        let creator = stripped_creator(&stripped, p.sender.as_str());
+        record_outside(state, room_id, version, &creator, &checked, &signed_json, &json!(stripped)).await?;
     }
     Ok(json!({ "event": signed }))
 }
@@ -527,60 +594,17 @@ pub async fn leave_remote(
     server: &ServerName,
     reason: Option<String>,
 ) -> ApiResult<()> {
-    let path = format!(
-        "/_matrix/federation/v1/make_leave/{}/{}",
-        crate::appservice::client::enc(room.room_id.as_str()),
-        crate::appservice::client::enc(user)
-    );
-    let made = state
-        .federation
-        .request(Method::GET, server, &path, None, true, 1024 * 1024)
-        .await
-        .map_err(|e| fed_error(server, e))?;
-    let mut event = made["event"].clone();
-    if event["sender"] != user || event["state_key"] != user || event["type"] != "m.room.member" {
-        return Err(Error::new(
-            axum::http::StatusCode::BAD_GATEWAY,
-            "M_UNKNOWN",
-            format!("{server}: invalid leave template"),
-        ));
-    }
+    let room_id = room.room_id.as_ref();
     let mut content = json!({ "membership": "leave" });
     if let Some(r) = reason {
         content["reason"] = json!(r);
     }
-    event["content"] = content;
-    event["origin_server_ts"] = json!(storage::now_ms());
-    event["origin"] = json!(state.config.server_name);
-    if let Some(o) = event.as_object_mut() {
-        for k in ["signatures", "hashes", "unsigned", "event_id"] {
-            o.remove(k);
-        }
-    }
-    let (event_id, json_text) = rooms::sign(state, event, &room.rules)?;
-    let signed: Value = serde_json::from_str(&json_text).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
-    let path = format!(
-        "/_matrix/federation/v2/send_leave/{}/{}",
-        crate::appservice::client::enc(room.room_id.as_str()),
-        crate::appservice::client::enc(event_id.as_str())
-    );
-    state
-        .federation
-        .request(Method::PUT, server, &path, Some(&signed), true, 1024 * 1024)
-        .await
-        .map_err(|e| fed_error(server, e))?;
-    let checked = pdu::check(state, &room.rules, Some(room.room_id.as_str()), &signed)
+    let made = make_and_sign(state, server, room_id, user, "leave", content).await?;
+    send_made(state, server, room_id, "leave", &made, 1024 * 1024).await?;
+    let checked = pdu::check(state, &made.rules, Some(room_id.as_str()), &made.signed)
         .await
         .map_err(|e| Error::from(anyhow::anyhow!("our own leave: {e}")))?;
-    let mut tx = state.db.begin().await?;
-    let writer = state.sync.begin_write(&state.event_stream);
-    rooms::lock_room(&mut tx, room.nid).await?;
-    let appended = engine::store_invite(&mut tx, room, &checked, &json_text, &Value::Null).await?;
-    tx.commit().await?;
-    state.sync.invalidate_room(room.nid);
-    crate::cluster::room_invalidated(state, room.nid);
-    rooms::committed(state, room, writer, &appended);
-    Ok(())
+    record_outside(state, room_id.as_str(), &made.version, user, &checked, &made.json, &Value::Null).await
 }
 
 /// Whether this server has a joined member in a room.
@@ -676,84 +700,19 @@ async fn knock_through(
     server: &ServerName,
     reason: Option<String>,
 ) -> ApiResult<()> {
-    let versions: String = rooms::SUPPORTED_VERSIONS.iter().map(|v| format!("ver={v}")).collect::<Vec<_>>().join("&");
-    let path = format!(
-        "/_matrix/federation/v1/make_knock/{}/{}?{versions}",
-        crate::appservice::client::enc(room_id.as_str()),
-        crate::appservice::client::enc(user)
-    );
-    let made = state
-        .federation
-        .request(Method::GET, server, &path, None, true, 1024 * 1024)
-        .await
-        .map_err(|e| fed_error(server, e))?;
-    let version = made["room_version"].as_str().unwrap_or("1").to_owned();
-    let (_, rules) = rooms::rules_for(&version)?;
-    let mut event = made["event"].clone();
-    if event["room_id"] != room_id.as_str()
-        || event["sender"] != user
-        || event["state_key"] != user
-        || event["type"] != "m.room.member"
-    {
-        return Err(Error::new(
-            axum::http::StatusCode::BAD_GATEWAY,
-            "M_UNKNOWN",
-            format!("{server}: invalid knock template"),
-        ));
-    }
     let mut content = json!({ "membership": "knock" });
     if let Some(r) = reason {
         content["reason"] = json!(r);
     }
-    event["content"] = content;
-    event["origin_server_ts"] = json!(storage::now_ms());
-    event["origin"] = json!(state.config.server_name);
-    if let Some(o) = event.as_object_mut() {
-        for k in ["signatures", "hashes", "unsigned", "event_id"] {
-            o.remove(k);
-        }
-    }
-    let (event_id, json_text) = rooms::sign(state, event, &rules)?;
-    let signed: Value = serde_json::from_str(&json_text).map_err(|e| Error::from(anyhow::anyhow!(e)))?;
-    let path = format!(
-        "/_matrix/federation/v1/send_knock/{}/{}",
-        crate::appservice::client::enc(room_id.as_str()),
-        crate::appservice::client::enc(event_id.as_str())
-    );
-    let answer = state
-        .federation
-        .request(Method::PUT, server, &path, Some(&signed), true, 1024 * 1024)
-        .await
-        .map_err(|e| fed_error(server, e))?;
+    let made = make_and_sign(state, server, room_id, user, "knock", content).await?;
+    let answer = send_made(state, server, room_id, "knock", &made, 1024 * 1024).await?;
     let stripped: Vec<Value> =
         answer["knock_room_state"].as_array().map(|a| a.iter().take(50).cloned().collect()).unwrap_or_default();
-    let checked = pdu::check(state, &rules, Some(room_id.as_str()), &signed)
+    let checked = pdu::check(state, &made.rules, Some(room_id.as_str()), &made.signed)
         .await
         .map_err(|e| Error::from(anyhow::anyhow!("our own knock: {e}")))?;
-    let creator = stripped
-        .iter()
-        .find(|e| e["type"] == "m.room.create")
-        .and_then(|e| e["sender"].as_str())
-        .unwrap_or(user)
-        .to_owned();
-    let mut tx = state.db.begin().await?;
-    let room_nid = storage::remote::ensure_room(&mut tx, room_id.as_str(), &version, &creator).await?;
-    let room = Room::from_row(&storage::rooms::RoomRow {
-        room_nid,
-        room_id: room_id.to_string(),
-        room_version: version.clone(),
-        creator,
-        is_public: false,
-        current_state_group: None,
-    })?;
-    let writer = state.sync.begin_write(&state.event_stream);
-    rooms::lock_room(&mut tx, room_nid).await?;
-    let appended = engine::store_invite(&mut tx, &room, &checked, &json_text, &json!(stripped)).await?;
-    tx.commit().await?;
-    state.sync.invalidate_room(room_nid);
-    crate::cluster::room_invalidated(state, room_nid);
-    rooms::committed(state, &room, writer, &appended);
-    Ok(())
+    let creator = stripped_creator(&stripped, user);
+    record_outside(state, room_id.as_str(), &made.version, &creator, &checked, &made.json, &json!(stripped)).await
 }
 
 /// A user of another server's profile (`query/profile`), bounded, non-string fields kept as they

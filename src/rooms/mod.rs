@@ -557,6 +557,29 @@ pub fn committed(state: &AppState, room: &Room, writer: crate::sync::cache::Writ
     }
 }
 
+/// The state entries `(type, state_key)` the authorization rules look at for an event, and the
+/// room's create event, each once.
+pub fn auth_keys(
+    kind: &TimelineEventType,
+    sender: &UserId,
+    state_key: Option<&str>,
+    content: &serde_json::value::RawValue,
+    room: &Room,
+) -> Result<Vec<(String, String)>, String> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    let needed = ruma::state_res::auth_types_for_event(kind, sender, state_key, content, &room.rules.authorization)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .map(|(t, k)| (t.to_string(), k))
+        .chain(std::iter::once(("m.room.create".to_owned(), String::new())));
+    for key in needed {
+        if !keys.contains(&key) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
+}
+
 fn forbidden(reason: impl std::fmt::Display) -> Error {
     Error::forbidden(reason.to_string())
 }
@@ -580,23 +603,7 @@ pub async fn append(
     let sender_id = parse_user(sender)?;
     let kind = TimelineEventType::from(ev.kind.as_str());
     let content_raw = serde_json::value::to_raw_value(&ev.content).map_err(|e| Error::bad_json(e.to_string()))?;
-    let mut keys: Vec<(String, String)> = Vec::new();
-    let needed = ruma::state_res::auth_types_for_event(
-        &kind,
-        sender_id,
-        ev.state_key.as_deref(),
-        &content_raw,
-        &room.rules.authorization,
-    )
-    .map_err(forbidden)?
-    .into_iter()
-    .map(|(t, k)| (t.to_string(), k))
-    .chain(std::iter::once(("m.room.create".to_owned(), String::new())));
-    for key in needed {
-        if !keys.contains(&key) {
-            keys.push(key);
-        }
-    }
+    let keys = auth_keys(&kind, sender_id, ev.state_key.as_deref(), &content_raw, room).map_err(forbidden)?;
     let entries = head.auth_state(conn, room.nid, &keys).await?;
 
     let mut by_key: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();

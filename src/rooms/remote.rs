@@ -89,17 +89,21 @@ pub async fn accept(
     let mut outcomes = Outcomes::new();
     let mut appended: Vec<Appended> = Vec::new();
     let mut forked = lock.extremities.len() > 1;
+    // The current state changes only after the batch (`update_current_state`).
+    let current_group = storage::rooms::by_nid(&mut *tx, room.nid).await?.and_then(|r| r.current_state_group);
     for p in pdus {
         let id = p.checked.event_id.clone();
-        match accept_one(state, &mut tx, room, p, &mut appended).await {
+        match accept_one(state, &mut tx, room, current_group, p, &mut appended).await {
             Ok(linear) => {
                 forked |= !linear;
                 outcomes.push((id, Ok(())));
             }
-            Err(Reject(reason)) => {
+            Err(Failure::Reject(reason)) => {
                 tracing::info!(room_id = %room.room_id, event_id = %id, reason, "remote event rejected");
                 outcomes.push((id, Err(reason)));
             }
+            // Dropping the transaction rolls the batch back.
+            Err(Failure::Fatal(e)) => return Err(e),
         }
     }
     if appended.is_empty() {
@@ -139,18 +143,26 @@ pub async fn accept(
     Ok(outcomes)
 }
 
-/// Why one event was rejected.
-struct Reject(String);
+/// Why one event was not stored: the rules refused it (the batch goes on), or a server error
+/// (the database may have aborted the transaction: the whole batch fails, nothing is committed).
+enum Failure {
+    Reject(String),
+    Fatal(Error),
+}
 
-impl From<Error> for Reject {
+fn reject(reason: impl Into<String>) -> Failure {
+    Failure::Reject(reason.into())
+}
+
+impl From<Error> for Failure {
     fn from(e: Error) -> Self {
-        Reject(e.message)
+        Failure::Fatal(e)
     }
 }
 
-impl From<sqlx::Error> for Reject {
+impl From<sqlx::Error> for Failure {
     fn from(e: sqlx::Error) -> Self {
-        Reject(format!("database error: {e}"))
+        Failure::Fatal(e.into())
     }
 }
 
@@ -159,14 +171,15 @@ async fn accept_one(
     state: &AppState,
     conn: &mut PgConnection,
     room: &Room,
+    current_group: Option<i64>,
     p: Incoming,
     appended: &mut Vec<Appended>,
-) -> Result<bool, Reject> {
+) -> Result<bool, Failure> {
     let Incoming { checked, state_before: given } = p;
     let pdu = &checked.pdu;
     let event_id = checked.event_id.as_str();
     if pdu.room_id.as_ref().is_some_and(|r| *r != room.room_id) {
-        return Err(Reject("event of another room".into()));
+        return Err(reject("event of another room"));
     }
     // Ids the event refers to, and what this server has of them.
     let mut refs: Vec<String> = pdu.prev_events.iter().chain(&pdu.auth_events).map(|e| e.to_string()).collect();
@@ -181,7 +194,7 @@ async fn accept_one(
         return Ok(true);
     }
     if known.values().any(|k| k.room_nid != room.nid) {
-        return Err(Reject("refers to events of another room".into()));
+        return Err(reject("refers to events of another room"));
     }
     let prevs: Vec<&storage::remote::Known> = pdu
         .prev_events
@@ -194,12 +207,11 @@ async fn accept_one(
     let auth_known: Vec<&storage::remote::Known> =
         pdu.auth_events.iter().filter_map(|id| known.get(id.as_str())).collect();
     if auth_known.len() != pdu.auth_events.len() {
-        return Err(Reject("unknown auth events".into()));
+        return Err(reject("unknown auth events"));
     }
 
     // The state before the event.
     let all_prevs_known = prevs.len() == pdu.prev_events.len();
-    let current_group = storage::rooms::by_nid(&mut *conn, room.nid).await?.and_then(|r| r.current_state_group);
     let (before, before_group): (StateBefore, Option<i64>) = if all_prevs_known && !prevs.is_empty() {
         let mut groups: Vec<i64> = prevs.iter().filter_map(|k| k.state_after).collect();
         groups.sort_unstable();
@@ -226,7 +238,7 @@ async fn accept_one(
         let g = storage::state::create_group(&mut *conn, room.nid, None, &entries).await?;
         (StateBefore::Map(map), Some(g))
     } else {
-        return Err(Reject("unknown prev_events".into()));
+        return Err(reject("unknown prev_events"));
     };
 
     authorize(conn, room, pdu, &auth_known, &before).await?;
@@ -271,7 +283,7 @@ async fn accept_one(
     )
     .await?;
     let Some((event_nid, stream)) = written else {
-        return Err(Reject("not stored".into()));
+        return Err(reject("not stored"));
     };
     let mut state_after = before_group;
     if let Some(sk) = &pdu.state_key {
@@ -352,7 +364,7 @@ async fn authorize(
     pdu: &Pdu,
     auth_known: &[&storage::remote::Known],
     before: &StateBefore,
-) -> Result<(), Reject> {
+) -> Result<(), Failure> {
     let rules = &room.rules.authorization;
     let nids: Vec<i64> = auth_known.iter().map(|k| k.event_nid).collect();
     let auth_rows = storage::events::by_nids(&mut *conn, &nids).await?;
@@ -372,20 +384,14 @@ async fn authorize(
         auth_by_key.entry((StateEventType::RoomCreate, String::new())).or_insert_with(|| c.clone());
     }
     ruma::state_res::check_state_independent_auth_rules(rules, pdu, |id: &EventId| auth_by_id.get(id).cloned())
-        .map_err(|e| Reject(format!("auth events: {e}")))?;
+        .map_err(|e| reject(format!("auth events: {e}")))?;
     ruma::state_res::check_state_dependent_auth_rules(rules, pdu, |t: &StateEventType, k: &str| {
         auth_by_key.get(&(t.clone(), k.to_owned())).cloned()
     })
-    .map_err(|e| Reject(format!("auth events: {e}")))?;
+    .map_err(|e| reject(format!("auth events: {e}")))?;
 
     let content = &pdu.content;
-    let needed: Vec<(String, String)> =
-        ruma::state_res::auth_types_for_event(&pdu.kind, &pdu.sender, pdu.state_key.as_deref(), content, rules)
-            .map_err(|e| Reject(e.to_string()))?
-            .into_iter()
-            .map(|(t, k)| (t.to_string(), k))
-            .chain(std::iter::once(("m.room.create".to_owned(), String::new())))
-            .collect();
+    let needed = super::auth_keys(&pdu.kind, &pdu.sender, pdu.state_key.as_deref(), content, room).map_err(reject)?;
     let events = before.events(conn, room, &needed).await?;
     let by_key: HashMap<(StateEventType, String), Arc<Pdu>> = events
         .into_iter()
@@ -394,7 +400,7 @@ async fn authorize(
     ruma::state_res::check_state_dependent_auth_rules(rules, pdu, |t: &StateEventType, k: &str| {
         by_key.get(&(t.clone(), k.to_owned())).cloned()
     })
-    .map_err(|e| Reject(format!("state before the event: {e}")))?;
+    .map_err(|e| reject(format!("state before the event: {e}")))?;
     Ok(())
 }
 
@@ -483,13 +489,7 @@ pub async fn member_event(state: &AppState, room: &Room, user: &str, target: &st
     let depth = ext.iter().map(|e| e.2).max().unwrap_or(0).saturating_add(1);
     let content_raw = serde_json::value::to_raw_value(&content).map_err(|e| Error::bad_json(e.to_string()))?;
     let kind = ruma::events::TimelineEventType::RoomMember;
-    let keys: Vec<(String, String)> =
-        ruma::state_res::auth_types_for_event(&kind, sender, Some(target), &content_raw, &room.rules.authorization)
-            .map_err(|e| Error::forbidden(e.to_string()))?
-            .into_iter()
-            .map(|(t, k)| (t.to_string(), k))
-            .chain(std::iter::once(("m.room.create".to_owned(), String::new())))
-            .collect();
+    let keys = super::auth_keys(&kind, sender, Some(target), &content_raw, room).map_err(Error::forbidden)?;
     let rows = storage::rooms::current_state_for(&mut *conn, room.nid, &keys).await?;
     let auth_ids: Vec<&str> = rows
         .iter()
@@ -781,9 +781,13 @@ pub async fn store_backfilled(
             continue;
         }
         let map = StateBefore::Map(before.clone());
-        if let Err(Reject(reason)) = authorize(&mut tx, room, pdu, &auth_known, &map).await {
-            tracing::info!(room_id = %room.room_id, event_id = %c.event_id, reason, "backfilled event rejected");
-            continue;
+        match authorize(&mut tx, room, pdu, &auth_known, &map).await {
+            Ok(()) => {}
+            Err(Failure::Reject(reason)) => {
+                tracing::info!(room_id = %room.room_id, event_id = %c.event_id, reason, "backfilled event rejected");
+                continue;
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
         }
         let content: Value = serde_json::from_str(pdu.content.get()).unwrap_or(Value::Null);
         let kind = pdu.kind.to_string();

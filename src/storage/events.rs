@@ -48,10 +48,10 @@ pub struct NewEventRow<'a> {
 
 /// Inserts an event with the next stream position. Returns (event_nid, stream_ordering).
 /// A statement whose parameters `$1`-`$18` are an event row's columns.
-type EventQuery<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
+pub(super) type EventQuery<'q, O> = sqlx::query::QueryAs<'q, sqlx::Postgres, O, sqlx::postgres::PgArguments>;
 
 /// Binds `e` as `$1`-`$18`, in the order both [`insert`] and [`append`] number them.
-fn bind_row<'q, O>(q: EventQuery<'q, O>, e: &NewEventRow<'q>) -> EventQuery<'q, O> {
+pub(super) fn bind_row<'q, O>(q: EventQuery<'q, O>, e: &NewEventRow<'q>) -> EventQuery<'q, O> {
     q.bind(e.event_id)
         .bind(e.room_nid)
         .bind(e.depth)

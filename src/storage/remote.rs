@@ -545,43 +545,26 @@ pub async fn insert_backfilled(
     prev: &[String],
     auth: &[i64],
 ) -> sqlx::Result<Option<(i64, i64)>> {
-    sqlx::query_as(
+    // Numbered as `events::bind_row` binds an event row ($1-$18).
+    let q = sqlx::query_as(
         "WITH ev AS (
              INSERT INTO events (event_id, room_nid, stream_ordering, depth, event_type, state_key, sender,
-                                 origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to)
-             VALUES ($1, $2, -nextval('event_backfill_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                 origin_server_ts, json, state_before, state_after, redacts, rel_type, relates_to,
+                                 txn_device, txn_id)
+             VALUES ($1, $2, -nextval('event_backfill_seq'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
              ON CONFLICT (event_id) DO NOTHING
              RETURNING event_nid, stream_ordering),
          search AS (
              INSERT INTO event_search (event_nid, room_nid, stream_ordering, key, sender, event_type, vector)
-             SELECT ev.event_nid, $2, ev.stream_ordering, $14, $6, $4, to_tsvector($16::regconfig, $15)
-             FROM ev WHERE $14::text IS NOT NULL),
+             SELECT ev.event_nid, $2, ev.stream_ordering, $16, $6, $4, to_tsvector($18::regconfig, $17)
+             FROM ev WHERE $16::text IS NOT NULL),
          prev AS (
-             INSERT INTO event_edges (event_nid, prev_event_id) SELECT ev.event_nid, p FROM ev, UNNEST($17::text[]) p),
+             INSERT INTO event_edges (event_nid, prev_event_id) SELECT ev.event_nid, p FROM ev, UNNEST($19::text[]) p),
          auth AS (
-             INSERT INTO event_auth (event_nid, auth_event_nid) SELECT ev.event_nid, a FROM ev, UNNEST($18::bigint[]) a)
+             INSERT INTO event_auth (event_nid, auth_event_nid) SELECT ev.event_nid, a FROM ev, UNNEST($20::bigint[]) a)
          SELECT event_nid, stream_ordering FROM ev",
-    )
-    .bind(e.event_id)
-    .bind(e.room_nid)
-    .bind(e.depth)
-    .bind(e.event_type)
-    .bind(e.state_key)
-    .bind(e.sender)
-    .bind(e.origin_server_ts)
-    .bind(e.json)
-    .bind(e.state_before)
-    .bind(e.state_after)
-    .bind(e.redacts)
-    .bind(e.rel_type)
-    .bind(e.relates_to)
-    .bind(e.search.map(|s| s.0))
-    .bind(e.search.map(|s| s.1))
-    .bind(e.search.map_or("simple", |s| s.2))
-    .bind(prev)
-    .bind(auth)
-    .fetch_optional(conn)
-    .await
+    );
+    super::events::bind_row(q, e).bind(prev).bind(auth).fetch_optional(conn).await
 }
 
 /// The earliest event of a room's timeline (stream position set), by depth: `(ID, type)`.

@@ -38,6 +38,12 @@ fn query_values(query: &Option<String>, key: &str) -> Vec<String> {
     crate::http::extract::query_values(query.as_deref(), key)
 }
 
+/// The room versions a joining server supports (`ver`, repeated); `1` when it names none.
+fn room_versions(query: &Option<String>) -> Vec<String> {
+    let versions = query_values(query, "ver");
+    if versions.is_empty() { vec!["1".into()] } else { versions }
+}
+
 fn body(signed: &Signed) -> ApiResult<&Value> {
     signed.content.as_ref().filter(|v| v.is_object()).ok_or_else(|| Error::bad_json("Expected a JSON object"))
 }
@@ -54,10 +60,7 @@ async fn make_join(
     RawQuery(query): RawQuery,
     Origin(origin): Origin,
 ) -> Answer {
-    let mut versions = query_values(&query, "ver");
-    if versions.is_empty() {
-        versions.push("1".into());
-    }
+    let versions = room_versions(&query);
     Ok(axum::Json(membership::make_membership(&state, &origin, &room_id, &user_id, "join", &versions).await?))
 }
 
@@ -171,10 +174,7 @@ async fn make_knock(
     RawQuery(query): RawQuery,
     Origin(origin): Origin,
 ) -> Answer {
-    let mut versions = query_values(&query, "ver");
-    if versions.is_empty() {
-        versions.push("1".into());
-    }
+    let versions = room_versions(&query);
     Ok(axum::Json(membership::make_membership(&state, &origin, &room_id, &user_id, "knock", &versions).await?))
 }
 
