@@ -59,7 +59,13 @@ pub async fn transaction(state: &AppState, origin: &ServerName, txn_id: &str, bo
         }
     }
     for (room_id, pdus) in by_room {
-        for (id, outcome) in room_pdus(state, origin, &room_id, &pdus).await {
+        let (outcomes, failed) = room_pdus(state, origin, &room_id, &pdus).await;
+        if failed {
+            // A server error (not a rejection): not recorded, so that the origin's retry of this
+            // transaction processes it again (events already accepted count as accepted).
+            return Err(Error::internal());
+        }
+        for (id, outcome) in outcomes {
             let v = match outcome {
                 Ok(()) => json!({}),
                 Err(e) => json!({ "error": e }),
@@ -83,18 +89,18 @@ async fn room_pdus(
     origin: &ServerName,
     room_id: &str,
     pdus: &[&Value],
-) -> Vec<(String, Result<(), String>)> {
+) -> (Vec<(String, Result<(), String>)>, bool) {
     let mut out = Vec::new();
     let id_of = |v: &Value| v.get("event_id").and_then(Value::as_str).unwrap_or("").to_owned();
     let room = match Room::load(state, room_id).await {
         Ok(r) => r,
         Err(_) => {
             // Not a room this server is in: nothing to do with its events.
-            return pdus.iter().map(|v| (id_of(v), Err("unknown room".to_owned()))).collect();
+            return (pdus.iter().map(|v| (id_of(v), Err("unknown room".to_owned()))).collect(), false);
         }
     };
     if let Err(e) = super::acl::check(state, &room, origin).await {
-        return pdus.iter().map(|v| (id_of(v), Err(e.message.clone()))).collect();
+        return (pdus.iter().map(|v| (id_of(v), Err(e.message.clone()))).collect(), false);
     }
     let mut checked = Vec::new();
     for v in pdus {
@@ -112,13 +118,13 @@ async fn room_pdus(
         }
     }
     if checked.is_empty() {
-        return out;
+        return (out, false);
     }
     let incoming = match fill_gaps(state, &room, origin, checked).await {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!(%room_id, %origin, error = %e.message, "filling gaps failed");
-            return out;
+            return (out, true);
         }
     };
     let wanted: HashSet<String> = incoming.iter().filter(|i| i.1).map(|i| i.0.checked.event_id.to_string()).collect();
@@ -128,10 +134,10 @@ async fn room_pdus(
         ),
         Err(e) => {
             tracing::error!(%room_id, %origin, error = %e.message, "accepting remote events failed");
-            out.extend(wanted.into_iter().map(|id| (id, Err("internal error".to_owned()))));
+            return (out, true);
         }
     }
-    out
+    (out, false)
 }
 
 /// Adds to `events` what is needed to place them: their missing predecessors (fetched with
